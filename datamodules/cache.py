@@ -1,0 +1,124 @@
+"""Atomic on-disk cache of harmonized cases.
+
+One folder per case and key: `image.npy` (float32), `label.npy` (uint8, labelled cases only),
+`fg.npy` (int32 rows `class, x, y, z`: a seeded subsample of foreground voxels for patch sampling)
+and `meta.json`. Arrays are plain `.npy`, so loaders memory-map them and read only the patch they
+need. The key hashes the input files (resolved path, size, mtime) with everything that changes the
+output (harmonizer config, decoding, flips, label policy, CACHE_VERSION), so a changed config or a
+replaced file never reuses stale arrays. A folder is written under a temporary name and renamed
+into place: a crash leaves no half-written entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodules.cases import Case
+from datamodules.harmonize import HarmonizerConfig, harmonize_case
+from datamodules.label_policy import BACKGROUND, LabelPolicy
+
+CACHE_VERSION = 1
+FG_SAMPLES_PER_CLASS = 4096
+
+
+def file_fingerprint(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cache_key(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> str:
+    payload = {
+        "version": CACHE_VERSION,
+        "image": file_fingerprint(case.image),
+        "label": file_fingerprint(case.label) if case.label else None,
+        "encoding": case.encoding, "window": case.window, "flip_axes": list(case.flip_axes),
+        "policy": [policy.name, sorted(policy.code_map.items()), list(policy.annotated)] if policy else None,
+        "harmonizer": cfg.as_dict(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class CachedCase:
+    """A cache entry; arrays are opened memory-mapped on demand."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    def image(self, mmap: bool = True) -> np.ndarray:
+        return np.load(self.path / "image.npy", mmap_mode="r" if mmap else None)
+
+    def label(self, mmap: bool = True) -> np.ndarray | None:
+        p = self.path / "label.npy"
+        return np.load(p, mmap_mode="r" if mmap else None) if p.exists() else None
+
+    def foreground(self) -> np.ndarray:
+        return np.load(self.path / "fg.npy")
+
+    @property
+    def key(self) -> str:
+        return f"{self.meta['source']}/{self.meta['case']}"
+
+
+def sample_foreground(label: np.ndarray, seed: int, per_class: int = FG_SAMPLES_PER_CLASS) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cls in np.unique(label):
+        if cls == BACKGROUND:
+            continue
+        coords = np.argwhere(label == cls)
+        if len(coords) > per_class:
+            coords = coords[rng.choice(len(coords), per_class, replace=False)]
+        rows.append(np.concatenate([np.full((len(coords), 1), cls), coords], axis=1))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+class CaseCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def entry_dir(self, case: Case, key: str) -> Path:
+        return self.root / case.source / f"{case.case_id}-{key[:16]}"
+
+    def get(self, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> CachedCase:
+        key = cache_key(case, policy, cfg)
+        final = self.entry_dir(case, key)
+        meta_path = final / "meta.json"
+        if meta_path.exists():
+            self.hits += 1
+            return CachedCase(final, json.loads(meta_path.read_text()))
+        self.misses += 1
+        result = harmonize_case(case, policy, cfg)
+        meta = dict(result.meta, key=key, image_file=str(case.image), label_file=str(case.label) if case.label else None)
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            np.save(tmp / "image.npy", result.image)
+            if result.label is not None:
+                np.save(tmp / "label.npy", result.label)
+                fg = sample_foreground(result.label, seed=int(key[:8], 16))
+                counts = np.bincount(result.label.ravel(), minlength=len(meta["classes"]))
+                meta["voxels"] = {c: int(n) for c, n in zip(meta["classes"], counts)}
+            else:
+                fg = np.zeros((0, 4), np.int32)
+            np.save(tmp / "fg.npy", fg)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not meta_path.exists():  # not a concurrent writer's finished entry: a real failure
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return CachedCase(final, meta)

@@ -1,0 +1,109 @@
+"""MultiSourceDataModule: discover sources, split without leakage, harmonize into the cache, serve batches."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from datamodules.cache import CachedCase, CaseCache
+from datamodules.cases import Case
+from datamodules.datasets import PatchDataset, VolumeDataset
+from datamodules.harmonize import HarmonizerConfig
+from datamodules.sources import get_source
+from datamodules.splits import Split, assert_no_leakage, loso_split, transfer_split
+
+log = logging.getLogger(__name__)
+
+
+def discover_sources(data_root: str | Path, sources: Sequence[str]) -> tuple[list[Case], dict]:
+    """Run each source's adapter on `data_root/<source>`; return all cases and the adapters by name."""
+    adapters, cases = {}, []
+    for name in sources:
+        adapter = get_source(name)(Path(data_root) / name)
+        adapters[name] = adapter
+        found = adapter.discover()
+        if not any(c.labelled for c in found):
+            raise FileNotFoundError(f"{name}: no labelled case found under {adapter.root}")
+        cases += found
+    return cases, adapters
+
+
+class MultiSourceDataModule(pl.LightningDataModule):
+    """Leave-one-source-out (`holdout`) or train-on-X/test-on-Y (`train_sources`, `test_sources`) data.
+
+    Every batch carries `source` / `source_id`; `source_ids` indexes `sources` in the given order.
+    """
+
+    def __init__(self, data_root: str | Path, cache_dir: str | Path, sources: Sequence[str],
+                 holdout: str | None = None, train_sources: Sequence[str] | None = None,
+                 test_sources: Sequence[str] | None = None, harmonizer: HarmonizerConfig = HarmonizerConfig(),
+                 patch_size: Sequence[int] = (64, 64, 16), batch_size: int = 2, samples_per_epoch: int = 64,
+                 fg_fraction: float = 0.5, val_fraction: float = 0.2, sampling: str = "uniform",
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if holdout is None and not (train_sources and test_sources):
+            raise ValueError("give either holdout or both train_sources and test_sources")
+        self.data_root, self.sources, self.holdout = Path(data_root), list(sources), holdout
+        self.train_sources, self.test_sources = train_sources, test_sources
+        self.harmonizer = harmonizer
+        self.patch_size, self.batch_size = tuple(patch_size), batch_size
+        self.samples_per_epoch, self.fg_fraction = samples_per_epoch, fg_fraction
+        self.val_fraction, self.sampling, self.num_workers, self.seed = val_fraction, sampling, num_workers, seed
+        self.cache = CaseCache(cache_dir)
+        self.source_ids = {s: i for i, s in enumerate(self.sources)}
+        self.split: Split | None = None
+        self.cached: dict[str, list[CachedCase]] = {}
+
+    def make_split(self) -> Split:
+        cases, self.adapters = discover_sources(self.data_root, self.sources)
+        if self.holdout is not None:
+            return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed)
+        return transfer_split(cases, self.train_sources, self.test_sources, self.val_fraction, self.seed)
+
+    def _harmonize(self, cases: Sequence[Case], role: str) -> list[CachedCase]:
+        out = []
+        for i, case in enumerate(cases, 1):
+            out.append(self.cache.get(case, self.adapters[case.source].policy(case), self.harmonizer))
+            log.info("harmonized %s %d/%d %s", role, i, len(cases), case.key)
+        return out
+
+    def prepare_data(self) -> None:
+        split = self.make_split()
+        for role in ("train", "val", "test"):
+            self._harmonize(getattr(split, role), role)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is None:
+            self.split = self.make_split()
+            assert_no_leakage(self.split)
+            for role in ("train", "val", "test"):
+                self.cached[role] = self._harmonize(getattr(self.split, role), role)
+            self._check_cached_roles()
+
+    def _check_cached_roles(self) -> None:
+        # The cache is shared by all runs: re-assert on what will actually be loaded.
+        held_out = set(self.split.test_sources)
+        for role in ("train", "val"):
+            bad = [c.key for c in self.cached[role] if c.meta["source"] in held_out]
+            assert not bad, f"held-out cases reached {role}: {bad[:5]}"
+        test_keys = {c.key for c in self.cached["test"]}
+        assert not test_keys & {c.key for c in self.cached["train"] + self.cached["val"]}, "test case in train/val"
+
+    def train_dataloader(self) -> DataLoader:
+        ds = PatchDataset(self.cached["train"], self.source_ids, self.patch_size, self.samples_per_epoch,
+                          self.fg_fraction, self.sampling)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=True)
+
+    def _volume_loader(self, role: str) -> DataLoader:
+        return DataLoader(VolumeDataset(self.cached[role], self.source_ids), batch_size=1, shuffle=False,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._volume_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._volume_loader("test")

@@ -1,0 +1,96 @@
+"""Common label space and per-source label policies.
+
+Every source stores its own integer codes. A `LabelPolicy` is data: which raw code means which common
+class, and which common classes the source annotates at all. A class the source does not annotate is
+*unknown* in that source (a MosMed voxel labelled 0 may be lung or background), so losses and metrics
+must never read those voxels as background; `annotated_vector()` is what they consume.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Order is the channel order of every network output. Append new classes at the end only: cached
+# label maps and checkpoints store these indices.
+CLASSES: tuple[str, ...] = ("background", "lung_left", "lung_right", "lesion")
+CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
+BACKGROUND = 0
+LESION = CLASS_INDEX["lesion"]
+
+
+class LabelError(ValueError):
+    """A mask holds codes its policy does not declare, or a policy is malformed."""
+
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """How one source's raw mask codes map into `CLASSES`.
+
+    code_map: raw code -> common class name. Code 0 must map to background.
+    annotated: common foreground classes this source delineates; everything else is unknown there.
+    """
+
+    name: str
+    code_map: Mapping[int, str]
+    annotated: tuple[str, ...]
+    description: str = ""
+    _lut: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        codes = dict(self.code_map)
+        if codes.get(0) != "background":
+            raise LabelError(f"policy {self.name!r}: raw code 0 must map to 'background', got {codes.get(0)!r}")
+        for code, cls in codes.items():
+            if cls not in CLASS_INDEX:
+                raise LabelError(f"policy {self.name!r}: code {code} maps to unknown class {cls!r}; known: {CLASSES}")
+            if not 0 <= int(code) <= 255:
+                raise LabelError(f"policy {self.name!r}: raw code {code} outside 0..255")
+        for cls in self.annotated:
+            if cls not in CLASS_INDEX or cls == "background":
+                raise LabelError(f"policy {self.name!r}: annotated class {cls!r} is not a foreground class")
+        mapped_fg = {c for c in codes.values() if c != "background"}
+        if mapped_fg != set(self.annotated):
+            # A code mapped to a class the policy calls unannotated (or the reverse) would silently teach
+            # the network wrong negatives; demand the two declarations agree.
+            raise LabelError(
+                f"policy {self.name!r}: mapped classes {sorted(mapped_fg)} differ from annotated {sorted(self.annotated)}"
+            )
+        lut = np.full(256, 255, dtype=np.uint8)  # 255 marks an undeclared code
+        for code, cls in codes.items():
+            lut[int(code)] = CLASS_INDEX[cls]
+        object.__setattr__(self, "_lut", lut)
+        object.__setattr__(self, "code_map", codes)
+
+    def annotated_vector(self) -> np.ndarray:
+        """Bool vector over CLASSES: True where the class is known in this source (background always)."""
+        vec = np.zeros(len(CLASSES), dtype=bool)
+        vec[BACKGROUND] = True
+        for cls in self.annotated:
+            vec[CLASS_INDEX[cls]] = True
+        return vec
+
+    def remap(self, raw: np.ndarray, where: str = "<array>") -> np.ndarray:
+        """Raw mask -> uint8 common-class indices. Unknown codes raise, naming `where` and the codes."""
+        arr = np.asarray(raw)
+        if arr.dtype.kind == "f":
+            if not np.all(np.isfinite(arr)):
+                raise LabelError(f"{where}: mask contains NaN or inf")
+            rounded = np.rint(arr)
+            if np.any(np.abs(arr - rounded) > 1e-3):
+                bad = np.unique(arr[np.abs(arr - rounded) > 1e-3])[:5]
+                raise LabelError(f"{where}: non-integer mask values {bad.tolist()} (policy {self.name!r})")
+            arr = rounded
+        arr = arr.astype(np.int64, copy=False)
+        lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
+        if lo < 0 or hi > 255:
+            bad = np.unique(arr[(arr < 0) | (arr > 255)])[:5]
+            raise LabelError(f"{where}: mask codes {bad.tolist()} not declared by policy {self.name!r}")
+        out = self._lut[arr]
+        if (out == 255).any():
+            bad = sorted(int(c) for c in np.unique(arr[out == 255]))
+            raise LabelError(
+                f"{where}: mask codes {bad} not declared by policy {self.name!r} (declared: {sorted(self.code_map)})"
+            )
+        return out

@@ -1,0 +1,88 @@
+"""Adapter base class, the registry decorator and layout discovery shared by all sources."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+from datamodules.cases import Case
+from datamodules.label_policy import LabelPolicy
+
+SOURCES: dict[str, type[SourceAdapter]] = {}
+
+NIFTI_RE = re.compile(r"\.nii(\.gz)?$")
+
+
+class DataLayoutError(FileNotFoundError):
+    """The folder does not hold the layout the source's official download has."""
+
+
+def register_source(name: str) -> Callable[[type[SourceAdapter]], type[SourceAdapter]]:
+    def wrap(cls: type[SourceAdapter]) -> type[SourceAdapter]:
+        if name in SOURCES:
+            raise ValueError(f"source {name!r} registered twice ({SOURCES[name].__module__}, {cls.__module__})")
+        cls.name = name
+        SOURCES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_source(name: str) -> type[SourceAdapter]:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise KeyError(f"unknown source {name!r}; registered: {sorted(SOURCES)}") from None
+
+
+def strip_nifti(name: str) -> str:
+    return NIFTI_RE.sub("", name)
+
+
+def nifti_files(folder: Path) -> list[Path]:
+    """NIfTI files in `folder`, sorted, skipping macOS `._*` resource forks and hidden files."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and NIFTI_RE.search(p.name) and not p.name.startswith("."))
+
+
+def walk_dirs(root: Path, max_depth: int = 3) -> Iterator[Path]:
+    """`root` and its sub-folders breadth first, down to `max_depth` levels (archives nest differently)."""
+    level = [root]
+    for _ in range(max_depth + 1):
+        nxt: list[Path] = []
+        for d in level:
+            yield d
+            nxt.extend(sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        level = nxt
+
+
+class SourceAdapter:
+    """Finds the cases of one source under `root` (the folder holding the unpacked official download).
+
+    Subclasses declare `POLICIES` (label policies by name), `DEFAULT_POLICY`, `DESCRIPTION`, and
+    implement `discover()`.
+    """
+
+    name: ClassVar[str] = ""
+    DESCRIPTION: ClassVar[str] = ""
+    POLICIES: ClassVar[dict[str, LabelPolicy]] = {}
+    DEFAULT_POLICY: ClassVar[str] = ""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataLayoutError(f"{self.name}: data folder {self.root} does not exist")
+
+    def discover(self) -> list[Case]:
+        raise NotImplementedError
+
+    def policy(self, case: Case) -> LabelPolicy:
+        return self.POLICIES[case.policy or self.DEFAULT_POLICY]
+
+    def find_dir(self, predicate: Callable[[Path], bool], what: str, max_depth: int = 3) -> Path:
+        for d in walk_dirs(self.root, max_depth):
+            if predicate(d):
+                return d
+        raise DataLayoutError(f"{self.name}: no {what} found under {self.root} (searched {max_depth} levels deep)")

@@ -1,0 +1,49 @@
+"""MosMedData COVID19_1110 (mosmed.ai), `COVID19_1110/{studies/CT-k, masks}`.
+
+Facts (reference/datasets.md, section 2 and the addendum on the 50 real masks): studies
+`studies/CT-0..CT-4/study_NNNN.nii.gz`, masks `masks/study_NNNN_mask.nii.gz` for studies 0255..0304
+(CT-1), int16 {0, 1} with GGO and consolidation merged, LAS, 8 mm slices. Lungs are not annotated.
+Mirrors ship uncompressed `.nii` and flat `studies/` folders: both are accepted.
+"""
+from __future__ import annotations
+
+import re
+
+from datamodules.cases import Case
+from datamodules.label_policy import LabelPolicy
+from datamodules.sources.base import DataLayoutError, SourceAdapter, nifti_files, register_source, strip_nifti
+
+
+@register_source("mosmed")
+class MosMed(SourceAdapter):
+    DESCRIPTION = "MosMedData COVID19_1110: 1110 CTs in severity folders CT-0..CT-4, 50 with lesion masks"
+    STUDY_RE = re.compile(r"^study_\d{4}$")
+    CATEGORY_RE = re.compile(r"^CT-\d$")
+    MASK_SUFFIX = "_mask"
+    POLICIES = {
+        "lesion": LabelPolicy("mosmed/lesion", {0: "background", 1: "lesion"}, ("lesion",),
+                              "1 = GGO or consolidation (merged); lungs not annotated"),
+    }
+    DEFAULT_POLICY = "lesion"
+
+    def discover(self) -> list[Case]:
+        studies = self.find_dir(lambda d: d.name == "studies", "studies/ folder")
+        masks_dir = studies.parent / "masks"
+        masks = {strip_nifti(p.name)[: -len(self.MASK_SUFFIX)]: p for p in nifti_files(masks_dir)
+                 if strip_nifti(p.name).endswith(self.MASK_SUFFIX)}
+        cases = []
+        for folder in [studies, *sorted(d for d in studies.iterdir() if d.is_dir() and self.CATEGORY_RE.match(d.name))]:
+            for image in nifti_files(folder):
+                study = strip_nifti(image.name)
+                if not self.STUDY_RE.match(study):
+                    continue
+                label = masks.pop(study, None)
+                cases.append(Case(
+                    source=self.name, case_id=study, patient_id=study,  # one study per patient (README)
+                    image=image, label=label, policy=self.DEFAULT_POLICY if label else None,
+                    meta={"category": folder.name if folder is not studies else None},
+                ))
+        if masks:
+            orphan = next(iter(masks.values()))
+            raise DataLayoutError(f"{self.name}: {len(masks)} mask(s) without a study, e.g. {orphan}")
+        return sorted(cases, key=lambda c: c.case_id)

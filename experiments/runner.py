@@ -1,0 +1,178 @@
+"""One train/validate/test experiment on a split, writing the run folder. Entry points (loso, later
+transfer and fewshot) only build the config and name the split."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.datamodule import MultiSourceDataModule
+from datamodules.harmonize import HarmonizerConfig
+from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
+from experiments.tracking import config_hash, make_wandb_logger, write_csv, write_json
+from lightning_modules.networks import required_divisor
+from lightning_modules.segmentation import SegmentationModule
+
+PHANTOM_BANNER = ("*** PHANTOM DATA: paths.data_root is unset, so the sources are SYNTHETIC phantoms written in "
+                  "the official layouts. Numbers from this run say nothing about real CT. ***")
+
+
+def resolve_data_root(cfg: DictConfig) -> tuple[Path, bool]:
+    if cfg.paths.data_root:
+        root = Path(cfg.paths.data_root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"paths.data_root={root} is not a folder")
+        return root, False
+    unknown = [s for s in cfg.data.sources if s not in PHANTOM_SOURCES]
+    if unknown:
+        raise ValueError(f"no phantom profile for {unknown}; set paths.data_root to real data for these sources")
+    print(PHANTOM_BANNER, flush=True)
+    return ensure_suite(cfg.paths.cache, cfg.data.sources, cfg.phantom.size, cfg.phantom.seed), True
+
+
+def harmonizer_config(cfg: DictConfig) -> HarmonizerConfig:
+    d = cfg.data
+    return HarmonizerConfig(tuple(d.target_spacing), tuple(d.window), d.normalize, d.mean, d.std)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    div = required_divisor(cfg.model.strides)
+    bad = [p for p in cfg.data.patch_size if p % div]
+    if bad:
+        raise ValueError(f"data.patch_size {list(cfg.data.patch_size)} must be multiples of {div} "
+                         f"(product of model.strides {list(cfg.model.strides)})")
+
+
+def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDataModule:
+    d = cfg.data
+    return MultiSourceDataModule(
+        data_root=data_root, cache_dir=Path(cfg.paths.cache) / "harmonized", sources=list(d.sources),
+        harmonizer=harmonizer_config(cfg), patch_size=list(d.patch_size), batch_size=d.batch_size,
+        samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
+        sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, **split)
+
+
+def build_module(cfg: DictConfig, test_sources) -> SegmentationModule:
+    m = cfg.model
+    network = {"name": m.name, "channels": list(m.channels), "strides": list(m.strides),
+               "num_res_units": m.num_res_units, "norm": m.norm, "dropout": m.dropout}
+    inference = dict(OmegaConf.to_container(cfg.inference), roi_size=list(cfg.data.patch_size))
+    return SegmentationModule(network=network, loss=OmegaConf.to_container(cfg.loss),
+                              optim=OmegaConf.to_container(cfg.optim), inference=inference,
+                              test_sources=list(test_sources), spatial_dims=m.spatial_dims)
+
+
+class EpochSummary(pl.Callback):
+    """One line per validation epoch: readable in CI logs where progress bars are off.
+
+    Hooked on `on_train_epoch_end`, which Lightning calls after the epoch's validation and after the
+    epoch-mean training loss is reduced; earlier hooks print the previous epoch's values.
+    """
+
+    def __init__(self):
+        self.validated_epoch = -1
+
+    def on_validation_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.validated_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer, module):
+        # callback_metrics keep the last validation's values: show them only in the epoch that validated
+        prefixes = ("train/loss_epoch", "val/") if self.validated_epoch == trainer.current_epoch else ("train/loss_epoch",)
+        parts = [f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
+                 if k.startswith(prefixes) and not k.endswith("/cases")]
+        print(f"[epoch {trainer.current_epoch + 1}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
+
+
+def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
+    """Train on the split, select on validation, test the best checkpoint; write `<runs>/<kind>/<name>/`."""
+    validate_config(cfg)
+    name = cfg.run.name or f"{label}-{cfg.experiment}-{config_hash(cfg)}"
+    run_dir = Path(cfg.paths.runs) / kind / name
+    if (run_dir / "done").exists() and not cfg.run.overwrite:
+        print(f"{run_dir} is already finished (run.overwrite=true to redo); its metrics:", flush=True)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        print(json.dumps(metrics, indent=1, sort_keys=True))
+        return metrics
+    if cfg.run.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data_root, phantom = resolve_data_root(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    dm = build_datamodule(cfg, data_root, **split)
+    dm.prepare_data()
+    built, reused = dm.cache.misses, dm.cache.hits  # setup() re-reads every entry: count prepare_data only
+    dm.setup("fit")
+    print(f"split ({kind}, seed {cfg.run.seed}):", flush=True)
+    for row in dm.split.summary():
+        print(f"  {row['role']:<5} {row['source']:<12} {row['cases']:>4} cases {row['patients']:>4} patients")
+    print(f"harmonized cache {dm.cache.root}: {built} cases built, {reused} reused", flush=True)
+    if not dm.split.val:
+        raise ValueError("the split has no validation case: lower data.val_fraction's rounding or add cases")
+
+    module = build_module(cfg, dm.split.test_sources)
+    tags = [f"{kind}", "phantom" if phantom else "real"] + [f"test:{s}" for s in dm.split.test_sources]
+    wandb_logger = make_wandb_logger(cfg, run_dir, name, kind, tags)
+    loggers = [pl.loggers.CSVLogger(str(run_dir), name="csv", version="")]
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch:03d}",
+                                        auto_insert_metric_name=False, monitor="val/mean/dice", mode="max",
+                                        save_last=True, save_top_k=1)
+    t = cfg.trainer
+    trainer = pl.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+                         precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
+                         log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
+                         callbacks=[ckpt, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
+                         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        print(f"resuming from {last}", flush=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+    best = ckpt.best_model_path or str(last)
+    val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    val_rows = module.last_rows["val"]
+    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    test_rows = module.last_rows["test"]
+
+    expected = {c.case_id for c in dm.split.test}
+    got = [r["case"] for r in test_rows]
+    assert sorted(got) == sorted(expected), f"tested cases {sorted(got)} differ from the split's {sorted(expected)}"
+    metrics = {k: float(v) for k, v in {**val, **test}.items()}
+    metrics["data"] = "phantom" if phantom else "real"
+    write_csv(run_dir / "per_case.csv", [dict(r, split="test") for r in test_rows])
+    write_csv(run_dir / "val_per_case.csv", [dict(r, split="val") for r in val_rows])
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "run.json", {
+        "kind": kind, "name": name, "data": metrics["data"], "data_root": str(data_root),
+        "best_checkpoint": best, "train_sources": list(dm.split.train_sources),
+        "test_sources": list(dm.split.test_sources), "split": dm.split.summary(),
+        "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, "pytorch_lightning": pl.__version__})
+    if wandb_logger is not None:
+        import wandb
+
+        run_obj = wandb_logger.experiment
+        table_cols = sorted({k for r in test_rows for k in r})
+        run_obj.log({"test/per_case": wandb.Table(columns=table_cols,
+                                                  data=[[r.get(c) for c in table_cols] for r in test_rows])})
+        run_obj.summary.update(metrics)
+        wandb.finish()
+    (run_dir / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    print(f"run folder: {run_dir}")
+    for k in sorted(metrics):
+        if k.startswith(("test/", "val/mean")) and not k.endswith("/cases"):
+            print(f"  {k} = {metrics[k]:.4f}")
+    if phantom:
+        print("  (phantom data: synthetic sources)")
+    return metrics

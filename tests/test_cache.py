@@ -1,0 +1,70 @@
+import json
+import os
+
+import numpy as np
+
+from datamodules.cache import CaseCache
+from datamodules.harmonize import HarmonizerConfig
+from datamodules.sources import SOURCES
+
+
+def _case(phantom_root, source="mosmed"):
+    adapter = SOURCES[source](phantom_root / source)
+    case = next(c for c in adapter.discover() if c.labelled)
+    return case, adapter.policy(case)
+
+
+def test_hit_on_second_run_miss_after_config_change(tmp_path, phantom_root):
+    case, pol = _case(phantom_root)
+    cfg = HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0))
+    first = CaseCache(tmp_path).get(case, pol, cfg)
+    again = CaseCache(tmp_path)  # a new process: nothing in memory
+    second = again.get(case, pol, cfg)
+    assert (again.hits, again.misses) == (1, 0) and second.path == first.path
+    np.testing.assert_array_equal(second.image(), first.image())
+    changed = again.get(case, pol, HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0), window=(-1000, 350)))
+    assert again.misses == 1 and changed.path != first.path
+    assert not np.array_equal(changed.image(), first.image())
+    finer = again.get(case, pol, HarmonizerConfig(target_spacing=(4.0, 4.0, 8.0)))
+    assert finer.image().shape[0] > first.image().shape[0]
+
+
+def test_replaced_input_file_misses(tmp_path, phantom_root):
+    case, pol = _case(phantom_root)
+    cfg = HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0))
+    cache = CaseCache(tmp_path / "c")
+    cache.get(case, pol, cfg)
+    st = case.image.stat()
+    os.utime(case.image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        cache.get(case, pol, cfg)
+        assert cache.misses == 2
+    finally:
+        os.utime(case.image, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_entry_content_and_no_temp_left(tmp_path, phantom_root):
+    case, pol = _case(phantom_root)
+    entry = CaseCache(tmp_path).get(case, pol, HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0)))
+    meta = json.loads((entry.path / "meta.json").read_text())
+    assert meta["source"] == "mosmed" and meta["case"] == case.case_id
+    assert entry.image().shape == tuple(meta["shape"]) == entry.label().shape
+    assert isinstance(entry.image(), np.memmap)
+    fg = entry.foreground()
+    lab = entry.label()
+    assert len(fg) and all(lab[x, y, z] == c for c, x, y, z in fg[:50])
+    assert meta["voxels"]["lesion"] == int((lab == 3).sum())
+    assert not [p for p in (tmp_path / "mosmed").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_failed_build_leaves_no_entry(tmp_path, phantom_root):
+    import pytest
+
+    from datamodules.io import VolumeError
+    case, pol = _case(phantom_root)
+    bad = case.__class__(**{**case.__dict__, "image": tmp_path / "missing.nii.gz"})
+    bad.image.write_bytes(b"not a nifti")
+    with pytest.raises(VolumeError, match="missing.nii.gz"):
+        CaseCache(tmp_path / "c").get(bad, pol, HarmonizerConfig())
+    assert not list((tmp_path / "c").rglob("meta.json"))
+    assert not list((tmp_path / "c").rglob(".tmp*"))

@@ -1,0 +1,89 @@
+"""The LOSO entry point end to end on the tiny phantom suite."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.config import load_config
+from experiments.loso import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check_run_folder(run_dir: Path, phantom_root: Path, wandb: bool):
+    for name in ("config.yaml", "metrics.json", "per_case.csv", "done", "checkpoints/last.ckpt"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/mosmed/dice"] <= 1.0
+    assert 0.0 <= metrics["val/mean/dice"] <= 1.0
+    assert "val/covid19_20/dice" in metrics and "val/ctseg/dice" in metrics and "val/ctseg/dice_lung" in metrics
+    assert not any(k.startswith("val/mosmed") for k in metrics)  # model selection never sees the holdout
+    assert metrics["data"] == "phantom"
+    rows = list(csv.DictReader((run_dir / "per_case.csv").open()))
+    written = json.loads((phantom_root / "mosmed.json").read_text())["cases"]
+    assert sorted(r["case"] for r in rows) == sorted(c["case"] for c in written if c["labelled"])
+    assert {r["source"] for r in rows} == {"mosmed"}
+    assert all(0 <= float(r["dice"]) <= 1 for r in rows)
+    if wandb:
+        runs = list((run_dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_loso_short_run_writes_the_run_folder(tmp_path, phantom_root, capsys):
+    cache = phantom_root.parents[1]
+    args = ["--holdout", "mosmed", "experiment=smoke", f"paths.runs={tmp_path}", f"paths.cache={cache}",
+            "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=8"]
+    metrics = main(args)
+    run_dirs = list((tmp_path / "loso").iterdir())
+    assert len(run_dirs) == 1
+    _check_run_folder(run_dirs[0], phantom_root, wandb=True)
+    assert metrics["test/mosmed/dice"] == json.loads((run_dirs[0] / "metrics.json").read_text())["test/mosmed/dice"]
+    # A second call finds the finished run and redoes nothing.
+    mtime = (run_dirs[0] / "metrics.json").stat().st_mtime_ns
+    main(args)
+    assert (run_dirs[0] / "metrics.json").stat().st_mtime_ns == mtime
+    # A run that died before finishing resumes from its last checkpoint, reuses the harmonized cache,
+    # and its best checkpoint gives the same test numbers.
+    (run_dirs[0] / "done").unlink()
+    (run_dirs[0] / "metrics.json").unlink()
+    capsys.readouterr()
+    resumed = main(args)
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "last.ckpt" in out
+    assert "0 cases built" in out
+    assert resumed["test/mosmed/dice"] == pytest.approx(metrics["test/mosmed/dice"], abs=1e-6)
+    assert (run_dirs[0] / "done").exists()
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown experiment preset 'nope'"):
+        load_config(["experiment=nope"])
+    with pytest.raises(Exception, match="bogus"):
+        load_config(["data.bogus=1"])
+    cfg = load_config(["experiment=smoke", "data.patch_size=[50,48,16]"])
+    from experiments.runner import validate_config
+    with pytest.raises(ValueError, match="multiples of 8"):
+        validate_config(cfg)
+
+
+def test_presets_merge_in_order():
+    cfg = load_config(["experiment=smoke", "data.batch_size=3"])
+    assert cfg.phantom.size == "tiny" and cfg.data.batch_size == 3 and cfg.model.name == "unet"
+    assert load_config([]).phantom.size == "small"
+
+
+@pytest.mark.slow
+def test_smoke_command_from_the_issue(tmp_path):
+    """`python -m experiments.loso --holdout mosmed experiment=smoke paths.runs=$(mktemp -d)` as a user types it."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "experiments.loso", "--holdout", "mosmed", "experiment=smoke",
+                           f"paths.runs={tmp_path / 'runs'}", f"paths.cache={cache}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PHANTOM DATA" in proc.stdout
+    (run_dir,) = list((tmp_path / "runs" / "loso").iterdir())
+    _check_run_folder(run_dir, cache / "phantom" / "tiny-seed0", wandb=True)

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from lightning_modules.losses import PartialDiceCELoss, merged_log_probs
+
+
+def test_merged_probability_hand_value():
+    # One voxel, logits give p = softmax([0, ln2, ln3, ln4]) = [1, 2, 3, 4] / 10.
+    logits = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))[None, :, None]
+    ann = torch.tensor([[True, False, False, True]])  # lesion-only source
+    q = merged_log_probs(logits, ann).exp()[0, :, 0]
+    assert q[0].item() == pytest.approx(0.6)  # background + both lungs: (1 + 2 + 3) / 10
+    assert q[3].item() == pytest.approx(0.4)
+    full = merged_log_probs(logits, torch.ones(1, 4, dtype=torch.bool)).exp()[0, :, 0]
+    assert full[0].item() == pytest.approx(0.1)
+
+
+def test_ce_part_hand_value_and_no_penalty_on_unannotated_lung():
+    loss = PartialDiceCELoss(ce_weight=1.0, dice_weight=0.0)
+    logits = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))[None, :, None]
+    target = torch.tensor([[0]])
+    lesion_only = torch.tensor([[True, False, False, True]])
+    assert loss(logits, target, lesion_only).item() == pytest.approx(-math.log(0.6))
+    assert loss(logits, target, torch.ones(1, 4, dtype=torch.bool)).item() == pytest.approx(-math.log(0.1))
+    # Moving probability from background to lung costs nothing where lungs are unannotated ...
+    x = torch.zeros(1, 4, 1, requires_grad=True)
+    loss(x, target, lesion_only).backward()
+    g = x.grad[0, :, 0]
+    assert g[0].item() == pytest.approx(g[1].item()) == pytest.approx(g[2].item())
+    # ... but is pushed down where they are annotated.
+    x2 = torch.zeros(1, 4, 1, requires_grad=True)
+    loss(x2, target, torch.ones(1, 4, dtype=torch.bool)).backward()
+    assert x2.grad[0, 1, 0].item() > 0 > x2.grad[0, 0, 0].item()
+
+
+def test_dice_part_hand_value_ignores_unannotated_classes():
+    loss = PartialDiceCELoss(ce_weight=0.0, dice_weight=1.0, smooth=0.0)
+    # Two voxels: perfectly confident lesion on voxel 0, background on voxel 1.
+    big = 50.0
+    logits = torch.tensor([[[-big, big], [-big, -big], [-big, -big], [big, -big]]])  # [1, 4, 2]
+    target = torch.tensor([[3, 0]])
+    ann = torch.tensor([[True, False, False, True]])
+    assert loss(logits, target, ann).item() == pytest.approx(0.0, abs=1e-6)
+    # Half-right lesion prediction: p(lesion) = 0.5 on both voxels -> dice = 2*0.5/(1+1) = 0.5.
+    logits2 = torch.zeros(1, 4, 2)
+    logits2[0, 3] = math.log(3.0)  # softmax over [1,1,1,3] -> lesion 0.5
+    assert loss(logits2, target, ann).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_target_in_unannotated_class_is_an_error():
+    loss = PartialDiceCELoss()
+    with pytest.raises(ValueError, match="does not annotate"):
+        loss(torch.zeros(1, 4, 2), torch.tensor([[1, 0]]), torch.tensor([[True, False, False, True]]))

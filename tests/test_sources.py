@@ -1,0 +1,97 @@
+"""Adapters find exactly what the phantom suite wrote in each official layout."""
+import numpy as np
+import pytest
+
+from datamodules.io import read_volume
+from datamodules.sources import SOURCES, DataLayoutError
+
+
+def test_registry_has_the_three_sources():
+    assert {"covid19_20", "mosmed", "ctseg"} <= set(SOURCES)
+
+
+@pytest.mark.parametrize("source", ["covid19_20", "mosmed", "ctseg"])
+def test_adapter_finds_exactly_the_written_cases(phantom_root, manifests, source):
+    cases = SOURCES[source](phantom_root / source).discover()
+    written = {r["case"]: r for r in manifests[source]["cases"]}
+    assert sorted(c.case_id for c in cases) == sorted(written)
+    for c in cases:
+        assert c.labelled == written[c.case_id]["labelled"], c.case_id
+        assert c.image.exists() and (c.label is None or c.label.exists())
+        assert c.encoding == written[c.case_id]["encoding"]
+        assert list(c.flip_axes) == written[c.case_id]["flip_axes"]
+
+
+def test_covid19_20_layout_and_patients(phantom_root):
+    cases = {c.case_id: c for c in SOURCES["covid19_20"](phantom_root / "covid19_20").discover()}
+    train = [c for c in cases.values() if c.labelled]
+    assert all(c.image.parent.name == "Train" and c.image.name.endswith("_ct.nii.gz") for c in train)
+    assert all(c.label.name == c.case_id + "_seg.nii.gz" for c in train)
+    unl = [c for c in cases.values() if not c.labelled]
+    assert unl and all(c.image.parent.name == "Validation" for c in unl)
+    # `_1` marks a second scan of a patient: same patient id as the scan without suffix.
+    suffixed = [c for c in train if c.case_id.endswith("_1")]
+    assert suffixed
+    base = suffixed[0].case_id[:-2]
+    assert cases[base].patient_id == suffixed[0].patient_id == base
+
+
+def test_mosmed_layout_categories_and_int16_las(phantom_root):
+    cases = SOURCES["mosmed"](phantom_root / "mosmed").discover()
+    lab = [c for c in cases if c.labelled]
+    assert all(c.meta["category"] == "CT-1" for c in lab)
+    assert all(c.meta["category"] == "CT-0" for c in cases if not c.labelled)
+    assert all(c.label.name == f"{c.case_id}_mask.nii.gz" and c.label.parent.name == "masks" for c in lab)
+    import nibabel as nib
+    img = nib.load(str(lab[0].label))
+    assert img.get_data_dtype() == np.int16
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+    assert abs(img.header.get_zooms()[2] - 8.0) < 1e-4
+    raw = (phantom_root / "mosmed" / "COVID19_1110" / "dataset_registry.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbfstudy_id,category,study_file,mask_file\r\n")
+    assert b",/masks/study_0255_mask.nii.gz\r\n" in raw
+
+
+def test_ctseg_quirks(phantom_root):
+    cases = {c.case_id: c for c in SOURCES["ctseg"](phantom_root / "ctseg").discover()}
+    assert cases["radiopaedia_10_85902_1"].patient_id == cases["radiopaedia_10_85902_3"].patient_id
+    assert cases["coronacases_001"].patient_id == "coronacases_001"
+    assert cases["radiopaedia_7_85703_0"].flip_axes == (0, 2)
+    assert cases["radiopaedia_10_85902_1"].flip_axes == (0,)
+    assert cases["coronacases_001"].encoding == "hu" and cases["coronacases_001"].flip_axes == ()
+    assert all(c.policy == "lung_and_infection" for c in cases.values())
+    arr, _ = read_volume(cases["radiopaedia_10_85902_1"].image)
+    assert arr.dtype == np.uint8
+    coronacases_arr, _ = read_volume(cases["coronacases_001"].image)
+    assert coronacases_arr.dtype == np.int16 and coronacases_arr.min() < -900
+    # 630-pixel radiopaedia matrices stay larger than 512-pixel coronacases at every size knob.
+    assert arr.shape[0] > coronacases_arr.shape[0]
+    short, _ = read_volume(cases["radiopaedia_14_85914_0"].image)
+    assert short.shape[1] < short.shape[0]
+
+
+def test_ctseg_falls_back_to_infection_mask(tmp_path, phantom_root):
+    import shutil
+    src = phantom_root / "ctseg"
+    dst = tmp_path / "ctseg" / "download"  # nested one level deeper than usual
+    for name in ("COVID-19-CT-Seg_20cases", "Infection_Mask"):
+        shutil.copytree(src / name, dst / name)
+    cases = SOURCES["ctseg"](tmp_path / "ctseg").discover()
+    assert cases and all(c.policy == "infection" for c in cases)
+
+
+def test_missing_layout_names_folder(tmp_path):
+    (tmp_path / "mosmed").mkdir()
+    with pytest.raises(DataLayoutError, match=r"mosmed: no studies/ folder found under .*mosmed"):
+        SOURCES["mosmed"](tmp_path / "mosmed").discover()
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        SOURCES["ctseg"](tmp_path / "nothing")
+
+
+def test_missing_covid19_20_mask_names_image(tmp_path, phantom_root):
+    import shutil
+    shutil.copytree(phantom_root / "covid19_20", tmp_path / "covid19_20")
+    seg = sorted((tmp_path / "covid19_20").rglob("*_seg.nii.gz"))[0]
+    seg.unlink()
+    with pytest.raises(DataLayoutError, match=r"_ct.nii.gz has no mask .*_seg.nii.gz"):
+        SOURCES["covid19_20"](tmp_path / "covid19_20").discover()
