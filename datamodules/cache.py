@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case
 from datamodules.label_policy import BACKGROUND, LabelPolicy
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: foreground subsample seeded by case identity
 FG_SAMPLES_PER_CLASS = 4096
 
 
@@ -106,7 +107,9 @@ class CaseCache:
             np.save(tmp / "image.npy", result.image)
             if result.label is not None:
                 np.save(tmp / "label.npy", result.label)
-                fg = sample_foreground(result.label, seed=int(key[:8], 16))
+                # Seeded by case identity, not by the key: the key hashes paths and mtimes, and where a
+                # dataset is stored must not change which patches a run trains on.
+                fg = sample_foreground(result.label, seed=zlib.crc32(case.key.encode()))
                 counts = np.bincount(result.label.ravel(), minlength=len(meta["classes"]))
                 meta["voxels"] = {c: int(n) for c, n in zip(meta["classes"], counts)}
             else:

@@ -9,28 +9,17 @@ MONAI's DiceCELoss has no notion of per-sample annotated classes, hence our own.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {}
+from datamodules.registry import Registry
 
-
-def register_loss(name: str):
-    def wrap(cls):
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = cls
-        return cls
-
-    return wrap
+LOSSES = Registry("loss")
+register_loss = LOSSES.register
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:
-    if name not in LOSSES:
-        raise KeyError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}")
-    return LOSSES[name](**kwargs)
+    return LOSSES.lookup(name)(**kwargs)
 
 
 def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:

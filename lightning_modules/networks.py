@@ -1,27 +1,19 @@
 """NETWORKS registry: builders taking `spatial_dims`, channel counts and their own keyword arguments."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {}
+from datamodules.registry import Registry
 
-
-def register_network(name: str):
-    def wrap(fn):
-        if name in NETWORKS:
-            raise ValueError(f"network {name!r} registered twice")
-        NETWORKS[name] = fn
-        return fn
-
-    return wrap
+NETWORKS = Registry("network")
+register_network = NETWORKS.register
 
 
 def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: int, **kwargs) -> nn.Module:
-    if name not in NETWORKS:
-        raise KeyError(f"unknown network {name!r}; registered: {sorted(NETWORKS)}")
-    return NETWORKS[name](spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    return NETWORKS.lookup(name)(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                                 **kwargs)
 
 
 @register_network("unet")

@@ -68,3 +68,17 @@ def test_failed_build_leaves_no_entry(tmp_path, phantom_root):
         CaseCache(tmp_path / "c").get(bad, pol, HarmonizerConfig())
     assert not list((tmp_path / "c").rglob("meta.json"))
     assert not list((tmp_path / "c").rglob(".tmp*"))
+
+
+def test_foreground_sample_independent_of_storage_location(tmp_path, phantom_root):
+    import shutil
+    case, pol = _case(phantom_root, "ctseg")  # lungs give far more than FG_SAMPLES_PER_CLASS voxels
+    cfg = HarmonizerConfig(target_spacing=(4.0, 4.0, 6.0))
+    a = CaseCache(tmp_path / "a").get(case, pol, cfg)
+    moved = tmp_path / "copy" / case.image.name
+    moved.parent.mkdir()
+    shutil.copy(case.image, moved)
+    b = CaseCache(tmp_path / "b").get(case.__class__(**{**case.__dict__, "image": moved}), pol, cfg)
+    assert a.meta["key"] != b.meta["key"]
+    assert a.meta["voxels"]["lung_left"] > 4096
+    np.testing.assert_array_equal(a.foreground(), b.foreground())

@@ -8,8 +8,9 @@ from typing import ClassVar
 
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
+from datamodules.registry import Registry
 
-SOURCES: dict[str, type[SourceAdapter]] = {}
+SOURCES = Registry("source")
 
 NIFTI_RE = re.compile(r"\.nii(\.gz)?$")
 
@@ -20,20 +21,14 @@ class DataLayoutError(FileNotFoundError):
 
 def register_source(name: str) -> Callable[[type[SourceAdapter]], type[SourceAdapter]]:
     def wrap(cls: type[SourceAdapter]) -> type[SourceAdapter]:
-        if name in SOURCES:
-            raise ValueError(f"source {name!r} registered twice ({SOURCES[name].__module__}, {cls.__module__})")
         cls.name = name
-        SOURCES[name] = cls
-        return cls
+        return SOURCES.register(name)(cls)
 
     return wrap
 
 
 def get_source(name: str) -> type[SourceAdapter]:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise KeyError(f"unknown source {name!r}; registered: {sorted(SOURCES)}") from None
+    return SOURCES.lookup(name)
 
 
 def strip_nifti(name: str) -> str:
