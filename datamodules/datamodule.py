@@ -55,6 +55,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.cache = CaseCache(cache_dir)
         self.source_ids = {s: i for i, s in enumerate(self.sources)}
         self.split: Split | None = None
+        self._prepared = False
         self.cached: dict[str, list[CachedCase]] = {}
 
     def make_split(self) -> Split:
@@ -71,9 +72,13 @@ class MultiSourceDataModule(pl.LightningDataModule):
         return out
 
     def prepare_data(self) -> None:
+        # Lightning calls this again in fit, validate and test; the cache is complete after the first call.
+        if self._prepared:
+            return
         split = self.make_split()
         for role in ("train", "val", "test"):
             self._harmonize(getattr(split, role), role)
+        self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is None:

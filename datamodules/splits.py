@@ -111,9 +111,5 @@ def check_batch_sources(batch_sources: Iterable[str], test_sources: Sequence[str
         raise LeakageError(f"training batch contains held-out source(s) {sorted(bad)}")
 
 
-def source_index(sources: Sequence[str]) -> dict[str, int]:
-    return {s: i for i, s in enumerate(sources)}
-
-
 __all__ = ["Split", "LeakageError", "transfer_split", "loso_split", "assert_no_leakage", "group_holdout",
-           "check_batch_sources", "source_index"]
+           "check_batch_sources"]

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
-from experiments.tracking import config_hash, make_wandb_logger, write_csv, write_json
+from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
 from lightning_modules.networks import required_divisor
 from lightning_modules.segmentation import SegmentationModule
 
@@ -90,6 +90,36 @@ class EpochSummary(pl.Callback):
         print(f"[epoch {trainer.current_epoch + 1}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
 
 
+def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list) -> tuple[pl.Trainer, pl.callbacks.ModelCheckpoint]:
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch:03d}",
+                                        auto_insert_metric_name=False, monitor="val/mean/dice", mode="max",
+                                        save_last=True, save_top_k=1)
+    t = cfg.trainer
+    trainer = pl.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+                         precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
+                         log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
+                         callbacks=[ckpt, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
+                         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
+    return trainer, ckpt
+
+
+def write_results(run_dir: Path, metrics: dict, val_rows: list, test_rows: list, info: dict) -> None:
+    write_csv(run_dir / "per_case.csv", [dict(r, split="test") for r in test_rows])
+    write_csv(run_dir / "val_per_case.csv", [dict(r, split="val") for r in val_rows])
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "run.json", info)
+
+
+def log_to_wandb(wandb_logger, metrics: dict, test_rows: list) -> None:
+    import wandb
+
+    cols = sorted({k for r in test_rows for k in r})
+    run_obj = wandb_logger.experiment
+    run_obj.log({"test/per_case": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in test_rows])})
+    run_obj.summary.update(metrics)
+    wandb.finish()
+
+
 def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     """Train on the split, select on validation, test the best checkpoint; write `<runs>/<kind>/<name>/`."""
     validate_config(cfg)
@@ -105,7 +135,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data_root, phantom = resolve_data_root(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if cfg.trainer.threads > 0:
@@ -119,7 +149,8 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         print(f"  {row['role']:<5} {row['source']:<12} {row['cases']:>4} cases {row['patients']:>4} patients")
     print(f"harmonized cache {dm.cache.root}: {built} cases built, {reused} reused", flush=True)
     if not dm.split.val:
-        raise ValueError("the split has no validation case: lower data.val_fraction's rounding or add cases")
+        raise ValueError(f"the split has no validation case (data.val_fraction={cfg.data.val_fraction}): model "
+                         "selection needs a training source with at least two labelled patients")
 
     module = build_module(cfg, dm.split.test_sources)
     tags = [f"{kind}", "phantom" if phantom else "real"] + [f"test:{s}" for s in dm.split.test_sources]
@@ -127,15 +158,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     loggers = [pl.loggers.CSVLogger(str(run_dir), name="csv", version="")]
     if wandb_logger is not None:
         loggers.append(wandb_logger)
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch:03d}",
-                                        auto_insert_metric_name=False, monitor="val/mean/dice", mode="max",
-                                        save_last=True, save_top_k=1)
-    t = cfg.trainer
-    trainer = pl.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-                         precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
-                         log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
-                         callbacks=[ckpt, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
-                         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
+    trainer, ckpt = make_trainer(cfg, run_dir, loggers)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         print(f"resuming from {last}", flush=True)
@@ -151,24 +174,14 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     assert sorted(got) == sorted(expected), f"tested cases {sorted(got)} differ from the split's {sorted(expected)}"
     metrics = {k: float(v) for k, v in {**val, **test}.items()}
     metrics["data"] = "phantom" if phantom else "real"
-    write_csv(run_dir / "per_case.csv", [dict(r, split="test") for r in test_rows])
-    write_csv(run_dir / "val_per_case.csv", [dict(r, split="val") for r in val_rows])
-    write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "run.json", {
+    write_results(run_dir, metrics, val_rows, test_rows, {
         "kind": kind, "name": name, "data": metrics["data"], "data_root": str(data_root),
         "best_checkpoint": best, "train_sources": list(dm.split.train_sources),
         "test_sources": list(dm.split.test_sources), "split": dm.split.summary(),
         "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, "pytorch_lightning": pl.__version__})
     if wandb_logger is not None:
-        import wandb
-
-        run_obj = wandb_logger.experiment
-        table_cols = sorted({k for r in test_rows for k in r})
-        run_obj.log({"test/per_case": wandb.Table(columns=table_cols,
-                                                  data=[[r.get(c) for c in table_cols] for r in test_rows])})
-        run_obj.summary.update(metrics)
-        wandb.finish()
-    (run_dir / "done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        log_to_wandb(wandb_logger, metrics, test_rows)
+    atomic_write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     print(f"run folder: {run_dir}")
     for k in sorted(metrics):
         if k.startswith(("test/", "val/mean")) and not k.endswith("/cases"):

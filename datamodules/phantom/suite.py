@@ -258,7 +258,3 @@ def ensure_suite(cache_root: str | Path, sources=PHANTOM_SOURCES, size: str = "t
             write_source(root, source, size, seed)
     return root
 
-
-def is_phantom_root(path: str | Path) -> bool:
-    return any(Path(path).glob("*.json")) and all(
-        json.loads(p.read_text()).get("phantom") for p in Path(path).glob("*.json"))
