@@ -13,7 +13,7 @@ from datamodules.cases import Case
 from datamodules.datasets import PatchDataset, VolumeDataset
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.sources import get_source
-from datamodules.splits import Split, assert_no_leakage, loso_split, transfer_split
+from datamodules.splits import Split, loso_split, transfer_split
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.cache = CaseCache(cache_dir)
         self.source_ids = {s: i for i, s in enumerate(self.sources)}
         self.split: Split | None = None
-        self._prepared = False
         self.cached: dict[str, list[CachedCase]] = {}
 
     def make_split(self) -> Split:
@@ -71,22 +70,23 @@ class MultiSourceDataModule(pl.LightningDataModule):
             log.info("harmonized %s %d/%d %s", role, i, len(cases), case.key)
         return out
 
-    def prepare_data(self) -> None:
-        # Lightning calls this again in fit, validate and test; the cache is complete after the first call.
-        if self._prepared:
-            return
+    def _load(self) -> None:
+        """Discover, split (transfer_split asserts no leakage) and harmonize into the cache; keep the result."""
         split = self.make_split()
-        for role in ("train", "val", "test"):
-            self._harmonize(getattr(split, role), role)
-        self._prepared = True
+        self.cached = {role: self._harmonize(getattr(split, role), role) for role in ("train", "val", "test")}
+        self.split = split
+        self._check_cached_roles()
+
+    def prepare_data(self) -> None:
+        # Builds the cache (on rank 0 under DDP). Lightning calls it again in fit, validate and test, and in
+        # one process setup() needs the same result: do the work once.
+        if self.split is None:
+            self._load()
 
     def setup(self, stage: str | None = None) -> None:
+        # Other DDP ranks never ran prepare_data: they load here, finding the cache complete.
         if self.split is None:
-            self.split = self.make_split()
-            assert_no_leakage(self.split)
-            for role in ("train", "val", "test"):
-                self.cached[role] = self._harmonize(getattr(self.split, role), role)
-            self._check_cached_roles()
+            self._load()
 
     def _check_cached_roles(self) -> None:
         # The cache is shared by all runs: re-assert on what will actually be loaded.

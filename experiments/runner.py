@@ -142,12 +142,11 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         torch.set_num_threads(cfg.trainer.threads)
     dm = build_datamodule(cfg, data_root, **split)
     dm.prepare_data()
-    built, reused = dm.cache.misses, dm.cache.hits  # setup() re-reads every entry: count prepare_data only
     dm.setup("fit")
     print(f"split ({kind}, seed {cfg.run.seed}):", flush=True)
     for row in dm.split.summary():
         print(f"  {row['role']:<5} {row['source']:<12} {row['cases']:>4} cases {row['patients']:>4} patients")
-    print(f"harmonized cache {dm.cache.root}: {built} cases built, {reused} reused", flush=True)
+    print(f"harmonized cache {dm.cache.root}: {dm.cache.misses} cases built, {dm.cache.hits} reused", flush=True)
     if not dm.split.val:
         raise ValueError(f"the split has no validation case (data.val_fraction={cfg.data.val_fraction}): model "
                          "selection needs a training source with at least two labelled patients")

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from datamodules.cache import CaseCache
+from datamodules.cache import FG_SAMPLES_PER_CLASS, CaseCache
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.sources import SOURCES
 
@@ -80,5 +80,5 @@ def test_foreground_sample_independent_of_storage_location(tmp_path, phantom_roo
     shutil.copy(case.image, moved)
     b = CaseCache(tmp_path / "b").get(case.__class__(**{**case.__dict__, "image": moved}), pol, cfg)
     assert a.meta["key"] != b.meta["key"]
-    assert a.meta["voxels"]["lung_left"] > 4096
+    assert a.meta["voxels"]["lung_left"] > FG_SAMPLES_PER_CLASS
     np.testing.assert_array_equal(a.foreground(), b.foreground())

@@ -71,3 +71,11 @@ def test_case_metrics_and_aggregate_hand_values():
     agg = aggregate([{"source": "a", "dice": 0.2}, {"source": "a", "dice": 0.4}, {"source": "b", "dice": 0.9}], "test")
     assert agg["test/a/dice"] == pytest.approx(0.3) and agg["test/b/dice"] == pytest.approx(0.9)
     assert agg["test/mean/dice"] == pytest.approx(0.6)  # sources weigh equally
+
+
+def test_prepare_and_setup_touch_each_case_once(dm):
+    n = len(dm.split.train) + len(dm.split.val) + len(dm.split.test)
+    assert dm.cache.hits + dm.cache.misses == n
+    dm.prepare_data()  # Lightning calls both again in fit, validate and test
+    dm.setup("test")
+    assert dm.cache.hits + dm.cache.misses == n
