@@ -26,7 +26,7 @@ from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case
 from datamodules.label_policy import BACKGROUND, LabelPolicy
 
-CACHE_VERSION = 2  # 2: foreground subsample seeded by case identity
+CACHE_VERSION = 3  # 2: foreground subsample seeded by case identity; 3: meta records the 8-bit window
 FG_SAMPLES_PER_CLASS = 4096
 
 

@@ -93,6 +93,7 @@ class PatchDataset(Dataset):
             "source_id": self.source_ids[case.meta["source"]],
             "source": case.meta["source"],
             "case": case.meta["case"],
+            "meta_path": str(case.path),  # the cache entry: evaluation in original geometry reads its meta
         }
 
 
@@ -116,4 +117,5 @@ class VolumeDataset(Dataset):
             "source_id": self.source_ids[case.meta["source"]],
             "source": case.meta["source"],
             "case": case.meta["case"],
+            "meta_path": str(case.path),  # the cache entry: evaluation in original geometry reads its meta
         }

@@ -141,23 +141,34 @@ class Harmonized:
     meta: dict[str, Any]
 
 
-def harmonize_case(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> Harmonized:
+def load_original(case: Case, policy: LabelPolicy | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Read one case in its stored geometry: (HU float32, label in common classes or None, affine).
+
+    Nothing is reoriented, flipped or resampled: this is the grid the official mask lives on, where
+    evaluation in original geometry scores predictions (and where severity reads HU).
+    """
     image, affine = read_volume(case.image)
     where = str(case.image)
     if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
         raise VolumeError(f"{where}: image contains NaN or inf voxels")
-    original = {"shape": list(image.shape), "affine": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
     hu = decode_intensity(image, case.encoding, case.window, where)
     del image
-    hu, can_affine = to_canonical(hu, affine)
     label = None
     if case.label is not None:
         if policy is None:
             raise ValueError(f"{case.key}: labelled case without a label policy")
         raw, lab_affine = read_volume(case.label)
-        check_pair(case.image, original["shape"], affine, case.label, raw.shape, lab_affine)
+        check_pair(case.image, hu.shape, affine, case.label, raw.shape, lab_affine)
         label = policy.remap(raw, where=str(case.label))
-        label, _ = to_canonical(label, lab_affine)
+    return hu, label, affine
+
+
+def harmonize_case(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> Harmonized:
+    hu, label, affine = load_original(case, policy)
+    original = {"shape": list(hu.shape), "affine": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
+    hu, can_affine = to_canonical(hu, affine)
+    if label is not None:
+        label, _ = to_canonical(label, affine)
     for ax in case.flip_axes:  # stored mirrored relative to the header: flip data, keep the affine
         hu = np.flip(hu, axis=ax)
         if label is not None:
@@ -174,7 +185,78 @@ def harmonize_case(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig
         "shape": list(image_n.shape), "spacing": [float(s) for s in spacing_of(new_affine)],
         "affine": new_affine.tolist(), "canonical_affine": can_affine.tolist(), "original": original,
         "flip_axes": list(case.flip_axes), "encoding": case.encoding,
+        "window": list(case.window) if case.window else None,
         "policy": policy.name if (policy and label is not None) else None, "annotated": annotated,
         "classes": list(CLASSES), "harmonizer": cfg.as_dict(),
     }
     return Harmonized(image_n, label, new_affine, meta)
+
+
+def _orientation_back(original_affine: np.ndarray) -> np.ndarray:
+    """The orientation transform that takes the RAS-canonical array back to the stored axis order."""
+    ornt = nib.orientations.io_orientation(original_affine)
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    return nib.orientations.ornt_transform(ras, ornt)
+
+
+def canonical_shape(original_shape, original_affine: np.ndarray) -> tuple[int, ...]:
+    ornt = nib.orientations.io_orientation(original_affine)
+    perm = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("R", "A", "S")))[:, 0].astype(int)
+    out = [0, 0, 0]
+    for src_axis, dst_axis in enumerate(perm):
+        out[dst_axis] = int(original_shape[src_axis])
+    return tuple(out)
+
+
+def _resize_to(t: torch.Tensor, scale: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """Invert `resample` for one channel (1, 1, *harmonized) -> (*shape): canonical voxel j sits at
+    harmonized coordinate (j + 0.5) * scale - 0.5, which interpolate computes for scale_factor 1/scale.
+    The forward pass floored the size, so the last canonical voxel may lie beyond the harmonized grid:
+    pad by edge replication (interpolate clamps there anyway) and crop any excess."""
+    out = F.interpolate(t, scale_factor=tuple(float(1.0 / s) for s in scale), mode="trilinear",
+                        align_corners=False, recompute_scale_factor=False)[0, 0]
+    pads = []
+    for ax in (2, 1, 0):
+        pads += [0, max(0, shape[ax] - out.shape[ax])]
+    if any(pads):
+        out = F.pad(out[None, None], pads, mode="replicate")[0, 0]
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+def restore_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarray:
+    """Class scores on the harmonized grid (C, X, Y, Z) -> label map (uint8) on the stored grid.
+
+    Inverse of `harmonize_case`'s geometry: resample the scores (probabilities interpolate smoothly;
+    resampling an argmax would stair-step) back to the canonical grid, redo the stored flips, then
+    restore the stored axis order. Channels are resampled one at a time with a running argmax, so a
+    512x512x300 volume never holds all class channels at full size.
+    """
+    orig_shape = tuple(meta["original"]["shape"])
+    orig_affine = np.asarray(meta["original"]["affine"], dtype=np.float64)
+    can_affine = np.asarray(meta["canonical_affine"], dtype=np.float64)
+    can_shape = canonical_shape(orig_shape, orig_affine)
+    scale = spacing_of(can_affine) / np.asarray(meta["spacing"], dtype=np.float64)
+    scores = scores.detach().float().cpu()
+    if np.allclose(scale, 1.0, rtol=1e-6, atol=0) and tuple(scores.shape[1:]) == can_shape:
+        labels = scores.argmax(0).to(torch.uint8)
+    else:
+        best = labels = None
+        for c in range(scores.shape[0]):
+            ch = _resize_to(scores[c][None, None], scale, can_shape)
+            if best is None:
+                best, labels = ch, torch.zeros(can_shape, dtype=torch.uint8)
+            else:
+                better = ch > best
+                best = torch.where(better, ch, best)
+                labels[better] = c
+    out = labels.numpy()
+    for ax in meta.get("flip_axes", ()):
+        out = np.flip(out, axis=ax)
+    back = _orientation_back(orig_affine)
+    out = np.ascontiguousarray(nib.orientations.apply_orientation(out, back), dtype=np.uint8)
+    # The restored grid must be the stored one: a mismatch here would score against a misaligned mask.
+    restored_affine = can_affine @ nib.orientations.inv_ornt_aff(back, can_shape)
+    if out.shape != orig_shape or not np.allclose(restored_affine, orig_affine, atol=1e-4):
+        raise AssertionError(f"restoring {meta.get('source')}/{meta.get('case')}: got shape {out.shape} "
+                             f"affine\n{restored_affine}\nexpected {orig_shape}\n{orig_affine}")
+    return out

@@ -56,3 +56,41 @@ def write_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Non
 def spacing_of(affine: np.ndarray) -> np.ndarray:
     """Voxel size (mm) along each voxel axis: the column norms of the affine's 3x3 part."""
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+# DICOM patient coordinates are LPS+, NIfTI world coordinates RAS+: negate x and y.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def dicom_series(folder: str | Path) -> list[tuple[str, list[str]]]:
+    """The DICOM series in `folder` as (series uid, sorted file names); empty when there are none."""
+    import SimpleITK as sitk
+
+    folder = str(folder)
+    return [(uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)))
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ()]
+
+
+def read_dicom_series(files: list[str], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One DICOM series -> (array indexed x, y, z in HU, RAS affine), like `read_volume` for NIfTI.
+
+    SimpleITK (GDCM) sorts the slices by position and applies the rescale slope/intercept; we only
+    translate its LPS geometry into the NIfTI convention so the rest of the pipeline sees one kind of
+    volume.
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise VolumeError(f"{where}: unreadable DICOM series ({exc})") from exc
+    data = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))  # SimpleITK gives z, y, x
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(img.GetSpacing())
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(img.GetOrigin(), dtype=np.float64)
+    if data.ndim != 3 or min(data.shape) < 1:
+        raise VolumeError(f"{where}: DICOM series does not form a 3D volume (shape {data.shape})")
+    return data, affine

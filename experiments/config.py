@@ -91,6 +91,20 @@ class InferenceConfig:
 
 
 @dataclass
+class EvalClassConfig:
+    values: list[int] = MISSING      # common-space label values merged into this class's mask
+    tolerance_mm: float = MISSING    # NSD tolerance
+
+
+@dataclass
+class EvaluationConfig:
+    space: str = MISSING             # original | harmonized
+    val_surface: bool = MISSING      # surface metrics during validation epochs
+    save_predictions: bool = MISSING
+    classes: dict[str, EvalClassConfig] = field(default_factory=dict)
+
+
+@dataclass
 class WandbConfig:
     mode: str = MISSING        # offline | online | disabled
     project: str = MISSING
@@ -116,6 +130,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -140,6 +155,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
             rest.append(item)
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.evaluation.classes, False)  # class names are data: YAML may add any
     cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"))
     if experiment != "default":
         path = CONFIG_DIR / "experiment" / f"{experiment}.yaml"

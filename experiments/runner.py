@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
+from evaluation.metrics import METRIC_NAMES
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
 from lightning_modules.networks import required_divisor
 from lightning_modules.segmentation import SegmentationModule
@@ -42,6 +43,10 @@ def harmonizer_config(cfg: DictConfig) -> HarmonizerConfig:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    if cfg.evaluation.space not in ("original", "harmonized"):
+        raise ValueError(f"evaluation.space must be original or harmonized, got {cfg.evaluation.space!r}")
+    if "lesion" not in cfg.evaluation.classes:
+        raise ValueError("evaluation.classes must define 'lesion' (the primary class metric keys refer to)")
     div = required_divisor(cfg.model.strides)
     bad = [p for p in cfg.data.patch_size if p % div]
     if bad:
@@ -58,14 +63,16 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, **split)
 
 
-def build_module(cfg: DictConfig, test_sources) -> SegmentationModule:
+def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:
     m = cfg.model
     network = {"name": m.name, "channels": list(m.channels), "strides": list(m.strides),
                "num_res_units": m.num_res_units, "norm": m.norm, "dropout": m.dropout}
     inference = dict(OmegaConf.to_container(cfg.inference), roi_size=list(cfg.data.patch_size))
     return SegmentationModule(network=network, loss=OmegaConf.to_container(cfg.loss),
                               optim=OmegaConf.to_container(cfg.optim), inference=inference,
-                              test_sources=list(test_sources), spatial_dims=m.spatial_dims)
+                              evaluation=OmegaConf.to_container(cfg.evaluation), test_sources=list(test_sources),
+                              spatial_dims=m.spatial_dims, harmonizer=harmonizer_config(cfg).as_dict(),
+                              trained_classes=list(trained_classes))
 
 
 class EpochSummary(pl.Callback):
@@ -84,9 +91,9 @@ class EpochSummary(pl.Callback):
 
     def on_train_epoch_end(self, trainer, module):
         # callback_metrics keep the last validation's values: show them only in the epoch that validated
-        prefixes = ("train/loss_epoch", "val/") if self.validated_epoch == trainer.current_epoch else ("train/loss_epoch",)
+        validated = self.validated_epoch == trainer.current_epoch
         parts = [f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
-                 if k.startswith(prefixes) and not k.endswith("/cases")]
+                 if k == "train/loss_epoch" or (validated and k.startswith("val/") and "/dice" in k)]
         print(f"[epoch {trainer.current_epoch + 1}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
 
 
@@ -103,9 +110,12 @@ def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list) -> tuple[pl.Trai
     return trainer, ckpt
 
 
+ROW_COLUMNS = ("split", "source", "case", "class", *METRIC_NAMES, "tolerance_mm", "space")
+
+
 def write_results(run_dir: Path, metrics: dict, val_rows: list, test_rows: list, info: dict) -> None:
-    write_csv(run_dir / "per_case.csv", [dict(r, split="test") for r in test_rows])
-    write_csv(run_dir / "val_per_case.csv", [dict(r, split="val") for r in val_rows])
+    write_csv(run_dir / "per_case.csv", [dict(r, split="test") for r in test_rows], first=ROW_COLUMNS)
+    write_csv(run_dir / "val_per_case.csv", [dict(r, split="val") for r in val_rows], first=ROW_COLUMNS)
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "run.json", info)
 
@@ -151,7 +161,8 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         raise ValueError(f"the split has no validation case (data.val_fraction={cfg.data.val_fraction}): model "
                          "selection needs a training source with at least two labelled patients")
 
-    module = build_module(cfg, dm.split.test_sources)
+    trained = sorted({name for c in dm.cached["train"] for name, a in zip(c.meta["classes"], c.meta["annotated"]) if a})
+    module = build_module(cfg, dm.split.test_sources, trained)
     tags = [f"{kind}", "phantom" if phantom else "real"] + [f"test:{s}" for s in dm.split.test_sources]
     wandb_logger = make_wandb_logger(cfg, run_dir, name, kind, tags)
     loggers = [pl.loggers.CSVLogger(str(run_dir), name="csv", version="")]
@@ -165,16 +176,20 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     best = ckpt.best_model_path or str(last)
     val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
     val_rows = module.last_rows["val"]
+    if cfg.evaluation.save_predictions:
+        module.prediction_dir = run_dir
     test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
     test_rows = module.last_rows["test"]
 
     expected = {c.case_id for c in dm.split.test}
-    got = [r["case"] for r in test_rows]
+    got = list(dict.fromkeys(r["case"] for r in test_rows))
     assert sorted(got) == sorted(expected), f"tested cases {sorted(got)} differ from the split's {sorted(expected)}"
     metrics = {k: float(v) for k, v in {**val, **test}.items()}
     metrics["data"] = "phantom" if phantom else "real"
     write_results(run_dir, metrics, val_rows, test_rows, {
         "kind": kind, "name": name, "data": metrics["data"], "data_root": str(data_root),
+        "experiment": cfg.experiment, "seed": int(cfg.run.seed), "config_hash": config_hash(cfg),
+        "eval_space": cfg.evaluation.space,
         "best_checkpoint": best, "train_sources": list(dm.split.train_sources),
         "test_sources": list(dm.split.test_sources), "split": dm.split.summary(),
         "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, "pytorch_lightning": pl.__version__})
@@ -183,7 +198,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     atomic_write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     print(f"run folder: {run_dir}")
     for k in sorted(metrics):
-        if k.startswith(("test/", "val/mean")) and not k.endswith("/cases"):
+        if k.startswith(("test/", "val/mean/dice")) and k.rsplit("/", 1)[-1] in ("dice", "nsd", "hd95", "dice_lung", "nsd_lung"):
             print(f"  {k} = {metrics[k]:.4f}")
     if phantom:
         print("  (phantom data: synthetic sources)")

@@ -1,60 +1,79 @@
 """SegmentationModule: network from the registry, partial-label loss, per-source evaluation.
 
 Validation and test run sliding-window inference on whole harmonized volumes (batch size 1) and
-compute per-case metrics only for the classes the case's source annotates. Metric keys follow
-`{stage}/{source}/{metric}`; `{stage}/mean/{metric}` averages the sources equally.
+score only the evaluation classes the case's source annotates, with `evaluation.scoring` (the same
+code `experiments.evaluate` runs). Validation scores on the harmonized grid (model selection); test
+scores in original geometry by default: the prediction is resampled back onto the stored grid and
+compared with the stored mask, and both are written as NIfTI so anyone can re-score them. Metric keys
+follow `{stage}/{source}/{metric}` (lesion) and `{metric}_{class}` for other classes;
+`{stage}/mean/...` averages the sources equally.
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from monai.inferers import sliding_window_inference
 
-from datamodules.label_policy import CLASS_INDEX, CLASSES, LESION
+from datamodules.harmonize import load_original, restore_to_original
+from datamodules.io import spacing_of, write_volume
+from datamodules.label_policy import CLASSES
+from datamodules.sources import case_from_meta, policy_named
 from datamodules.splits import check_batch_sources
-from evaluation.metrics import dice, volume_ml
+from evaluation.metrics import METRIC_NAMES
+from evaluation.scoring import EvalClass, describe, score_case, severity_columns
 from lightning_modules.losses import build_loss
 from lightning_modules.networks import build_network
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, annotated: Sequence[bool], spacing: Sequence[float]) -> dict:
-    """Per-case metrics in harmonized space: lesion Dice and volumes; lung Dice where lungs are annotated."""
-    row = {"dice": dice(pred == LESION, ref == LESION), "ref_ml": volume_ml(ref == LESION, spacing),
-           "pred_ml": volume_ml(pred == LESION, spacing)}
-    lungs = [CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"]]
-    if all(annotated[i] for i in lungs):
-        for i in lungs:
-            row[f"dice_{CLASSES[i]}"] = dice(pred == i, ref == i)
-        row["dice_lung"] = float(np.mean([row["dice_lung_left"], row["dice_lung_right"]]))
-    return row
+def eval_classes(evaluation: dict, annotated: Sequence[bool]) -> list[EvalClass]:
+    """The configured evaluation classes this case's source annotates completely (a class merging a
+    class the source leaves unlabelled would be scored against voxels nobody delineated)."""
+    out = []
+    for name, spec in evaluation["classes"].items():
+        if all(annotated[v] for v in spec["values"]):
+            out.append(EvalClass(name, tuple(int(v) for v in spec["values"]), float(spec["tolerance_mm"])))
+    return out
 
 
-def aggregate(rows: Sequence[dict], stage: str) -> dict[str, float]:
-    """Mean of each metric per source, and the mean over sources (each source weighs the same)."""
+def metric_key(stage: str, source: str, metric: str, cls: str, primary: str) -> str:
+    """`{stage}/{source}/{metric}` for the primary class (lesion), `{metric}_{class}` for the others."""
+    return f"{stage}/{source}/{metric}" if cls == primary else f"{stage}/{source}/{metric}_{cls}"
+
+
+def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict[str, float]:
+    """Mean of each metric per source and class (undefined values, e.g. HD95 against an empty mask,
+    are left out), and the mean over sources (each source weighs the same)."""
     by_src: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_src[r["source"]].append(r)
     out: dict[str, float] = {}
     per_metric: dict[str, list[float]] = defaultdict(list)
     for src, rs in sorted(by_src.items()):
-        for m in ("dice", "dice_lung"):
-            vals = [r[m] for r in rs if m in r]
-            if vals:
-                out[f"{stage}/{src}/{m}"] = float(np.mean(vals))
-                per_metric[m].append(out[f"{stage}/{src}/{m}"])
-        out[f"{stage}/{src}/cases"] = float(len(rs))
-    for m, vals in per_metric.items():
-        out[f"{stage}/mean/{m}"] = float(np.mean(vals))
+        for cls in sorted({r["class"] for r in rs}):
+            for m in METRIC_NAMES:
+                stats = describe(r[m] for r in rs if r["class"] == cls)
+                if stats["n"]:
+                    key = metric_key(stage, src, m, cls, primary)
+                    out[key] = stats["mean"]
+                    per_metric[metric_key(stage, "mean", m, cls, primary)].append(stats["mean"])
+        out[f"{stage}/{src}/cases"] = float(len({r["case"] for r in rs}))
+    for key, vals in per_metric.items():
+        out[key] = float(np.mean(vals))
     return out
 
 
 class SegmentationModule(pl.LightningModule):
-    def __init__(self, network: dict, loss: dict, optim: dict, inference: dict, test_sources: Sequence[str] = (),
-                 spatial_dims: int = 3):
+    def __init__(self, network: dict, loss: dict, optim: dict, inference: dict, evaluation: dict,
+                 test_sources: Sequence[str] = (), spatial_dims: int = 3, harmonizer: dict | None = None,
+                 trained_classes: Sequence[str] = ()):
+        # harmonizer and trained_classes are recorded for `experiments.predict`: a checkpoint alone must
+        # say how to prepare an input and which output channels were ever supervised.
         super().__init__()
         self.save_hyperparameters()
         net_kwargs = {k: v for k, v in network.items() if k != "name"}
@@ -63,6 +82,8 @@ class SegmentationModule(pl.LightningModule):
         self.test_sources = list(test_sources)
         self.rows: dict[str, list[dict]] = {"val": [], "test": []}
         self.last_rows: dict[str, list[dict]] = {}
+        # Set by the runner before testing: where test predictions and references are written as NIfTI.
+        self.prediction_dir: Path | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -81,11 +102,44 @@ class SegmentationModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         logits = self.predict_volume(batch["image"])
-        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        ref = batch["label"][0, 0].cpu().numpy()
+        ev = self.hparams.evaluation
+        classes = eval_classes(ev, batch["annotated"][0].tolist())
         row = {"case": batch["case"][0], "source": batch["source"][0]}
-        row.update(case_metrics(pred, ref, batch["annotated"][0].tolist(), batch["spacing"][0].tolist()))
-        self.rows[stage].append(row)
+        if stage == "test" and ev["space"] == "original":
+            scored = self._score_original(logits, batch["meta_path"][0], classes)
+        else:
+            pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            ref = batch["label"][0, 0].cpu().numpy()
+            surface = stage == "test" or ev.get("val_surface", False)
+            scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=surface)
+            for r in scored:
+                r["space"] = "harmonized"
+        self.rows[stage].extend(dict(row, **r) for r in scored)
+
+    def _score_original(self, logits: torch.Tensor, meta_path: str, classes: list[EvalClass]) -> list[dict]:
+        """Resample the prediction onto the stored grid and score it against the stored mask there."""
+        meta = json.loads((Path(meta_path) / "meta.json").read_text())
+        pred = restore_to_original(torch.softmax(logits[0].float(), 0), meta)
+        case = case_from_meta(meta)
+        hu, ref, affine = load_original(case, policy_named(meta["policy"]) if meta.get("policy") else None)
+        if ref is None:
+            raise ValueError(f"{case.key}: test case without a reference mask ({case.image})")
+        spacing = spacing_of(affine).tolist()
+        rows = score_case(pred, ref, spacing, classes)
+        lung_cls = next((c for c in classes if c.name == "lung"), None)
+        lesion_cls = next((c for c in classes if c.name == "lesion"), None)
+        if lung_cls is not None and lesion_cls is not None:
+            sev = severity_columns(lesion_cls.mask(pred), lesion_cls.mask(ref), spacing, lung=lung_cls.mask(ref), hu=hu)
+            for r in rows:
+                if r["class"] == "lesion":
+                    r.update(sev)
+        if self.prediction_dir is not None:
+            name = f"{case.source}/{case.case_id}.nii.gz"
+            write_volume(self.prediction_dir / "predictions" / name, pred, affine)
+            write_volume(self.prediction_dir / "references" / name, ref, affine)
+        for r in rows:
+            r["space"] = "original"
+        return rows
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -154,3 +154,36 @@ def test_truncated_file_named(tmp_path):
     case.image.write_bytes(data[: len(data) // 2])
     with pytest.raises(VolumeError, match=r"img.nii.gz: corrupt or truncated"):
         harmonize_case(case, SOURCES["mosmed"].POLICIES["lesion"], HarmonizerConfig())
+
+
+def _one_hot(label: np.ndarray):
+    import torch
+
+    return torch.nn.functional.one_hot(torch.from_numpy(label.astype(np.int64)), 4).permute(3, 0, 1, 2).float()
+
+
+@pytest.mark.parametrize("source,case_id", [("covid19_20", "volume-covid19-A-0003"), ("mosmed", "study_0255"),
+                                            ("ctseg", "radiopaedia_7_85703_0"), ("ctseg", "radiopaedia_10_85902_1")])
+def test_restore_inverts_orientation_flips_and_resampling(phantom_root, source, case_id):
+    """LPS, LAS and mirrored 8-bit cases: harmonize the mask, restore it onto the stored grid."""
+    from datamodules.harmonize import load_original, restore_to_original, to_canonical
+
+    adapter = SOURCES.lookup(source)(phantom_root / source)
+    (case,) = [c for c in adapter.discover() if c.case_id == case_id]
+    policy = adapter.policy(case)
+    hu, label, affine = load_original(case, policy)
+    assert hu.shape == label.shape
+    # Target spacing = the stored spacing: no resampling, so the round trip must be exact.
+    same = HarmonizerConfig(target_spacing=tuple(spacing_of(to_canonical(hu, affine)[1])))
+    h = harmonize_case(case, policy, same)
+    assert np.array_equal(restore_to_original(_one_hot(h.label), h.meta), label)
+    # Coarser grid: geometry exact, the mask close (it went through a 2-4x coarser grid and back).
+    h = harmonize_case(case, policy, HarmonizerConfig(target_spacing=(6.0, 6.0, 10.0)))
+    restored = restore_to_original(_one_hot(h.label), h.meta)
+    assert restored.shape == label.shape and restored.dtype == np.uint8
+    lesion = CLASS_INDEX["lesion"]
+    inter = np.logical_and(restored == lesion, label == lesion).sum()
+    assert 2 * inter / ((restored == lesion).sum() + (label == lesion).sum()) > 0.75
+    if case.flip_axes:  # forgetting the stored mirror flip would put the lesions on the other side
+        mirrored = np.flip(restored, case.flip_axes[0])
+        assert np.logical_and(mirrored == lesion, label == lesion).sum() < 0.5 * inter

@@ -4,9 +4,12 @@ import torch
 
 from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig
-from lightning_modules.segmentation import SegmentationModule, aggregate, case_metrics
+from evaluation.scoring import score_case
+from lightning_modules.segmentation import SegmentationModule, aggregate, eval_classes
 
 SOURCES3 = ["covid19_20", "mosmed", "ctseg"]
+EVALUATION = {"space": "original", "val_surface": False, "save_predictions": False,
+              "classes": {"lesion": {"values": [3], "tolerance_mm": 3.0}, "lung": {"values": [1, 2, 3], "tolerance_mm": 1.0}}}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def test_a_few_steps_lower_the_loss(dm):
         network={"name": "unet", "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
         loss={"name": "dice_ce"}, optim={"lr": 3e-3, "weight_decay": 0.0},
         inference={"roi_size": [32, 32, 16], "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"},
-        test_sources=["mosmed"])
+        evaluation=EVALUATION, test_sources=["mosmed"])
     batch = next(iter(dm.train_dataloader()))
     opt = torch.optim.Adam(module.parameters(), lr=3e-3)
     losses = []
@@ -55,22 +58,32 @@ def test_a_few_steps_lower_the_loss(dm):
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
-def test_case_metrics_and_aggregate_hand_values():
+def test_eval_classes_follow_what_the_source_annotates_and_aggregate_by_source():
     ref = np.zeros((4, 4, 2), np.uint8)
     pred = np.zeros_like(ref)
     ref[0, :2, 0] = 3    # 2 lesion voxels
     pred[0, 1:3, 0] = 3  # 2 predicted, 1 overlapping -> Dice 0.5
     ref[2:, :, :] = 1
     pred[2:, :, :] = 1
-    row = case_metrics(pred, ref, [True, False, False, True], spacing=(2.0, 2.0, 5.0))
-    assert row["dice"] == pytest.approx(0.5)
-    assert row["ref_ml"] == pytest.approx(2 * 20 / 1000)
-    assert "dice_lung" not in row  # lungs unannotated: never scored
-    full = case_metrics(pred, ref, [True] * 4, spacing=(1, 1, 1))
-    assert full["dice_lung_left"] == 1.0 and full["dice_lung_right"] == 1.0  # both empty/equal
-    agg = aggregate([{"source": "a", "dice": 0.2}, {"source": "a", "dice": 0.4}, {"source": "b", "dice": 0.9}], "test")
+    mosmed_like = eval_classes(EVALUATION, [True, False, False, True])
+    assert [c.name for c in mosmed_like] == ["lesion"]  # lungs unannotated: never scored
+    rows = score_case(pred, ref, (2.0, 2.0, 5.0), mosmed_like)
+    assert rows[0]["dice"] == pytest.approx(0.5) and rows[0]["ref_ml"] == pytest.approx(2 * 20 / 1000)
+    full = eval_classes(EVALUATION, [True] * 4)
+    lung = score_case(pred, ref, (1, 1, 1), full)[1]
+    # lung = values 1+2+3: ref 16 + 2 voxels, pred 16 + 2, overlap 16 + 1 -> Dice 34/36
+    assert lung["class"] == "lung" and lung["dice"] == pytest.approx(34 / 36)
+    rows = [{"source": "a", "case": "1", "class": "lesion", "dice": 0.2},
+            {"source": "a", "case": "2", "class": "lesion", "dice": 0.4},
+            {"source": "b", "case": "3", "class": "lesion", "dice": 0.9},
+            {"source": "b", "case": "3", "class": "lung", "dice": 0.5}]
+    agg = aggregate([dict(r, **{m: float("nan") for m in ("iou", "nsd", "hd95", "asd", "rv", "ref_ml", "pred_ml")})
+                     for r in rows], "test")
     assert agg["test/a/dice"] == pytest.approx(0.3) and agg["test/b/dice"] == pytest.approx(0.9)
     assert agg["test/mean/dice"] == pytest.approx(0.6)  # sources weigh equally
+    assert agg["test/b/dice_lung"] == 0.5 and agg["test/mean/dice_lung"] == 0.5 and "test/a/dice_lung" not in agg
+    assert "test/a/hd95" not in agg  # undefined everywhere: no key rather than NaN
+    assert agg["test/b/cases"] == 1.0
 
 
 def test_prepare_and_setup_touch_each_case_once(dm):

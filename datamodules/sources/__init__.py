@@ -5,9 +5,34 @@ phantom suite writes the same official layouts, so these adapters are the only w
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from datamodules.cases import Case
+from datamodules.label_policy import LabelPolicy
 from datamodules.sources.base import SOURCES, DataLayoutError, SourceAdapter, get_source, register_source
 
 # Importing the modules fills the registry through their decorators.
 from datamodules.sources import covid19_20, ctseg, mosmed  # noqa: E402,F401  isort: skip
 
-__all__ = ["SOURCES", "DataLayoutError", "SourceAdapter", "get_source", "register_source"]
+
+
+def policy_named(name: str) -> LabelPolicy:
+    """The label policy with this full name (as recorded in cache meta, e.g. `ctseg/lung_and_infection`)."""
+    for adapter in SOURCES.values():
+        for policy in adapter.POLICIES.values():
+            if policy.name == name:
+                return policy
+    raise KeyError(f"no source declares a label policy named {name!r}")
+
+
+def case_from_meta(meta: dict) -> Case:
+    """Rebuild the `Case` a cache entry was made from (its files and decoding), e.g. to score a
+    prediction against the stored mask in original geometry."""
+    return Case(source=meta["source"], case_id=meta["case"], patient_id=meta["patient"],
+                image=Path(meta["image_file"]), label=Path(meta["label_file"]) if meta.get("label_file") else None,
+                encoding=meta["encoding"], window=tuple(meta["window"]) if meta.get("window") else None,
+                flip_axes=tuple(meta.get("flip_axes", ())))
+
+
+__all__ = ["SOURCES", "DataLayoutError", "SourceAdapter", "case_from_meta", "get_source", "policy_named",
+           "register_source"]

@@ -73,6 +73,12 @@ class SourceAdapter:
     def discover(self) -> list[Case]:
         raise NotImplementedError
 
+    @classmethod
+    def decoding(cls, case_id: str) -> dict:
+        """How this source stores a case's voxels: `encoding`, `window`, `flip_axes` (Case fields).
+        Plain HU, stored as the header says, unless a source overrides it per case."""
+        return {"encoding": "hu", "window": None, "flip_axes": ()}
+
     def policy(self, case: Case) -> LabelPolicy:
         return self.POLICIES[case.policy or self.DEFAULT_POLICY]
 

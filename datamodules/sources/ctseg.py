@@ -38,6 +38,13 @@ class CovidCTSeg(SourceAdapter):
     }
     DEFAULT_POLICY = "lung_and_infection"
 
+    @classmethod
+    def decoding(cls, case_id: str) -> dict:
+        if not cls.EIGHT_BIT_RE.match(case_id):
+            return {"encoding": "hu", "window": None, "flip_axes": ()}
+        return {"encoding": "uint8_window", "window": cls.WINDOW_8BIT,
+                "flip_axes": cls.FLIPS.get(case_id, cls.DEFAULT_RADIOPAEDIA_FLIP)}
+
     def discover(self) -> list[Case]:
         images = self.find_dir(lambda d: d.name == self.IMAGE_DIR, f"{self.IMAGE_DIR}/ folder")
         parent = images.parent
@@ -54,10 +61,7 @@ class CovidCTSeg(SourceAdapter):
             m = self.PATIENT_RE.match(case_id)
             cases.append(Case(
                 source=self.name, case_id=case_id, patient_id=m.group(1) if m else case_id, image=image,
-                label=label, policy=policy,
-                encoding="uint8_window" if radiopaedia else "hu",
-                window=self.WINDOW_8BIT if radiopaedia else None,
-                flip_axes=self.FLIPS.get(case_id, self.DEFAULT_RADIOPAEDIA_FLIP) if radiopaedia else (),
+                label=label, policy=policy, **self.decoding(case_id),
                 meta={"origin": "radiopaedia" if radiopaedia else "coronacases"},
             ))
         return cases

@@ -1,0 +1,218 @@
+"""Run folders: finding finished ones, reading run.json / metrics.json / per_case.csv into RunRecords.
+
+The per-case table is validated while read (numbers, field counts, duplicate cases, stray sources, one
+evaluation space per run); anything a report cannot trust raises ReportError naming the file and line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from evaluation.reporting.common import DEFAULT_SPACE, METRICS, ReportError, warn
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    kind: str
+    name: str
+    data: str
+    experiment: str
+    seed: int | None
+    config_hash: str | None
+    train_sources: tuple[str, ...]
+    test_sources: tuple[str, ...]
+    eval_space: str
+    train_label: str  # a named train set from run.json `train_set`, else the sources joined by "+"
+    metrics: dict
+    cases: list[dict]  # test rows: source, case, class, floats per metric/severity column (NaN = undefined)
+    columns: tuple[str, ...] = ()  # METRICS present in per_case.csv
+    info: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        return self.kind, self.experiment, self.train_sources, self.test_sources, self.eval_space
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: unreadable JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_config_yaml(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # any parse error: these keys are only a fallback
+        warn(f"{path}: unreadable ({e}); falling back without it")
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _number(text: str | None, where: str, column: str) -> float:
+    t = (text or "").strip()
+    if not t:
+        return math.nan
+    try:
+        return float(t)
+    except ValueError:
+        raise ReportError(f"{where}: column {column!r} holds {text!r}, which is not a number") from None
+
+
+def _class_columns(header: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Old tables without a `class` column: `dice` is the lesion, `dice_lung` the lung, and so on."""
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    for col in header:
+        for m in METRICS:
+            if col == m:
+                out["lesion"][m] = col
+            elif col.startswith(m + "_"):
+                out[col[len(m) + 1:]][m] = col
+    return out
+
+
+def read_per_case(path: Path, split: str = "test") -> tuple[list[dict], tuple[str, ...]]:
+    """Rows of `split` as dicts (source, case, class, float values) and the METRICS columns present."""
+    rows: list[dict] = []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            legacy = "class" not in header
+            by_class = _class_columns(header) if legacy else {}
+            metrics = tuple(m for m in METRICS if m in header) if not legacy else tuple(
+                m for m in METRICS if any(m in cols for cols in by_class.values()))
+            missing = sorted({"source", "case"} - set(header))
+            if missing or not metrics:
+                raise ReportError(f"{path}: not a per-case table: missing column(s) {missing or list(METRICS)} "
+                                  f"(header: {header})")
+            extra = [c for c in header if c.startswith(("ref_", "pred_")) or c == "tolerance_mm"]
+            for raw in reader:
+                where = f"{path}, line {reader.line_num}"
+                if None in raw or None in raw.values():
+                    raise ReportError(f"{where}: the row does not have the header's {len(header)} fields "
+                                      "(truncated or corrupt file)")
+                if raw.get("split", "") not in ("", split):
+                    continue
+                base = {"source": raw["source"], "case": raw["case"], "space": raw.get("space") or ""}
+                base.update({c: _number(raw[c], where, c) for c in extra})
+                if not legacy:
+                    if not raw["class"]:
+                        raise ReportError(f"{where}: empty `class`")
+                    rows.append({**base, "class": raw["class"], **{m: _number(raw[m], where, m) for m in metrics}})
+                    continue
+                for cls, cols in by_class.items():
+                    if cls != "lesion" and not any(raw[c].strip() for c in cols.values()):
+                        continue  # an old table leaves a class the source does not annotate empty
+                    rows.append({**base, "class": cls, **{m: _number(raw[c], where, c) for m, c in cols.items()}})
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ReportError(f"{path}: unreadable per-case table ({e})") from e
+    seen = set()
+    for r in rows:
+        k = (r["source"], r["case"], r["class"])
+        if k in seen:
+            raise ReportError(f"{path}: case {k[1]!r} of source {k[0]!r}, class {k[2]!r} appears twice")
+        seen.add(k)
+    return rows, metrics
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    info = _read_json(run_dir / "run.json")
+    metrics = _read_json(run_dir / "metrics.json")
+    cfg: dict | None = None
+
+    def config_value(*keys):
+        nonlocal cfg
+        if cfg is None:
+            cfg = _read_config_yaml(run_dir)
+        node = cfg
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node
+
+    seed = info.get("seed")
+    if seed is None:
+        seed = config_value("run", "seed")
+    try:
+        seed = None if seed is None else int(seed)
+    except (TypeError, ValueError):
+        warn(f"{run_dir}: seed {seed!r} is not an integer; treated as unknown")
+        seed = None
+    if seed is None:
+        warn(f"{run_dir}: no seed in run.json or config.yaml; treated as an unknown seed")
+    experiment = info.get("experiment") or config_value("experiment")
+    if not experiment:
+        warn(f"{run_dir}: no experiment in run.json or config.yaml; grouped as 'unknown'")
+        experiment = "unknown"
+    data, mdata = info.get("data"), metrics.get("data")
+    if data and mdata and data != mdata:
+        raise ReportError(f"{run_dir}: run.json says data={data!r} but metrics.json says {mdata!r}")
+    data = data or mdata
+    if not data:
+        warn(f"{run_dir}: neither run.json nor metrics.json says whether the data is phantom or real")
+        data = "unknown"
+    cases, columns = read_per_case(run_dir / "per_case.csv", "test")
+    if not cases:
+        warn(f"{run_dir / 'per_case.csv'}: no test rows")
+    found = sorted({c["source"] for c in cases})
+    test = tuple(sorted(info.get("test_sources") or found))
+    train = info.get("train_sources")
+    if not train:
+        sources, holdout = config_value("data", "sources") or [], config_value("data", "holdout")
+        train = [s for s in sources if s != holdout] if holdout else []
+    if not train:
+        raise ReportError(f"{run_dir / 'run.json'}: no train_sources (and config.yaml cannot tell them)")
+    stray = sorted(set(found) - set(test))
+    if stray:
+        raise ReportError(f"{run_dir / 'per_case.csv'}: rows for {stray}, which run.json does not list as test "
+                          f"sources {list(test)}")
+    spaces = sorted({c["space"] for c in cases} - {""})
+    if len(spaces) > 1:
+        raise ReportError(f"{run_dir / 'per_case.csv'}: cases scored in several spaces {spaces}")
+    space = info.get("eval_space") or (spaces[0] if spaces else DEFAULT_SPACE)
+    named = info.get("train_set")
+    return RunRecord(path=run_dir.resolve(), kind=info.get("kind") or run_dir.parent.name,
+                     name=info.get("name") or run_dir.name, data=str(data), experiment=str(experiment), seed=seed,
+                     config_hash=info.get("config_hash"), train_sources=tuple(sorted(train)), test_sources=test,
+                     eval_space=str(space), train_label=named if isinstance(named, str) and named else
+                     "+".join(sorted(train)), metrics=metrics, cases=cases, columns=columns, info=info)
+
+
+def find_run_dirs(paths: Iterable[str | Path], skipped: list | None = None) -> list[Path]:
+    """Finished run folders (run.json + done) at or below each path, each once, in a stable order."""
+    found, seen = [], set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ReportError(f"{p}: no such file or folder")
+        dirs = [p] if (p / "run.json").is_file() else sorted(f.parent for f in p.rglob("run.json"))
+        for d in dirs:
+            if d.resolve() in seen:
+                continue
+            seen.add(d.resolve())
+            if not (d / "done").exists():
+                warn(f"skipping unfinished run {d} (no `done` marker)")
+                if skipped is not None:
+                    skipped.append(str(d.resolve()))
+                continue
+            found.append(d)
+    return found
+
+
+def collect_runs(paths: Iterable[str | Path], skipped: list | None = None) -> list[RunRecord]:
+    """Read every finished run at or below `paths`; unfinished ones are warned about (and added to `skipped`)."""
+    return [read_run(d) for d in find_run_dirs(paths, skipped)]
+

@@ -1,0 +1,275 @@
+"""Segment new CT volumes with a trained checkpoint.
+
+    python -m experiments.predict --ckpt PATH --input (file.nii[.gz] | folder | DICOM series folder) --out DIR
+        [--source NAME] [--encoding auto|hu|uint8_window] [--window LO,HI] [--flip-axes 0,2] [--device cpu]
+
+Each input goes through the harmonizer the checkpoint was trained with (orientation, decoding,
+resampling, windowing), sliding-window inference, and back onto the input's own grid. Per case
+`<out>/`:
+- `<case>_lesion.nii.gz` (0/1) and, when the model learned lungs (a training source annotated them),
+  `<case>_lung.nii.gz` (1 left, 2 right, lesions inside included) plus `<case>_labels.nii.gz`
+  (1 left lung, 2 right lung, 3 lesion); all with the input's shape and affine;
+- `<case>_severity.json`: lesion volume, and PO/PHO/WAL when the lungs are predicted;
+- `<case>_overlay_<k>.png`: the most affected axial slices (radiological view);
+and `predictions.csv` with one row per case.
+
+Intensities: `auto` reads 0..255 integer volumes as 8-bit windowed exports (COVID-19-CT-Seg's
+radiopaedia cases, window -1250..250 HU) and everything else as HU; it says which it chose.
+`--source ctseg` applies that source's per-case storage quirks (8-bit window, stored mirror flips)
+by case name, exactly as training did.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datamodules.cases import Case
+from datamodules.harmonize import HarmonizerConfig, harmonize_case, load_original, restore_to_original
+from datamodules.io import VolumeError, dicom_series, read_dicom_series, read_volume, spacing_of, write_volume
+from datamodules.label_policy import CLASS_INDEX
+from datamodules.sources import get_source
+from datamodules.sources.base import NIFTI_RE, nifti_files
+from evaluation import severity as severity_mod
+from experiments.tracking import write_csv, write_json
+
+WINDOW_8BIT = (-1250.0, 250.0)
+DISPLAY_WINDOW = (-1000.0, 300.0)
+LESION = CLASS_INDEX["lesion"]
+LUNGS = (CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"])
+
+
+@dataclass
+class InputCase:
+    case_id: str
+    path: Path                       # NIfTI file, or the DICOM folder
+    dicom_files: list[str] | None = None
+
+
+def discover_inputs(path: Path) -> list[InputCase]:
+    """A NIfTI file; a folder of NIfTI files; a DICOM series folder; or a folder of series folders."""
+    if path.is_file():
+        if not NIFTI_RE.search(path.name):
+            raise VolumeError(f"{path}: not a NIfTI file (.nii/.nii.gz); pass a DICOM series as its folder")
+        return [InputCase(NIFTI_RE.sub("", path.name), path)]
+    if not path.is_dir():
+        raise VolumeError(f"{path}: no such file or folder")
+    files = nifti_files(path)
+    if files:
+        return [InputCase(NIFTI_RE.sub("", f.name), f) for f in files]
+    cases = []
+    for folder in [path] + sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        series = dicom_series(folder)
+        for i, (_uid, names) in enumerate(series):
+            name = folder.name if len(series) == 1 else f"{folder.name}_{i}"
+            cases.append(InputCase(name, folder, names))
+    if not cases:
+        raise VolumeError(f"{path}: holds neither NIfTI files nor a readable DICOM series")
+    return cases
+
+
+def choose_decoding(image: np.ndarray, encoding: str, window: tuple[float, float], where: str) -> tuple[str, tuple | None]:
+    if encoding == "hu":
+        return "hu", None
+    if encoding == "uint8_window":
+        return "uint8_window", window
+    if encoding != "auto":
+        raise ValueError(f"--encoding must be auto, hu or uint8_window, got {encoding!r}")
+    lo, hi = float(image.min()), float(image.max())
+    # CT in HU always holds air near -1000; a volume confined to 0..255 is an 8-bit windowed export.
+    if image.dtype.kind in "ui" and lo >= 0 and hi <= 255:
+        print(f"{where}: values span {lo:g}..{hi:g}: reading it as 8-bit windowed {window[0]:g}..{window[1]:g} HU "
+              "(--encoding hu to override)", flush=True)
+        return "uint8_window", window
+    return "hu", None
+
+
+def load_module(ckpt: Path, device: str):
+    from lightning_modules.segmentation import SegmentationModule
+
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: checkpoint not found")
+    module = SegmentationModule.load_from_checkpoint(str(ckpt), map_location=device)
+    if not module.hparams.get("harmonizer"):
+        raise ValueError(f"{ckpt}: checkpoint does not record its harmonizer settings (trained before they "
+                         "were saved); retrain or evaluate it through its run")
+    return module.eval().to(device)
+
+
+def predict_case(module, case: Case, harmonizer: HarmonizerConfig, device: str) -> np.ndarray:
+    """Common-class label map (uint8) on the input's stored grid."""
+    h = harmonize_case(case, None, harmonizer)
+    image = torch.from_numpy(h.image)[None, None].to(device)
+    with torch.no_grad():
+        logits = module.predict_volume(image)
+    return restore_to_original(torch.softmax(logits[0].float(), 0), h.meta)
+
+
+def severity_report(labels: np.ndarray, hu: np.ndarray, spacing, lungs: bool) -> dict:
+    lesion = labels == LESION
+    report = {"lesion_ml": float(lesion.sum() * np.prod(spacing) / 1000.0), "lungs_predicted": lungs}
+    if lungs:
+        lung = labels > 0
+        if lung.any():
+            sev = severity_mod.severity(lesion, lung=lung, spacing=spacing, hu=hu)
+            report.update({k: sev[k] for k in ("po", "pho", "wal_pct", "lung_ml", "high_opacity_ml") if k in sev})
+        else:
+            report["note"] = "no lung voxel predicted: PO/PHO undefined"
+    else:
+        report["note"] = ("the model was trained on no source that annotates lungs: PO/PHO need a lung mask "
+                          "(score with experiments.evaluate --lobes or a lung class instead)")
+    report["lss"] = report["lhos"] = None  # need lobe masks, which no model here predicts
+    return report
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The voxel axis closest to superior-inferior."""
+    return int(np.argmax(np.abs(affine[2, :3]) / spacing_of(affine)))
+
+
+def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefix: Path, n: int = 3) -> list[Path]:
+    """PNG overlays of the `n` axial slices with the most lesion, in the radiological convention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    ras_hu = nib.as_closest_canonical(nib.Nifti1Image(hu.astype(np.float32), affine)).get_fdata(dtype=np.float32)
+    ras_lab = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).dataobj)
+    area = (ras_lab == LESION).sum(axis=(0, 1))
+    order = [int(z) for z in np.argsort(-area, kind="stable")[:n] if area[z] > 0] or [ras_lab.shape[2] // 2]
+    sp = spacing_of(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).affine)
+    out = []
+    for k, z in enumerate(order):
+        # RAS arrays: x grows to the patient's right, y anterior; radiological view puts the patient's
+        # right on the image's left and anterior at the top.
+        img = ras_hu[:, :, z].T[::-1, ::-1]
+        les = (ras_lab[:, :, z] == LESION).T[::-1, ::-1]
+        lung = np.isin(ras_lab[:, :, z], LUNGS).T[::-1, ::-1]
+        fig, ax = plt.subplots(figsize=(5, 5 * img.shape[0] * sp[1] / (img.shape[1] * sp[0])), dpi=100)
+        ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1], interpolation="nearest",
+                  aspect=sp[1] / sp[0])
+        if lung.any():
+            ax.contour(lung, levels=[0.5], colors="deepskyblue", linewidths=0.8)
+        ax.imshow(np.ma.masked_where(~les, les), cmap="autumn", alpha=0.45, interpolation="nearest", aspect=sp[1] / sp[0])
+        ax.set_title(f"{prefix.name}: axial slice {z} (RAS), lesion {area[z] * sp[0] * sp[1] / 100:.1f} cm²", fontsize=8)
+        ax.text(0.01, 0.99, "R", color="yellow", transform=ax.transAxes, va="top")
+        ax.axis("off")
+        path = prefix.with_name(f"{prefix.name}_overlay_{k + 1}.png")
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(path)
+        out.append(path)
+    return out
+
+
+def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = None, encoding: str = "auto",
+                window: tuple[float, float] = WINDOW_8BIT, flip_axes: tuple[int, ...] | None = None,
+                device: str = "cpu", overlays: int = 3) -> list[dict]:
+    module = load_module(ckpt, device)
+    harmonizer = HarmonizerConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in module.hparams["harmonizer"].items()})
+    trained = set(module.hparams.get("trained_classes") or ["lesion"])
+    lungs = {"lung_left", "lung_right"} <= trained
+    adapter = get_source(source) if source else None
+    inputs = discover_inputs(input_path)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="covid-dg-predict-") as tmp:
+        for item in tqdm(inputs, desc="predict", unit="case", disable=len(inputs) < 2 and not sys.stderr.isatty()):
+            image_path = item.path
+            if item.dicom_files is not None:  # the pipeline reads NIfTI: convert the series once
+                data, affine = read_dicom_series(item.dicom_files, str(item.path))
+                image_path = Path(tmp) / f"{item.case_id}.nii.gz"
+                write_volume(image_path, data, affine)
+            if adapter is not None:
+                decoding = adapter.decoding(item.case_id)
+            else:
+                stored, _ = read_volume(image_path)
+                enc, win = choose_decoding(stored, encoding, window, str(item.path))
+                decoding = {"encoding": enc, "window": win, "flip_axes": ()}
+                del stored
+            if flip_axes is not None:
+                decoding["flip_axes"] = tuple(flip_axes)
+            case = Case(source=source or "input", case_id=item.case_id, patient_id=item.case_id, image=image_path,
+                        **decoding)
+            labels = predict_case(module, case, harmonizer, device)
+            hu, _, affine = load_original(case, None)
+            write_volume(out / f"{item.case_id}_lesion.nii.gz", (labels == LESION).astype(np.uint8), affine)
+            if lungs:
+                lung = np.where(labels == LESION, 0, labels).astype(np.uint8)
+                write_volume(out / f"{item.case_id}_labels.nii.gz", labels, affine)
+                write_volume(out / f"{item.case_id}_lung.nii.gz", _lung_with_lesions(lung, labels), affine)
+            report = severity_report(labels, hu, spacing_of(affine), lungs)
+            report.update(case=item.case_id, input=str(item.path), decoding={k: (list(v) if isinstance(v, tuple) else v)
+                                                                              for k, v in decoding.items()},
+                          checkpoint=str(ckpt), shape=list(labels.shape))
+            write_json(out / f"{item.case_id}_severity.json", report)
+            if overlays:
+                overlay_slices(hu, labels, affine, out / item.case_id, n=overlays)
+            rows.append({k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+    write_csv(out / "predictions.csv", rows, first=("case", "lesion_ml"))
+    return rows
+
+
+def _lung_with_lesions(lung: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Lung side labels with lesion voxels assigned to the nearer predicted lung (lesions lie inside
+    a lung; the label map codes them as lesion, not by side)."""
+    lesion = labels == LESION
+    if not lesion.any() or not lung.any():
+        return lung
+    from scipy.ndimage import distance_transform_edt
+
+    _, idx = distance_transform_edt(lung == 0, return_indices=True)
+    out = lung.copy()
+    out[lesion] = lung[tuple(i[lesion] for i in idx)]
+    return out
+
+
+def _pair(text: str, what: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"{what} needs LO,HI, got {text!r}")
+    lo, hi = float(parts[0]), float(parts[1])
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{what}: need finite LO < HI, got {text!r}")
+    return lo, hi
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, type=Path)
+    ap.add_argument("--input", required=True, type=Path, help="NIfTI file, folder of NIfTI files, or DICOM folder")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--source", default=None, help="apply this source's storage quirks by case name (e.g. ctseg)")
+    ap.add_argument("--encoding", default="auto", choices=("auto", "hu", "uint8_window"))
+    ap.add_argument("--window", default="-1250,250", help="HU window of 8-bit inputs (LO,HI)")
+    ap.add_argument("--flip-axes", default=None, help="voxel axes stored mirrored relative to the header, e.g. 0")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--overlays", type=int, default=3, help="overlay PNGs per case (0: none)")
+    args = ap.parse_args(argv)
+    try:
+        flips = tuple(int(a) for a in args.flip_axes.split(",")) if args.flip_axes else None
+        rows = run_predict(args.ckpt, args.input, args.out, args.source, args.encoding,
+                           _pair(args.window, "--window"), flips, args.device, args.overlays)
+    except (VolumeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in rows:
+        extra = f" PO {r['po']:.1f} %" if r.get("po") is not None else ""
+        print(f"{r['case']}: lesion {r['lesion_ml']:.1f} mL{extra}")
+    print(f"{len(rows)} case(s) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
