@@ -6,11 +6,12 @@ PY := $(VENV)/bin/python
 HOLDOUT ?= mosmed
 RUNS ?= runs
 ARGS ?=
+REPORT ?= reports/latest
 # torch is pinned to the CPU wheel this workplace keeps on disk; a looser range would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint demo smoke loso clean
+.PHONY: help install test test-all lint demo smoke loso report bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,5 +43,11 @@ demo: install ## LOSO demo: train on two phantom sources, test on the held-out o
 loso: install ## LOSO with the default preset: make loso HOLDOUT=ctseg ARGS="paths.data_root=/data"
 	$(PY) -m experiments.loso --holdout $(HOLDOUT) paths.runs=$(RUNS) $(ARGS)
 
+report: install ## tables and plots over every finished run under $(RUNS), into $(REPORT)
+	$(PY) -m experiments.report $(RUNS) --out $(REPORT)
+
+bench: install ## benchmarks: scoring a 512x512x300 mask pair, ours vs DeepMind surface-distance vs MONAI
+	$(PY) -m benchmarks.bench_metrics
+
 clean: ## remove caches, runs and the venv
-	rm -rf $(VENV) .cache runs wandb *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache runs reports wandb *.egg-info .pytest_cache .ruff_cache

@@ -189,3 +189,31 @@ def test_report_tables_match_the_run_folder(ctseg_run, tmp_path):
     value = next(float(v) for k, v in row.items() if k.startswith("dice") and "mean" in k)
     assert value == pytest.approx(metrics["test/ctseg/dice"], abs=5e-4)
     assert "PHANTOM DATA" in (tmp_path / "rep" / "summary.md").read_text(encoding="utf-8")
+
+
+def test_evaluate_lobe_scores_from_lobe_maps(ctseg_run, phantom_root, tmp_path):
+    from evaluation.severity import lobe_score
+
+    # coronacases are stored as the header says, so the phantom's truth lobes lie on the mask's grid
+    cases = ["coronacases_001", "coronacases_002"]
+    pred, ref, lobes = (tmp_path / n for n in ("pred", "ref", "lobes"))
+    for d in (pred, ref, lobes):
+        d.mkdir()
+    for c in cases:
+        (pred / f"{c}.nii.gz").write_bytes((ctseg_run / "predictions" / "ctseg" / f"{c}.nii.gz").read_bytes())
+        (ref / f"{c}.nii.gz").write_bytes((ctseg_run / "references" / "ctseg" / f"{c}.nii.gz").read_bytes())
+        (lobes / f"{c}.nii.gz").write_bytes((phantom_root / "_truth" / "ctseg" / f"{c}_lobes.nii.gz").read_bytes())
+    images = phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases"
+    assert evaluate_main(["--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "out"),
+                          "--labels", "lesion=3", "--image", str(images), "--lobes", str(lobes)]) == 0
+    rows = {r["case"]: r for r in csv.DictReader((tmp_path / "out" / "per_case.csv").open())}
+    for c in cases:
+        lab, _ = read_volume(lobes / f"{c}.nii.gz")
+        les = read_volume(ref / f"{c}.nii.gz")[0] == 3
+        hu = read_volume(images / f"{c}.nii.gz")[0]
+        lung = lab > 0
+        assert float(rows[c]["ref_po"]) == pytest.approx(100 * (les & lung).sum() / lung.sum(), abs=1e-5)
+        lss = sum(lobe_score(100 * (les & (lab == v)).sum() / (lab == v).sum()) for v in range(1, 6))
+        lhos = sum(lobe_score(100 * (les & (lab == v) & (hu >= -200)).sum() / (lab == v).sum()) for v in range(1, 6))
+        assert int(float(rows[c]["ref_lss"])) == lss and int(float(rows[c]["ref_lhos"])) == lhos
+        assert 0 <= int(float(rows[c]["pred_lss"])) <= 20

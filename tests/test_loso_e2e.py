@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.config import load_config
@@ -94,6 +95,28 @@ def test_smoke_command_from_the_issue(tmp_path):
     (run_dir,) = list((tmp_path / "runs" / "loso").iterdir())
     _check_run_folder(run_dir, cache / "phantom" / "tiny-seed0", wandb=True)
     check_smoke_model_predictions(run_dir, cache / "phantom" / "tiny-seed0", tmp_path / "pred")
+    # A second smoke run holding out ctseg, then a report over both: its tables are the run folders' numbers.
+    proc = subprocess.run([sys.executable, "-m", "experiments.loso", "--holdout", "ctseg", "experiment=smoke",
+                           f"paths.runs={tmp_path / 'runs'}", f"paths.cache={cache}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "runs"), "--out", str(report)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    headline = {r["test_source"]: r for r in csv.DictReader((report / "tables" / "headline.csv").open(encoding="utf-8"))}
+    for held_out in ("mosmed", "ctseg"):
+        (folder,) = list((tmp_path / "runs" / "loso").glob(f"{held_out}-smoke-*"))
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert float(headline[held_out]["dice_mean"]) == pytest.approx(metrics[f"test/{held_out}/dice"], abs=1e-6)
+        assert headline[held_out]["data"].startswith("PHANTOM DATA")
+    mean_row = headline["mean"]
+    assert float(mean_row["dice_mean"]) == pytest.approx(
+        np.mean([float(headline[s]["dice_mean"]) for s in ("mosmed", "ctseg")]), abs=1e-6)
+    for name in ("summary.md", "report.json", "tables/gap.csv", "tables/results.tex"):
+        assert (report / name).stat().st_size > 0, name
+    pngs = list((report / "plots").glob("*.png"))
+    assert any(p.name.startswith("matrix_") for p in pngs) and any(p.name.startswith("po_bland_altman") for p in pngs)
 
 
 # Stated tolerance for `experiments.predict` with the smoke model (16 short epochs, holdout mosmed, so
@@ -106,7 +129,6 @@ MIN_DICE = 0.6
 
 def check_smoke_model_predictions(run_dir: Path, phantom_root: Path, out: Path):
     import nibabel as nib
-    import numpy as np
 
     from experiments.predict import run_predict
 
