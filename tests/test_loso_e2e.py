@@ -144,3 +144,8 @@ def check_smoke_model_predictions(run_dir: Path, phantom_root: Path, out: Path):
         official = np.asanyarray(nib.load(phantom_root / "ctseg" / "Lung_and_Infection_Mask" / f"{case}.nii.gz").dataobj) == 3
         assert abs(pred.sum() / truth.sum() - 1) <= VOLUME_TOLERANCE, (case, pred.sum(), truth.sum())
         assert 2 * (pred & official).sum() / (pred.sum() + official.sum()) >= MIN_DICE, case
+        # ctseg annotates lungs, so this model predicts them: lung mask and PO are written
+        lung = nib.load(out / f"{case}_lung.nii.gz")
+        assert lung.shape == image.shape and set(np.unique(np.asanyarray(lung.dataobj))) <= {0, 1, 2}
+        severity = json.loads((out / f"{case}_severity.json").read_text())
+        assert severity["lungs_predicted"] is True and 0 < severity["po"] < 100
