@@ -1,6 +1,7 @@
 """MultiSourceDataModule: discover sources, split without leakage, harmonize into the cache, serve batches."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,23 +13,49 @@ from datamodules.cache import CachedCase, CaseCache
 from datamodules.cases import Case
 from datamodules.datasets import PatchDataset, VolumeDataset
 from datamodules.harmonize import HarmonizerConfig
+from datamodules.io import VolumeError
+from datamodules.label_policy import LabelError
 from datamodules.sources import get_source
 from datamodules.splits import Split, loso_split, transfer_split
 
 log = logging.getLogger(__name__)
 
 
-def discover_sources(data_root: str | Path, sources: Sequence[str]) -> tuple[list[Case], dict]:
-    """Run each source's adapter on `data_root/<source>`; return all cases and the adapters by name."""
-    adapters, cases = {}, []
+ON_ERROR = ("fail", "skip")
+# Errors that concern one case's files; anything else (a bug, a missing layout) always stops the run.
+CASE_ERRORS = (VolumeError, LabelError)
+
+
+class DataError(ValueError):
+    """Bad input files, listed one per line (raised with data.on_error=fail)."""
+
+
+def discover_sources(data_root: str | Path, sources: Sequence[str], on_error: str = "fail") -> tuple[list[Case], dict]:
+    """Run each source's adapter on `data_root/<source>`; return all cases and the adapters by name.
+
+    Per-case problems the adapters found stop here with on_error=fail, and are printed with skip.
+    """
+    adapters, cases, problems = {}, [], []
     for name in sources:
         adapter = get_source(name)(Path(data_root) / name)
         adapters[name] = adapter
         found = adapter.discover()
+        problems += adapter.problems
         if not any(c.labelled for c in found):
             raise FileNotFoundError(f"{name}: no labelled case found under {adapter.root}")
         cases += found
+    report_problems([str(p) for p in problems], on_error)
     return cases, adapters
+
+
+def report_problems(problems: Sequence[str], on_error: str) -> None:
+    if not problems:
+        return
+    if on_error == "fail":
+        raise DataError(f"{len(problems)} problem(s) in the input data (data.on_error=skip leaves those cases "
+                        "out):\n  " + "\n  ".join(problems))
+    for p in problems:
+        print(f"[data.on_error=skip] skipped: {p}", flush=True)
 
 
 class MultiSourceDataModule(pl.LightningDataModule):
@@ -42,8 +69,10 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  test_sources: Sequence[str] | None = None, harmonizer: HarmonizerConfig = HarmonizerConfig(),
                  patch_size: Sequence[int] = (64, 64, 16), batch_size: int = 2, samples_per_epoch: int = 64,
                  fg_fraction: float = 0.5, val_fraction: float = 0.2, sampling: str = "uniform",
-                 num_workers: int = 0, seed: int = 0):
+                 num_workers: int = 0, seed: int = 0, on_error: str = "fail"):
         super().__init__()
+        if on_error not in ON_ERROR:
+            raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
         if holdout is None and not (train_sources and test_sources):
             raise ValueError("give either holdout or both train_sources and test_sources")
         self.data_root, self.sources, self.holdout = Path(data_root), list(sources), holdout
@@ -56,24 +85,43 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.source_ids = {s: i for i, s in enumerate(self.sources)}
         self.split: Split | None = None
         self.cached: dict[str, list[CachedCase]] = {}
+        self.on_error = on_error
+        self.skipped: list[str] = []  # problems of cases left out under on_error=skip
 
     def make_split(self) -> Split:
-        cases, self.adapters = discover_sources(self.data_root, self.sources)
+        cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error)
+        self.skipped += [str(p) for a in self.adapters.values() for p in a.problems]
         if self.holdout is not None:
             return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed)
         return transfer_split(cases, self.train_sources, self.test_sources, self.val_fraction, self.seed)
 
-    def _harmonize(self, cases: Sequence[Case], role: str) -> list[CachedCase]:
-        out = []
+    def _harmonize(self, cases: Sequence[Case], role: str) -> tuple[list[CachedCase], list[str]]:
+        """Cached cases of one role, and the problems of the cases that could not be read."""
+        out, problems = [], []
         for i, case in enumerate(cases, 1):
-            out.append(self.cache.get(case, self.adapters[case.source].policy(case), self.harmonizer))
+            try:
+                out.append(self.cache.get(case, self.adapters[case.source].policy(case), self.harmonizer))
+            except CASE_ERRORS as exc:
+                problems.append(f"{case.key} ({role}): {exc}")
             log.info("harmonized %s %d/%d %s", role, i, len(cases), case.key)
-        return out
+        return out, problems
 
     def _load(self) -> None:
         """Discover, split (transfer_split asserts no leakage) and harmonize into the cache; keep the result."""
         split = self.make_split()
-        self.cached = {role: self._harmonize(getattr(split, role), role) for role in ("train", "val", "test")}
+        problems: list[str] = []
+        for role in ("train", "val", "test"):
+            self.cached[role], bad = self._harmonize(getattr(split, role), role)
+            problems += bad
+        report_problems(problems, self.on_error)
+        self.skipped += problems
+        if problems:  # the split must describe exactly what is loaded (the runner checks the tested cases)
+            kept = {c.key for role in ("train", "val", "test") for c in self.cached[role]}
+            split = dataclasses.replace(split, **{role: tuple(c for c in getattr(split, role) if c.key in kept)
+                                                  for role in ("train", "val", "test")})
+            empty = [role for role in ("train", "test") if not getattr(split, role)]
+            if empty:
+                raise DataError(f"no readable case left for {empty} after skipping {len(problems)} bad case(s)")
         self.split = split
         self._check_cached_roles()
 

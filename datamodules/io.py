@@ -80,6 +80,7 @@ def read_dicom_series(files: list[str], where: str) -> tuple[np.ndarray, np.ndar
     """
     import SimpleITK as sitk
 
+    check_slice_positions(files, where)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -94,3 +95,44 @@ def read_dicom_series(files: list[str], where: str) -> tuple[np.ndarray, np.ndar
     if data.ndim != 3 or min(data.shape) < 1:
         raise VolumeError(f"{where}: DICOM series does not form a 3D volume (shape {data.shape})")
     return data, affine
+
+
+# Accepted variation of the distance between consecutive slices, relative to the median distance.
+SLICE_GAP_RTOL = 0.1
+
+
+def check_slice_positions(files: list[str], where: str) -> None:
+    """Duplicate or missing slices make a series' geometry wrong without any reader noticing (GDCM
+    stacks whatever it is given): compare the slice positions along the slice normal first."""
+    import SimpleITK as sitk
+
+    positions = []
+    normal = None
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            r.ReadImageInformation()
+            pos = np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
+            if normal is None:
+                cos = np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")])
+                normal = np.cross(cos[:3], cos[3:])
+        except RuntimeError as exc:
+            raise VolumeError(f"{where}: {f}: unreadable DICOM slice or no position/orientation tags ({exc})") from exc
+        positions.append((float(pos @ normal), f))
+    if len(positions) < 2:
+        return
+    positions.sort()
+    z = np.array([p for p, _ in positions])
+    gaps = np.diff(z)
+    dup = np.flatnonzero(gaps < 1e-3)
+    if dup.size:
+        i = int(dup[0])
+        raise VolumeError(f"{where}: {dup.size} duplicate slice(s), e.g. {positions[i][1]} and {positions[i + 1][1]} "
+                          f"both at {z[i]:.3f} mm along the slice normal")
+    step = float(np.median(gaps))
+    bad = np.flatnonzero(np.abs(gaps - step) > SLICE_GAP_RTOL * step)
+    if bad.size:
+        i = int(bad[0])
+        raise VolumeError(f"{where}: uneven slice spacing: {gaps[i]:.3f} mm between {positions[i][1]} and "
+                          f"{positions[i + 1][1]} where the series steps {step:.3f} mm (missing slice?)")

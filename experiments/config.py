@@ -43,6 +43,7 @@ class DataConfig:
     val_fraction: float = MISSING
     sampling: str = MISSING
     num_workers: int = MISSING
+    on_error: str = MISSING   # fail | skip: what a bad case file does
 
 
 @dataclass

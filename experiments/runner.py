@@ -60,7 +60,7 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         data_root=data_root, cache_dir=Path(cfg.paths.cache) / "harmonized", sources=list(d.sources),
         harmonizer=harmonizer_config(cfg), patch_size=list(d.patch_size), batch_size=d.batch_size,
         samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
-        sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, **split)
+        sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error, **split)
 
 
 def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:
@@ -157,6 +157,8 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     for row in dm.split.summary():
         print(f"  {row['role']:<5} {row['source']:<12} {row['cases']:>4} cases {row['patients']:>4} patients")
     print(f"harmonized cache {dm.cache.root}: {dm.cache.misses} cases built, {dm.cache.hits} reused", flush=True)
+    if dm.skipped:
+        print(f"data.on_error=skip: {len(dm.skipped)} case(s) left out (listed above and in run.json)", flush=True)
     if not dm.split.val:
         raise ValueError(f"the split has no validation case (data.val_fraction={cfg.data.val_fraction}): model "
                          "selection needs a training source with at least two labelled patients")
@@ -191,7 +193,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         "experiment": cfg.experiment, "seed": int(cfg.run.seed), "config_hash": config_hash(cfg),
         "eval_space": cfg.evaluation.space,
         "best_checkpoint": best, "train_sources": list(dm.split.train_sources),
-        "test_sources": list(dm.split.test_sources), "split": dm.split.summary(),
+        "test_sources": list(dm.split.test_sources), "split": dm.split.summary(), "skipped": list(dm.skipped),
         "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, "pytorch_lightning": pl.__version__})
     if wandb_logger is not None:
         log_to_wandb(wandb_logger, metrics, test_rows)

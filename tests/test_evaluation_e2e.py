@@ -17,6 +17,7 @@ from datamodules.io import read_volume, write_volume
 from experiments.evaluate import main as evaluate_main
 from experiments.loso import main as loso_main
 from experiments.predict import discover_inputs, run_predict
+from tests.dicom_util import write_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("dice", "iou", "nsd", "hd95", "asd", "rv", "ref_ml", "pred_ml")
@@ -140,7 +141,7 @@ def test_predict_matches_the_run_for_8bit_flipped_las_and_dicom_inputs(ctseg_run
     hu_case = phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases" / "coronacases_001.nii.gz"
     hu, hu_affine = read_volume(hu_case)
     series = tmp_path / "dicom" / "coronacases_001"
-    _write_dicom_series(hu.astype(np.int16), hu_affine, series)
+    write_dicom_series(hu.astype(np.int16), hu_affine, series)
     (case,) = discover_inputs(tmp_path / "dicom")
     assert case.case_id == "coronacases_001" and case.dicom_files
     run_predict(ckpt, tmp_path / "dicom", tmp_path / "dcm_out", overlays=0)
@@ -149,34 +150,6 @@ def test_predict_matches_the_run_for_8bit_flipped_las_and_dicom_inputs(ctseg_run
     b, b_aff = read_volume(tmp_path / "nii_out" / "coronacases_001_lesion.nii.gz")
     assert a.shape == b.shape == hu.shape and np.allclose(a_aff, hu_affine, atol=1e-3)
     assert (a == b).mean() > 0.999
-
-
-def _write_dicom_series(array_xyz: np.ndarray, affine: np.ndarray, folder: Path) -> None:
-    """One axial slice per file, LPS geometry, as a scanner export would be."""
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True)
-    lps = np.diag([-1.0, -1.0, 1.0])
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    direction = lps @ affine[:3, :3] / spacing
-    vol = sitk.GetImageFromArray(np.transpose(array_xyz, (2, 1, 0)))
-    vol.SetSpacing([float(s) for s in spacing])
-    vol.SetOrigin([float(v) for v in lps @ affine[:3, 3]])
-    vol.SetDirection([float(v) for v in direction.ravel()])
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.42"
-    dir_tag = "\\".join(f"{v:.6f}" for v in (list(direction[:, 0]) + list(direction[:, 1])))
-    for z in range(vol.GetDepth()):
-        sl = vol[:, :, z]
-        for tag, value in (("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", series_uid + ".0"),
-                           ("0008|0018", f"{series_uid}.{z + 1}"), ("0020|0037", dir_tag),
-                           ("0020|0032", "\\".join(f"{v:.6f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, z)))),
-                           ("0020|0013", str(z + 1)), ("0018|0050", f"{spacing[2]:.6f}"),
-                           ("0028|1052", "0"), ("0028|1053", "1")):
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{z:04d}.dcm"))
-        writer.Execute(sl)
 
 
 def test_report_tables_match_the_run_folder(ctseg_run, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
-from datamodules.sources.base import SOURCES, DataLayoutError, SourceAdapter, get_source, register_source
+from datamodules.sources.base import SOURCES, CaseProblem, DataLayoutError, SourceAdapter, get_source, register_source
 
 # Importing the modules fills the registry through their decorators.
 from datamodules.sources import covid19_20, ctseg, mosmed  # noqa: E402,F401  isort: skip
@@ -34,5 +34,5 @@ def case_from_meta(meta: dict) -> Case:
                 flip_axes=tuple(meta.get("flip_axes", ())))
 
 
-__all__ = ["SOURCES", "DataLayoutError", "SourceAdapter", "case_from_meta", "get_source", "policy_named",
+__all__ = ["SOURCES", "CaseProblem", "DataLayoutError", "SourceAdapter", "case_from_meta", "get_source", "policy_named",
            "register_source"]

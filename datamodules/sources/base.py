@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,6 +18,18 @@ NIFTI_RE = re.compile(r"\.nii(\.gz)?$")
 
 class DataLayoutError(FileNotFoundError):
     """The folder does not hold the layout the source's official download has."""
+
+
+@dataclass(frozen=True)
+class CaseProblem:
+    """Something wrong with one file of a source; `message` names what."""
+
+    source: str
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.file}: {self.message}"
 
 
 def register_source(name: str) -> Callable[[type[SourceAdapter]], type[SourceAdapter]]:
@@ -69,6 +82,13 @@ class SourceAdapter:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataLayoutError(f"{self.name}: data folder {self.root} does not exist")
+        # Per-case problems found while discovering (e.g. a labelled case without its mask): the case is
+        # left out and the problem kept here, so one bad file never hides the rest of a source; callers
+        # decide (data.on_error) whether that is fatal, and verify lists them all.
+        self.problems: list[CaseProblem] = []
+
+    def problem(self, path: Path, message: str) -> None:
+        self.problems.append(CaseProblem(self.name, str(path), message))
 
     def discover(self) -> list[Case]:
         raise NotImplementedError

@@ -9,7 +9,7 @@ import re
 
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
-from datamodules.sources.base import DataLayoutError, SourceAdapter, nifti_files, register_source, strip_nifti
+from datamodules.sources.base import SourceAdapter, nifti_files, register_source, strip_nifti
 
 
 @register_source("covid19_20")
@@ -32,12 +32,12 @@ class Covid1920(SourceAdapter):
         cases = [self._case(p, labelled=True) for p in self._images(train)]
         validation = train.parent / "Validation"
         cases += [self._case(p, labelled=False) for p in self._images(validation)]
-        return cases
+        return [c for c in cases if c is not None]
 
     def _images(self, folder):
         return [p for p in nifti_files(folder) if strip_nifti(p.name).endswith(self.IMAGE_SUFFIX)]
 
-    def _case(self, image, labelled: bool) -> Case:
+    def _case(self, image, labelled: bool) -> Case | None:
         stem = strip_nifti(image.name)
         case_id = stem[: -len(self.IMAGE_SUFFIX)]
         label = None
@@ -47,7 +47,8 @@ class Covid1920(SourceAdapter):
             if not label.exists():
                 alt = [p for p in nifti_files(image.parent) if strip_nifti(p.name) == case_id + self.MASK_SUFFIX]
                 if not alt:
-                    raise DataLayoutError(f"{self.name}: {image} has no mask {label.name} beside it")
+                    self.problem(image, f"labelled Train case has no mask {label.name} beside it; case left out")
+                    return None
                 label = alt[0]
         return Case(
             source=self.name, case_id=case_id, patient_id=self.PATIENT_RE.sub("", case_id), image=image,

@@ -11,7 +11,7 @@ import re
 
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
-from datamodules.sources.base import DataLayoutError, SourceAdapter, nifti_files, register_source, strip_nifti
+from datamodules.sources.base import SourceAdapter, nifti_files, register_source, strip_nifti
 
 
 @register_source("mosmed")
@@ -43,7 +43,6 @@ class MosMed(SourceAdapter):
                     image=image, label=label, policy=self.DEFAULT_POLICY if label else None,
                     meta={"category": folder.name if folder is not studies else None},
                 ))
-        if masks:
-            orphan = next(iter(masks.values()))
-            raise DataLayoutError(f"{self.name}: {len(masks)} mask(s) without a study, e.g. {orphan}")
+        for study, mask in sorted(masks.items()):
+            self.problem(mask, f"mask without a study {study}.nii[.gz] under {studies}; mask ignored")
         return sorted(cases, key=lambda c: c.case_id)

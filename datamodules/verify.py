@@ -1,0 +1,185 @@
+"""Check a data root before a GPU hour is spent: what each source adapter finds, and every problem.
+
+    python -m datamodules.verify --root DIR [--sources a,b] [--json] [--no-duplicates]
+
+For each registered source (or `--sources`): whether `DIR/<source>/` holds its official layout, the
+cases, labelled cases and patients found, spacing and intensity summaries, the mask codes seen against
+those its label policy declares, and every problem with the file it concerns: corrupt or truncated
+files, image/mask shape or affine mismatch, undeclared mask codes, NaN/inf voxels, labelled cases
+without a mask, empty folders. Scans found twice (within or across sources, whatever their encoding,
+orientation or resampling) are listed when `datamodules.fingerprint` is available. Every volume is read
+once. Exit status 1 when any problem was found, 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from datamodules.cases import Case
+from datamodules.harmonize import check_pair, decode_intensity
+from datamodules.io import VolumeError, read_volume, spacing_of
+from datamodules.label_policy import LabelError
+from datamodules.sources import SOURCES, DataLayoutError, get_source
+
+
+def _problem(source: str, file: str, message: str) -> dict:
+    return {"source": source, "file": file, "message": message}
+
+
+def check_case(case: Case, adapter) -> tuple[dict, list[dict]]:
+    """Read one case like training does; return its summary and its problems."""
+    problems: list[dict] = []
+    info: dict = {"case": case.case_id, "patient": case.patient_id, "labelled": case.labelled}
+    try:
+        stored, affine = read_volume(case.image)
+    except VolumeError as exc:
+        return info, [_problem(case.source, str(case.image), str(exc).split(": ", 1)[-1])]
+    info.update(shape=list(stored.shape), spacing=[round(float(s), 4) for s in spacing_of(affine)],
+                axcodes="".join(nib.aff2axcodes(affine)), dtype=str(stored.dtype))
+    if stored.dtype.kind == "f" and not np.all(np.isfinite(stored)):
+        problems.append(_problem(case.source, str(case.image), "image contains NaN or inf voxels"))
+    else:
+        try:
+            hu = decode_intensity(stored, case.encoding, case.window, str(case.image))
+            info["hu_p1_p50_p99"] = [round(float(v), 1) for v in np.percentile(hu, [1, 50, 99])]
+        except (VolumeError, ValueError) as exc:
+            problems.append(_problem(case.source, str(case.image), str(exc).split(": ", 1)[-1]))
+    if case.label is None:
+        return info, problems
+    try:
+        raw, lab_affine = read_volume(case.label)
+    except VolumeError as exc:
+        return info, problems + [_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1])]
+    codes = sorted(int(v) for v in np.unique(raw))
+    info["codes"] = codes
+    try:
+        check_pair(case.image, stored.shape, affine, case.label, raw.shape, lab_affine)
+    except VolumeError as exc:
+        problems.append(_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1]))
+    try:
+        adapter.policy(case).remap(raw, where=str(case.label))
+    except LabelError as exc:
+        problems.append(_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1]))
+    return info, problems
+
+
+def _range(values: list[float]) -> list[float] | None:
+    return [round(min(values), 4), round(max(values), 4)] if values else None
+
+
+def verify_source(root: Path, name: str) -> dict:
+    folder = root / name
+    out: dict = {"found": folder.is_dir(), "folder": str(folder), "cases": 0, "labelled": 0, "patients": 0,
+                 "problems": []}
+    if not folder.is_dir():
+        return out
+    try:
+        adapter = get_source(name)(folder)
+        cases = adapter.discover()
+    except DataLayoutError as exc:
+        out["problems"].append(_problem(name, str(folder), str(exc)))
+        return out
+    out["problems"] += [_problem(p.source, p.file, p.message) for p in adapter.problems]
+    if not cases:
+        out["problems"].append(_problem(name, str(folder), "the layout is there but holds no case"))
+    infos = []
+    for case in cases:
+        info, problems = check_case(case, adapter)
+        infos.append(info)
+        out["problems"] += problems
+    declared = sorted({int(c) for p in adapter.POLICIES.values() for c in p.code_map})
+    seen = Counter(c for i in infos for c in i.get("codes", []))
+    out.update(
+        cases=len(cases), labelled=sum(c.labelled for c in cases), patients=len({c.patient_id for c in cases}),
+        spacing_mm={ax: _range([i["spacing"][k] for i in infos if "spacing" in i]) for k, ax in enumerate("xyz")},
+        axcodes=dict(Counter(i["axcodes"] for i in infos if "axcodes" in i)),
+        dtypes=dict(Counter(i["dtype"] for i in infos if "dtype" in i)),
+        hu_p1_median_p99=[float(np.median([i["hu_p1_p50_p99"][k] for i in infos if "hu_p1_p50_p99" in i]))
+                          for k in range(3)] if any("hu_p1_p50_p99" in i for i in infos) else None,
+        codes_seen={str(c): n for c, n in sorted(seen.items())}, codes_declared=declared,
+        case_list=infos)
+    return out
+
+
+def find_duplicate_scans(root: Path, names: list[str]) -> tuple[list[dict], str | None]:
+    try:
+        from datamodules.fingerprint import find_duplicates
+    except ImportError:
+        return [], "duplicate detection unavailable (datamodules.fingerprint missing)"
+    cases = []
+    for name in names:
+        if (root / name).is_dir():
+            try:
+                cases += get_source(name)(root / name).discover()
+            except DataLayoutError:
+                pass
+    groups = find_duplicates(cases)
+    return [{"cases": list(g.keys), "similarity": float(g.similarity)} for g in groups], None
+
+
+def verify(root: Path, names: list[str], duplicates: bool = True) -> dict:
+    report: dict = {"root": str(root), "sources": {}, "problems": [], "duplicates": []}
+    for name in names:
+        report["sources"][name] = verify_source(root, name)
+        report["problems"] += report["sources"][name]["problems"]
+    if duplicates:
+        report["duplicates"], note = find_duplicate_scans(root, names)
+        if note:
+            report["notes"] = [note]
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"data root {report['root']}")
+    for name, s in report["sources"].items():
+        if not s["found"]:
+            print(f"  {name:<12} not found ({s['folder']})")
+            continue
+        print(f"  {name:<12} {s['cases']:>5} cases {s['labelled']:>5} labelled {s['patients']:>5} patients"
+              f"  spacing x {s.get('spacing_mm', {}).get('x')} z {s.get('spacing_mm', {}).get('z')} mm"
+              f"  orientations {s.get('axcodes')}  codes seen {s.get('codes_seen')} declared {s.get('codes_declared')}")
+    for d in report["duplicates"]:
+        print(f"  duplicate scan: {', '.join(d['cases'])} (similarity {d['similarity']:.3f}); grouped as one patient")
+    for note in report.get("notes", []):
+        print(f"  note: {note}")
+    if report["problems"]:
+        print(f"{len(report['problems'])} problem(s):")
+        for p in report["problems"]:
+            print(f"  {p['source']}: {p['file']}: {p['message']}")
+    else:
+        print("no problem found")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m datamodules.verify", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", required=True, type=Path, help="data root: one sub-folder per source")
+    ap.add_argument("--sources", default=None, help="comma-separated source names (default: all registered)")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--no-duplicates", action="store_true", help="skip the duplicate-scan search")
+    args = ap.parse_args(argv)
+    if not args.root.is_dir():
+        print(f"error: {args.root} is not a folder", file=sys.stderr)
+        return 2
+    names = args.sources.split(",") if args.sources else sorted(SOURCES)
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        print(f"error: unknown source(s) {unknown}; registered: {sorted(SOURCES)}", file=sys.stderr)
+        return 2
+    report = verify(args.root, names, duplicates=not args.no_duplicates)
+    if args.json:
+        slim = {k: v for k, v in report.items() if k != "sources"}
+        slim["sources"] = {n: {k: v for k, v in s.items() if k != "case_list"} for n, s in report["sources"].items()}
+        print(json.dumps(slim, indent=1))
+    else:
+        print_report(report)
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Bad input: `datamodules.verify` lists every planted fault with its file; training follows data.on_error."""
+import gzip
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from datamodules.datamodule import DataError, MultiSourceDataModule
+from datamodules.harmonize import HarmonizerConfig
+from datamodules.io import VolumeError, read_dicom_series, read_volume, write_volume
+from datamodules.verify import main as verify_main
+from tests.dicom_util import write_dicom_series
+
+SOURCES3 = ["covid19_20", "mosmed", "ctseg"]
+
+
+@pytest.fixture(scope="module")
+def faulty_root(phantom_root, tmp_path_factory):
+    """The tiny suite with one planted fault per kind; returns (root, {fault: file name})."""
+    root = tmp_path_factory.mktemp("faulty")
+    for s in SOURCES3:
+        shutil.copytree(phantom_root / s, root / s)
+    faults = {}
+    c20 = sorted((root / "covid19_20").rglob("*_seg.nii.gz"))
+    c20[0].unlink()                                                   # labelled case without its mask
+    faults["missing_mask"] = c20[0].name.replace("_seg", "_ct")
+    data, affine = read_volume(c20[1])
+    write_volume(c20[1], data[:-2], affine)                           # mask shape differs from image
+    faults["shape"] = c20[1].name
+    studies = sorted((root / "mosmed").rglob("study_*.nii.gz"))
+    image = [p for p in studies if "mask" not in p.name and "CT-1" in str(p)][0]
+    raw = image.read_bytes()
+    image.write_bytes(raw[: len(raw) // 2])                            # truncated .nii.gz
+    faults["truncated"] = image.name
+    masks = sorted((root / "mosmed").rglob("*_mask.nii.gz"))
+    data, affine = read_volume(masks[-1])
+    shifted = affine.copy()
+    shifted[:3, 3] += 2.0
+    write_volume(masks[-1], data, shifted)                            # affine beyond tolerance
+    faults["affine"] = masks[-1].name
+    lai = sorted((root / "ctseg" / "Lung_and_Infection_Mask").glob("coronacases_*.nii.gz"))
+    data, affine = read_volume(lai[0])
+    data = data.copy()
+    data[0, 0, 0] = 7
+    write_volume(lai[0], data, affine)                                # undeclared mask code
+    faults["code"] = lai[0].name
+    img = root / "ctseg" / "COVID-19-CT-Seg_20cases" / lai[1].name
+    data, affine = read_volume(img)
+    data = data.astype(np.float32)
+    data[3, 3, 3] = np.nan
+    write_volume(img, data, affine)                                   # NaN voxel
+    faults["nan"] = img.name
+    return root, faults
+
+
+def test_verify_reports_every_planted_fault(faulty_root, capsys):
+    root, faults = faulty_root
+    assert verify_main(["--root", str(root), "--sources", ",".join(SOURCES3), "--json", "--no-duplicates"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    by_file = {}
+    for p in report["problems"]:
+        by_file.setdefault(p["file"].rsplit("/", 1)[-1], []).append(p["message"])
+    expect = {"missing_mask": "no mask", "shape": "shape", "truncated": "truncated", "affine": "affine",
+              "code": "7", "nan": "NaN"}
+    for fault, needle in expect.items():
+        messages = by_file.get(faults[fault], [])
+        assert any(needle in m for m in messages), (fault, faults[fault], messages, report["problems"])
+    assert len(report["problems"]) == len(faults)
+    s = report["sources"]
+    # counts: the case without its mask is left out; every other file is still found and counted
+    assert (s["covid19_20"]["cases"], s["covid19_20"]["labelled"], s["covid19_20"]["patients"]) == (6, 5, 5)
+    assert (s["mosmed"]["cases"], s["mosmed"]["labelled"]) == (8, 6)
+    assert (s["ctseg"]["cases"], s["ctseg"]["labelled"], s["ctseg"]["patients"]) == (7, 7, 6)
+    assert s["ctseg"]["codes_seen"]["7"] == 1 and 7 not in s["ctseg"]["codes_declared"]
+
+
+def test_verify_clean_tree_and_empty_or_missing_sources(phantom_root, tmp_path, capsys):
+    assert verify_main(["--root", str(phantom_root), "--sources", ",".join(SOURCES3), "--no-duplicates"]) == 0
+    assert "no problem found" in capsys.readouterr().out
+    (tmp_path / "mosmed" / "COVID19_1110" / "studies").mkdir(parents=True)
+    assert verify_main(["--root", str(tmp_path), "--sources", "mosmed,ctseg", "--json", "--no-duplicates"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["sources"]["ctseg"]["found"] is False
+    assert "holds no case" in report["sources"]["mosmed"]["problems"][0]["message"]
+
+
+def test_training_fails_or_skips_bad_cases_as_configured(faulty_root, tmp_path, capsys):
+    root, faults = faulty_root
+    kwargs = dict(harmonizer=HarmonizerConfig(target_spacing=(8.0, 8.0, 10.0)), patch_size=(16, 16, 8))
+    dm = MultiSourceDataModule(root, tmp_path / "h", SOURCES3, holdout="mosmed", **kwargs)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    assert faults["missing_mask"] in str(err.value)
+    dm = MultiSourceDataModule(root, tmp_path / "h", SOURCES3, holdout="mosmed", on_error="skip", **kwargs)
+    dm.prepare_data()
+    out = capsys.readouterr().out
+    for fault in ("missing_mask", "shape", "truncated", "affine", "code", "nan"):
+        assert faults[fault].split(".")[0].replace("_seg", "").replace("_mask", "") in out, fault
+    loaded = {c.key for role in ("train", "val", "test") for c in dm.cached[role]}
+    assert len(dm.skipped) == 6
+    assert not any(f"/{faults['truncated'].split('.')[0]}" in k for k in loaded)
+    assert {c.key for c in dm.split.test} == {c.key for c in dm.cached["test"]}  # the split is what was loaded
+
+
+def test_dicom_series_with_missing_or_duplicate_slices(tmp_path):
+    hu = np.random.default_rng(0).integers(-1000, 400, size=(8, 8, 6)).astype(np.int16)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    series = tmp_path / "ok"
+    write_dicom_series(hu, affine, series)
+    files = sorted(str(p) for p in series.glob("*.dcm"))
+    data, got = read_dicom_series(files, str(series))
+    assert np.array_equal(data, hu) and np.allclose(got, affine, atol=1e-4)
+    with pytest.raises(VolumeError, match=r"uneven slice spacing: 5\.000 mm .* steps 2\.500 mm"):
+        read_dicom_series(files[:2] + files[3:], str(series))
+    dup = tmp_path / "dup.dcm"
+    shutil.copy(files[2], dup)
+    with pytest.raises(VolumeError, match="duplicate slice"):
+        read_dicom_series(files + [str(dup)], str(series))
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+    bad = tmp_path / "scan.nii.gz"
+    bad.write_bytes(gzip.compress(b"not a nifti header at all" * 10))
+    with pytest.raises(VolumeError, match=r"scan\.nii\.gz: corrupt or truncated"):
+        read_volume(bad)
+    img = nib.Nifti1Image(np.zeros((4, 4), np.int16), np.eye(4))
+    nib.save(img, str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(VolumeError, match=r"flat\.nii\.gz: expected a 3D volume"):
+        read_volume(tmp_path / "flat.nii.gz")
