@@ -24,7 +24,7 @@ import numpy as np
 
 from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case
-from datamodules.label_policy import BACKGROUND, LabelPolicy
+from datamodules.label_policy import BACKGROUND, IGNORE, LabelPolicy
 
 CACHE_VERSION = 3  # 2: foreground subsample seeded by case identity; 3: meta records the 8-bit window
 FG_SAMPLES_PER_CLASS = 4096
@@ -73,7 +73,7 @@ def sample_foreground(label: np.ndarray, seed: int, per_class: int = FG_SAMPLES_
     rng = np.random.default_rng(seed)
     rows = []
     for cls in np.unique(label):
-        if cls == BACKGROUND:
+        if cls in (BACKGROUND, IGNORE):
             continue
         coords = np.argwhere(label == cls)
         if len(coords) > per_class:
@@ -110,8 +110,9 @@ class CaseCache:
                 # Seeded by case identity, not by the key: the key hashes paths and mtimes, and where a
                 # dataset is stored must not change which patches a run trains on.
                 fg = sample_foreground(result.label, seed=zlib.crc32(case.key.encode()))
-                counts = np.bincount(result.label.ravel(), minlength=len(meta["classes"]))
+                counts = np.bincount(result.label.ravel(), minlength=IGNORE + 1)
                 meta["voxels"] = {c: int(n) for c, n in zip(meta["classes"], counts)}
+                meta["voxels"]["ignore"] = int(counts[IGNORE])
             else:
                 fg = np.zeros((0, 4), np.int32)
             np.save(tmp / "fg.npy", fg)

@@ -30,14 +30,15 @@ class DataError(ValueError):
     """Bad input files, listed one per line (raised with data.on_error=fail)."""
 
 
-def discover_sources(data_root: str | Path, sources: Sequence[str], on_error: str = "fail") -> tuple[list[Case], dict]:
+def discover_sources(data_root: str | Path, sources: Sequence[str], on_error: str = "fail",
+                     policies: dict[str, str] | None = None) -> tuple[list[Case], dict]:
     """Run each source's adapter on `data_root/<source>`; return all cases and the adapters by name.
 
     Per-case problems the adapters found stop here with on_error=fail, and are printed with skip.
     """
     adapters, cases, problems = {}, [], []
     for name in sources:
-        adapter = get_source(name)(Path(data_root) / name)
+        adapter = get_source(name)(Path(data_root) / name, policy=(policies or {}).get(name))
         adapters[name] = adapter
         found = adapter.discover()
         problems += adapter.problems
@@ -69,7 +70,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  test_sources: Sequence[str] | None = None, harmonizer: HarmonizerConfig = HarmonizerConfig(),
                  patch_size: Sequence[int] = (64, 64, 16), batch_size: int = 2, samples_per_epoch: int = 64,
                  fg_fraction: float = 0.5, val_fraction: float = 0.2, sampling: str = "uniform",
-                 num_workers: int = 0, seed: int = 0, on_error: str = "fail"):
+                 num_workers: int = 0, seed: int = 0, on_error: str = "fail", policies: dict[str, str] | None = None):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -86,10 +87,11 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.split: Split | None = None
         self.cached: dict[str, list[CachedCase]] = {}
         self.on_error = on_error
+        self.policies = dict(policies or {})
         self.skipped: list[str] = []  # problems of cases left out under on_error=skip
 
     def make_split(self) -> Split:
-        cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error)
+        cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error, self.policies)
         self.skipped += [str(p) for a in self.adapters.values() for p in a.problems]
         if self.holdout is not None:
             return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed)

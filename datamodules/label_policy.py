@@ -18,6 +18,11 @@ CLASSES: tuple[str, ...] = ("background", "lung_left", "lung_right", "lesion")
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 BACKGROUND = 0
 LESION = CLASS_INDEX["lesion"]
+# A raw code mapped to "ignore" becomes IGNORE in the common label map: those voxels count neither for
+# nor against any class in the loss and the metrics (e.g. a tumour in a non-COVID source, which is
+# neither COVID lesion nor healthy tissue). It survives nearest-neighbour resampling like any label.
+IGNORE_NAME = "ignore"
+IGNORE = 254
 
 
 class LabelError(ValueError):
@@ -28,7 +33,8 @@ class LabelError(ValueError):
 class LabelPolicy:
     """How one source's raw mask codes map into `CLASSES`.
 
-    code_map: raw code -> common class name. Code 0 must map to background.
+    code_map: raw code -> common class name, or "ignore" (excluded from loss and metrics). Code 0 must
+      map to background.
     annotated: common foreground classes this source delineates; everything else is unknown there.
     """
 
@@ -43,14 +49,14 @@ class LabelPolicy:
         if codes.get(0) != "background":
             raise LabelError(f"policy {self.name!r}: raw code 0 must map to 'background', got {codes.get(0)!r}")
         for code, cls in codes.items():
-            if cls not in CLASS_INDEX:
+            if cls not in CLASS_INDEX and cls != IGNORE_NAME:
                 raise LabelError(f"policy {self.name!r}: code {code} maps to unknown class {cls!r}; known: {CLASSES}")
             if not 0 <= int(code) <= 255:
                 raise LabelError(f"policy {self.name!r}: raw code {code} outside 0..255")
         for cls in self.annotated:
             if cls not in CLASS_INDEX or cls == "background":
                 raise LabelError(f"policy {self.name!r}: annotated class {cls!r} is not a foreground class")
-        mapped_fg = {c for c in codes.values() if c != "background"}
+        mapped_fg = {c for c in codes.values() if c not in ("background", IGNORE_NAME)}
         if mapped_fg != set(self.annotated):
             # A code mapped to a class the policy calls unannotated (or the reverse) would silently teach
             # the network wrong negatives; demand the two declarations agree.
@@ -59,7 +65,7 @@ class LabelPolicy:
             )
         lut = np.full(256, 255, dtype=np.uint8)  # 255 marks an undeclared code
         for code, cls in codes.items():
-            lut[int(code)] = CLASS_INDEX[cls]
+            lut[int(code)] = IGNORE if cls == IGNORE_NAME else CLASS_INDEX[cls]
         object.__setattr__(self, "_lut", lut)
         object.__setattr__(self, "code_map", codes)
 

@@ -99,14 +99,19 @@ def make_classes(labels: Mapping[str, Sequence[int]], tolerances: Mapping[str, f
 
 
 def score_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], classes: Iterable[EvalClass],
-               surface: bool = True) -> list[dict]:
+               surface: bool = True, ignore: int | None = None) -> list[dict]:
     """One row per class: metrics of `class.mask(pred)` against `class.mask(ref)` on this grid.
 
     `surface=False` skips the surface-distance metrics (nsd/hd95/asd become NaN): cheap enough to run
-    on every validation epoch, where only Dice selects the model.
+    on every validation epoch, where only Dice selects the model. Voxels where `ref == ignore` are
+    background in both masks: whatever is predicted there counts neither as hit nor as false positive.
     """
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    if ignore is not None:
+        out = ref == ignore
+        if out.any():
+            pred, ref = np.where(out, 0, pred), np.where(out, 0, ref)
     rows = []
     for cls in classes:
         p, r = cls.mask(pred), cls.mask(ref)

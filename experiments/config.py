@@ -44,6 +44,7 @@ class DataConfig:
     sampling: str = MISSING
     num_workers: int = MISSING
     on_error: str = MISSING   # fail | skip: what a bad case file does
+    policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
 
 
 @dataclass
@@ -157,6 +158,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.evaluation.classes, False)  # class names are data: YAML may add any
+    OmegaConf.set_struct(cfg.data.policies, False)
     cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"))
     if experiment != "default":
         path = CONFIG_DIR / "experiment" / f"{experiment}.yaml"

@@ -103,12 +103,12 @@ def find_companion(folder: Path | None, case_id: str) -> Path | None:
 
 def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, classes: list[EvalClass],
                   image_path: Path | None = None, lobes_path: Path | None = None, source: str | None = None,
-                  pred_lung: bool = False) -> list[dict]:
+                  pred_lung: bool = False, ignore: int | None = None) -> list[dict]:
     ref, ref_affine = read_labels(ref_path)
     pred, pred_affine = read_labels(pred_path)
     check_pair(ref_path, ref.shape, ref_affine, pred_path, pred.shape, pred_affine)
     spacing = spacing_of(ref_affine).tolist()
-    rows = score_case(pred, ref, spacing, classes)
+    rows = score_case(pred, ref, spacing, classes, ignore=ignore)
     source, _, case = case_id.rpartition("/")
     for r in rows:
         r.update(source=source, case=case)
@@ -140,7 +140,8 @@ def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, classes: list[E
 
 def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, classes: list[EvalClass],
                      image_dir: Path | None = None, lobes_dir: Path | None = None,
-                     allow_missing: bool = False, source: str | None = None, pred_lung: bool = False) -> dict:
+                     allow_missing: bool = False, source: str | None = None, pred_lung: bool = False,
+                     ignore: int | None = None) -> dict:
     pred, ref = index_niftis(pred_dir), index_niftis(ref_dir)
     cases, missing = match_cases(pred, ref, allow_missing)
     problems: list[str] = []
@@ -159,7 +160,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, classes: list
     for cid in tqdm(cases, desc="evaluate", unit="case", disable=not sys.stderr.isatty()):
         try:
             rows.extend(evaluate_case(cid, pred[cid], ref[cid], classes, *companions[cid], source=source,
-                                      pred_lung=pred_lung))
+                                      pred_lung=pred_lung, ignore=ignore))
         except (VolumeError, ValueError) as exc:
             problems.append(f"{cid}: {exc}")
     if problems:
@@ -189,6 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(e.g. ctseg: 8-bit radiopaedia exports)")
     ap.add_argument("--pred-lung", action="store_true", help="predicted PO/PHO inside the predicted lung "
                     "(default: inside the reference lung, so severity errors reflect the lesion segmentation alone)")
+    ap.add_argument("--ignore", type=int, default=None, help="reference label value to leave out of scoring "
+                    "(run folders write 254 where a source's policy says ignore)")
     ap.add_argument("--allow-missing", action="store_true", help="score the cases present in both folders")
     return ap.parse_args(argv)
 
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
     try:
         classes = make_classes(parse_labels(args.labels), parse_tolerances(args.tolerance))
         summary = evaluate_folders(args.pred, args.ref, args.out, classes, args.image, args.lobes, args.allow_missing,
-                                   args.source, args.pred_lung)
+                                   args.source, args.pred_lung, args.ignore)
     except (EvaluationError, VolumeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

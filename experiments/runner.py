@@ -60,7 +60,8 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         data_root=data_root, cache_dir=Path(cfg.paths.cache) / "harmonized", sources=list(d.sources),
         harmonizer=harmonizer_config(cfg), patch_size=list(d.patch_size), batch_size=d.batch_size,
         samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
-        sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error, **split)
+        sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
+        policies=OmegaConf.to_container(d.policies), **split)
 
 
 def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from datamodules.label_policy import IGNORE
 from datamodules.registry import Registry
 
 LOSSES = Registry("loss")
@@ -53,13 +54,17 @@ class PartialDiceCELoss(nn.Module):
         if target.dim() == logits.dim():
             target = target[:, 0]
         target = target.long()
+        # IGNORE voxels (policy "ignore") take part in neither term: zero weight in CE, out of the Dice sums.
+        valid = target != IGNORE
+        target = target.masked_fill(~valid, 0)
         bad = ~torch.gather(annotated, 1, target.flatten(1)).all(dim=1)
         if bad.any():
             raise ValueError("target holds a class the sample's source does not annotate")
         logq = merged_log_probs(logits, annotated)
-        ce = -torch.gather(logq, 1, target[:, None]).mean()
-        q = logq.exp()
-        onehot = torch.zeros_like(q).scatter_(1, target[:, None], 1.0)
+        w_vox = valid.float()
+        ce = -(torch.gather(logq, 1, target[:, None])[:, 0] * w_vox).sum() / w_vox.sum().clamp(min=1.0)
+        q = logq.exp() * w_vox[:, None]
+        onehot = torch.zeros_like(q).scatter_(1, target[:, None], 1.0) * w_vox[:, None]
         dims = tuple(range(2, logits.dim()))
         inter = (q * onehot).sum(dims)            # [B, C]
         denom = (q + onehot).sum(dims)

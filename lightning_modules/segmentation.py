@@ -22,7 +22,7 @@ from monai.inferers import sliding_window_inference
 
 from datamodules.harmonize import load_original, restore_to_original
 from datamodules.io import spacing_of, write_volume
-from datamodules.label_policy import CLASSES
+from datamodules.label_policy import CLASSES, IGNORE
 from datamodules.sources import case_from_meta, policy_named
 from datamodules.splits import check_batch_sources
 from evaluation.metrics import METRIC_NAMES
@@ -111,7 +111,7 @@ class SegmentationModule(pl.LightningModule):
             pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
             ref = batch["label"][0, 0].cpu().numpy()
             surface = stage == "test" or ev.get("val_surface", False)
-            scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=surface)
+            scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=surface, ignore=IGNORE)
             for r in scored:
                 r["space"] = "harmonized"
         self.rows[stage].extend(dict(row, **r) for r in scored)
@@ -125,7 +125,7 @@ class SegmentationModule(pl.LightningModule):
         if ref is None:
             raise ValueError(f"{case.key}: test case without a reference mask ({case.image})")
         spacing = spacing_of(affine).tolist()
-        rows = score_case(pred, ref, spacing, classes)
+        rows = score_case(pred, ref, spacing, classes, ignore=IGNORE)
         lung_cls = next((c for c in classes if c.name == "lung"), None)
         lesion_cls = next((c for c in classes if c.name == "lesion"), None)
         if lung_cls is not None and lesion_cls is not None:

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,3 +54,26 @@ def test_target_in_unannotated_class_is_an_error():
     loss = PartialDiceCELoss()
     with pytest.raises(ValueError, match="does not annotate"):
         loss(torch.zeros(1, 4, 2), torch.tensor([[1, 0]]), torch.tensor([[True, False, False, True]]))
+
+
+def test_ignored_voxels_take_no_part_in_the_loss():
+    import torch
+
+    from datamodules.label_policy import IGNORE, LabelPolicy
+    from lightning_modules.losses import PartialDiceCELoss
+
+    policy = LabelPolicy("t/tumour_ignored", {0: "background", 1: "lesion", 2: "ignore"}, ("lesion",))
+    raw = np.array([[[0, 1, 2, 2]]])
+    assert policy.remap(raw).tolist() == [[[0, 3, IGNORE, IGNORE]]]
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 2, 2, 1)
+    target = torch.tensor([[[[0], [3]], [[IGNORE], [IGNORE]]]])
+    annotated = torch.tensor([[True, False, False, True]])
+    loss = PartialDiceCELoss()
+    base = loss(logits, target, annotated)
+    changed = logits.clone()
+    changed[:, :, 1] = torch.randn(1, 4, 2, 1) * 10  # anything at the ignored voxels
+    assert torch.allclose(loss(changed, target, annotated), base)
+    # and it equals the loss on the two valid voxels alone
+    alone = loss(logits[:, :, :1], target[:, :1], annotated)
+    assert torch.allclose(alone, base, atol=1e-6)

@@ -63,3 +63,16 @@ def test_severity_columns_use_the_reference_lung_for_both():
     assert cols["ref_wal_pct"] == pytest.approx(80.0) and cols["pred_wal_pct"] == pytest.approx(60.0)
     assert "ref_lss" not in cols  # no lobes, no lobe scores
     assert severity_columns(pred, ref, (1, 1, 1)) == {}
+
+
+def test_ignored_reference_voxels_are_neither_hit_nor_false_positive():
+    ref = np.zeros((6, 6, 2), np.uint8)
+    ref[:2, :2] = 3          # 8 lesion voxels
+    ref[4:, 4:] = 254        # 8 ignored (e.g. a tumour)
+    pred = np.zeros_like(ref)
+    pred[:2, :2] = 3
+    pred[4:, 4:] = 3         # predicted lesion inside the ignored region
+    classes = make_classes({"lesion": (3,)})
+    assert score_case(pred, ref, (1, 1, 1), classes)[0]["dice"] == pytest.approx(16 / 24)
+    row = score_case(pred, ref, (1, 1, 1), classes, ignore=254)[0]
+    assert row["dice"] == 1.0 and row["pred_ml"] == pytest.approx(0.008)

@@ -78,10 +78,15 @@ class SourceAdapter:
     POLICIES: ClassVar[dict[str, LabelPolicy]] = {}
     DEFAULT_POLICY: ClassVar[str] = ""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, policy: str | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataLayoutError(f"{self.name}: data folder {self.root} does not exist")
+        if policy is not None and policy not in self.POLICIES:
+            raise ValueError(f"{self.name}: unknown label policy {policy!r} (data.policies); this source has "
+                             f"{sorted(self.POLICIES)}")
+        # data.policies picks another of the source's declared policies (e.g. MSD tumour as lesion).
+        self.default_policy = policy or self.DEFAULT_POLICY
         # Per-case problems found while discovering (e.g. a labelled case without its mask): the case is
         # left out and the problem kept here, so one bad file never hides the rest of a source; callers
         # decide (data.on_error) whether that is fatal, and verify lists them all.
@@ -100,7 +105,7 @@ class SourceAdapter:
         return {"encoding": "hu", "window": None, "flip_axes": ()}
 
     def policy(self, case: Case) -> LabelPolicy:
-        return self.POLICIES[case.policy or self.DEFAULT_POLICY]
+        return self.POLICIES[case.policy or self.default_policy]
 
     def find_dir(self, predicate: Callable[[Path], bool], what: str, max_depth: int = 3) -> Path:
         for d in walk_dirs(self.root, max_depth):

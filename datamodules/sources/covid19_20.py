@@ -52,6 +52,6 @@ class Covid1920(SourceAdapter):
                 label = alt[0]
         return Case(
             source=self.name, case_id=case_id, patient_id=self.PATIENT_RE.sub("", case_id), image=image,
-            label=label, policy=self.DEFAULT_POLICY if labelled else None,
+            label=label, policy=self.default_policy if labelled else None,
             meta={"subset": "Train" if labelled else "Validation"},
         )

@@ -40,7 +40,7 @@ class MosMed(SourceAdapter):
                 label = masks.pop(study, None)
                 cases.append(Case(
                     source=self.name, case_id=study, patient_id=study,  # one study per patient (README)
-                    image=image, label=label, policy=self.DEFAULT_POLICY if label else None,
+                    image=image, label=label, policy=self.default_policy if label else None,
                     meta={"category": folder.name if folder is not studies else None},
                 ))
         for study, mask in sorted(masks.items()):
