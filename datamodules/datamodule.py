@@ -9,6 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from datamodules import fingerprint
 from datamodules.cache import CachedCase, CaseCache
 from datamodules.cases import Case
 from datamodules.datasets import PatchDataset, VolumeDataset
@@ -16,7 +17,7 @@ from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError
 from datamodules.label_policy import LabelError
 from datamodules.sources import get_source
-from datamodules.splits import Split, loso_split, transfer_split
+from datamodules.splits import Split, loso_split, merge_duplicate_patients, transfer_split
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  test_sources: Sequence[str] | None = None, harmonizer: HarmonizerConfig = HarmonizerConfig(),
                  patch_size: Sequence[int] = (64, 64, 16), batch_size: int = 2, samples_per_epoch: int = 64,
                  fg_fraction: float = 0.5, val_fraction: float = 0.2, sampling: str = "uniform",
-                 num_workers: int = 0, seed: int = 0, on_error: str = "fail", policies: dict[str, str] | None = None):
+                 num_workers: int = 0, seed: int = 0, on_error: str = "fail", policies: dict[str, str] | None = None,
+                 find_duplicates: bool = True):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -88,14 +90,39 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.cached: dict[str, list[CachedCase]] = {}
         self.on_error = on_error
         self.policies = dict(policies or {})
+        self.find_duplicates = find_duplicates
+        self.duplicates: list = []  # fingerprint.DuplicateGroup of the labelled cases
         self.skipped: list[str] = []  # problems of cases left out under on_error=skip
 
     def make_split(self) -> Split:
         cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error, self.policies)
         self.skipped += [str(p) for a in self.adapters.values() for p in a.problems]
+        if self.find_duplicates:
+            cases = self._merge_duplicates(cases)
         if self.holdout is not None:
             return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed)
         return transfer_split(cases, self.train_sources, self.test_sources, self.val_fraction, self.seed)
+
+    def _merge_duplicates(self, cases: list[Case]) -> list[Case]:
+        """The same scan under two names or sources is one patient: no split may put it on both sides."""
+        labelled = [c for c in cases if c.labelled]
+        try:
+            self.duplicates = fingerprint.find_duplicates(labelled, cache_dir=self.cache.root.parent / "fingerprints")
+        except CASE_ERRORS:
+            if self.on_error == "fail":
+                raise
+            # unreadable files are reported (and skipped) when harmonizing; fingerprint the readable ones
+            ok = []
+            for c in labelled:
+                try:
+                    fingerprint.cached_fingerprint(c, self.cache.root.parent / "fingerprints")
+                    ok.append(c)
+                except CASE_ERRORS:
+                    pass
+            self.duplicates = fingerprint.find_duplicates(ok, cache_dir=self.cache.root.parent / "fingerprints")
+        for g in self.duplicates:
+            print(f"[duplicates] {g.describe()}: grouped as one patient", flush=True)
+        return merge_duplicate_patients(cases, self.duplicates) if self.duplicates else cases
 
     def _harmonize(self, cases: Sequence[Case], role: str) -> tuple[list[CachedCase], list[str]]:
         """Cached cases of one role, and the problems of the cases that could not be read."""

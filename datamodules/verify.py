@@ -7,8 +7,8 @@ cases, labelled cases and patients found, spacing and intensity summaries, the m
 those its label policy declares, and every problem with the file it concerns: corrupt or truncated
 files, image/mask shape or affine mismatch, undeclared mask codes, NaN/inf voxels, labelled cases
 without a mask, empty folders. Scans found twice (within or across sources, whatever their encoding,
-orientation or resampling) are listed when `datamodules.fingerprint` is available. Every volume is read
-once. Exit status 1 when any problem was found, 0 otherwise.
+orientation or resampling) are listed (`datamodules.fingerprint`); training groups them as one patient.
+Exit status 1 when any problem was found, 0 otherwise (duplicates are reported, not errors).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from datamodules.cases import Case
+from datamodules.fingerprint import find_duplicates
 from datamodules.harmonize import check_pair, decode_intensity
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import LabelError
@@ -88,11 +89,14 @@ def verify_source(root: Path, name: str) -> dict:
     out["problems"] += [_problem(p.source, p.file, p.message) for p in adapter.problems]
     if not cases:
         out["problems"].append(_problem(name, str(folder), "the layout is there but holds no case"))
-    infos = []
+    infos, readable = [], []
     for case in cases:
         info, problems = check_case(case, adapter)
         infos.append(info)
         out["problems"] += problems
+        if not problems:
+            readable.append(case)
+    out["readable_cases"] = readable
     declared = sorted({int(c) for p in adapter.POLICIES.values() for c in p.code_map})
     seen = Counter(c for i in infos for c in i.get("codes", []))
     out.update(
@@ -107,31 +111,22 @@ def verify_source(root: Path, name: str) -> dict:
     return out
 
 
-def find_duplicate_scans(root: Path, names: list[str]) -> tuple[list[dict], str | None]:
-    try:
-        from datamodules.fingerprint import find_duplicates
-    except ImportError:
-        return [], "duplicate detection unavailable (datamodules.fingerprint missing)"
-    cases = []
-    for name in names:
-        if (root / name).is_dir():
-            try:
-                cases += get_source(name)(root / name).discover()
-            except DataLayoutError:
-                pass
-    groups = find_duplicates(cases)
-    return [{"cases": list(g.keys), "similarity": float(g.similarity)} for g in groups], None
+def find_duplicate_scans(cases: list[Case], cache_dir: Path | None = None) -> list[dict]:
+    """Groups of cases holding the same scan, within or across sources (any case, labelled or not)."""
+    groups = find_duplicates(cases, cache_dir=cache_dir)
+    return [{"cases": list(g.keys), "similarity": float(g.min_similarity)} for g in groups]
 
 
-def verify(root: Path, names: list[str], duplicates: bool = True) -> dict:
+def verify(root: Path, names: list[str], duplicates: bool = True, cache_dir: Path | None = None) -> dict:
     report: dict = {"root": str(root), "sources": {}, "problems": [], "duplicates": []}
     for name in names:
         report["sources"][name] = verify_source(root, name)
         report["problems"] += report["sources"][name]["problems"]
-    if duplicates:
-        report["duplicates"], note = find_duplicate_scans(root, names)
-        if note:
-            report["notes"] = [note]
+    if duplicates:  # only cases that read cleanly: a broken file is already a problem above
+        readable = [c for s in report["sources"].values() for c in s.get("readable_cases", [])]
+        report["duplicates"] = find_duplicate_scans(readable, cache_dir)
+    for s in report["sources"].values():
+        s.pop("readable_cases", None)
     return report
 
 
@@ -145,9 +140,8 @@ def print_report(report: dict) -> None:
               f"  spacing x {s.get('spacing_mm', {}).get('x')} z {s.get('spacing_mm', {}).get('z')} mm"
               f"  orientations {s.get('axcodes')}  codes seen {s.get('codes_seen')} declared {s.get('codes_declared')}")
     for d in report["duplicates"]:
-        print(f"  duplicate scan: {', '.join(d['cases'])} (similarity {d['similarity']:.3f}); grouped as one patient")
-    for note in report.get("notes", []):
-        print(f"  note: {note}")
+        print(f"  duplicate scan: {', '.join(d['cases'])} (similarity >= {d['similarity']:.3f}); "
+              "training groups them as one patient")
     if report["problems"]:
         print(f"{len(report['problems'])} problem(s):")
         for p in report["problems"]:
@@ -162,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", default=None, help="comma-separated source names (default: all registered)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--no-duplicates", action="store_true", help="skip the duplicate-scan search")
+    ap.add_argument("--cache", type=Path, default=None, help="folder for cached scan fingerprints")
     args = ap.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
@@ -171,7 +166,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown source(s) {unknown}; registered: {sorted(SOURCES)}", file=sys.stderr)
         return 2
-    report = verify(args.root, names, duplicates=not args.no_duplicates)
+    report = verify(args.root, names, duplicates=not args.no_duplicates, cache_dir=args.cache)
     if args.json:
         slim = {k: v for k, v in report.items() if k != "sources"}
         slim["sources"] = {n: {k: v for k, v in s.items() if k != "case_list"} for n, s in report["sources"].items()}

@@ -45,6 +45,7 @@ class DataConfig:
     num_workers: int = MISSING
     on_error: str = MISSING   # fail | skip: what a bad case file does
     policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
+    find_duplicates: bool = MISSING  # fingerprint labelled scans; one scan under two names is one patient
 
 
 @dataclass

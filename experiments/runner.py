@@ -61,7 +61,7 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         harmonizer=harmonizer_config(cfg), patch_size=list(d.patch_size), batch_size=d.batch_size,
         samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
         sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
-        policies=OmegaConf.to_container(d.policies), **split)
+        policies=OmegaConf.to_container(d.policies), find_duplicates=d.find_duplicates, **split)
 
 
 def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:
@@ -195,6 +195,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         "eval_space": cfg.evaluation.space,
         "best_checkpoint": best, "train_sources": list(dm.split.train_sources),
         "test_sources": list(dm.split.test_sources), "split": dm.split.summary(), "skipped": list(dm.skipped),
+        "duplicates": [list(g.keys) for g in dm.duplicates], "dropped": [c.key for c in dm.split.dropped],
         "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, "pytorch_lightning": pl.__version__})
     if wandb_logger is not None:
         log_to_wandb(wandb_logger, metrics, test_rows)

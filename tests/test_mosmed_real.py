@@ -1,4 +1,6 @@
 """The 50 real MosMedData expert masks (../shared/data/mosmed_masks, CC BY-NC-ND 3.0), read in place."""
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -60,3 +62,18 @@ def test_real_mask_resamples_with_volume_preserved():
     v0 = (arr > 0).sum() * np.prod(spacing_of(aff))
     v1 = (out > 0).sum() * 2.0 * 2.0 * 8.0
     assert v1 == pytest.approx(v0, rel=0.15)
+
+
+def test_real_registry_parses_with_bom_crlf_and_leading_slashes():
+    from datamodules.sources.mosmed import read_registry
+
+    reg = read_registry(MOSMED_MASKS / "dataset_registry.csv")
+    assert len(reg) == 1110 and "study_0001" in reg  # the BOM did not eat the first column
+    labelled = {s: r for s, r in reg.items() if r["mask_file"]}
+    assert sorted(labelled) == [f"study_{i:04d}" for i in range(255, 305)]
+    assert {r["category"] for r in labelled.values()} == {"CT-1"}
+    for study, r in labelled.items():
+        assert r["mask_file"] == f"masks/{study}_mask.nii.gz"  # leading slash stripped
+        assert (MOSMED_MASKS / Path(r["mask_file"]).name).is_file()
+    assert reg["study_0001"]["study_file"] == "studies/CT-0/study_0001.nii.gz"
+    assert {r["category"] for r in reg.values()} == {"CT-0", "CT-1", "CT-2", "CT-3", "CT-4"}

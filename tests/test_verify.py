@@ -129,3 +129,30 @@ def test_corrupt_gzip_names_the_file(tmp_path):
     nib.save(img, str(tmp_path / "flat.nii.gz"))
     with pytest.raises(VolumeError, match=r"flat\.nii\.gz: expected a 3D volume"):
         read_volume(tmp_path / "flat.nii.gz")
+
+
+def test_scan_planted_under_two_sources_is_found_and_kept_on_one_side(phantom_root, tmp_path, capsys):
+    """A MosMed study re-shipped as a COVID-19-CT-Seg radiopaedia case: 8-bit windowed, stored mirrored."""
+    root = tmp_path / "data"
+    for s in SOURCES3:
+        shutil.copytree(phantom_root / s, root / s)
+    study = sorted((root / "mosmed").rglob("CT-1/study_*.nii.gz"))[0]
+    mask = next((root / "mosmed").rglob(study.name.replace(".nii.gz", "_mask.nii.gz")))
+    hu, affine = read_volume(study)
+    lab, _ = read_volume(mask)
+    copy_id = "radiopaedia_99_99999_0"
+    v8 = np.round((np.clip(hu.astype(np.float64), -1250, 250) + 1250) * 255 / 1500).astype(np.uint8)
+    write_volume(root / "ctseg" / "COVID-19-CT-Seg_20cases" / f"{copy_id}.nii.gz", np.ascontiguousarray(v8[::-1]), affine)
+    write_volume(root / "ctseg" / "Infection_Mask" / f"{copy_id}.nii.gz", np.ascontiguousarray(lab[::-1]), affine)
+
+    assert verify_main(["--root", str(root), "--sources", ",".join(SOURCES3), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [sorted(d["cases"]) for d in report["duplicates"]] == [sorted([f"ctseg/{copy_id}", f"mosmed/{study.name[:-7]}"])]
+
+    dm = MultiSourceDataModule(root, tmp_path / "h", SOURCES3, holdout="mosmed",
+                               harmonizer=HarmonizerConfig(target_spacing=(8.0, 8.0, 10.0)), patch_size=(16, 16, 8))
+    dm.prepare_data()
+    assert [c.key for c in dm.split.dropped] == [f"ctseg/{copy_id}"]
+    trained = {c.key for c in dm.split.train + dm.split.val}
+    assert f"ctseg/{copy_id}" not in trained and f"mosmed/{study.name[:-7]}" in {c.key for c in dm.split.test}
+    assert "[duplicates]" in capsys.readouterr().out

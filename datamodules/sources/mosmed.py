@@ -7,11 +7,36 @@ Mirrors ship uncompressed `.nii` and flat `studies/` folders: both are accepted.
 """
 from __future__ import annotations
 
+import csv
 import re
+from pathlib import Path
 
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
-from datamodules.sources.base import SourceAdapter, nifti_files, register_source, strip_nifti
+from datamodules.sources.base import DataLayoutError, SourceAdapter, nifti_files, register_source, strip_nifti
+
+REGISTRY_NAME = "dataset_registry.csv"
+
+
+def read_registry(path: Path) -> dict[str, dict]:
+    """`dataset_registry.csv` as shipped: UTF-8 with BOM, CRLF, paths with a leading slash.
+
+    Returns study id (`study_0255`) -> {"category": "CT-1", "study_file": "studies/CT-1/...",
+    "mask_file": "masks/..." or None}. `utf-8-sig` drops the BOM (else the first header reads
+    "\ufeffstudy_id"); the csv module handles CRLF; leading slashes are stripped so the paths join onto
+    the archive folder.
+    """
+    rows = {}
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"study_id", "category", "study_file", "mask_file"} - set(reader.fieldnames or ())
+        if missing:
+            raise DataLayoutError(f"{path}: registry lacks column(s) {sorted(missing)}; header {reader.fieldnames}")
+        for row in reader:
+            study = strip_nifti(Path(row["study_file"].strip()).name)
+            rows[study] = {"category": row["category"].strip(), "study_file": row["study_file"].strip().lstrip("/"),
+                           "mask_file": row["mask_file"].strip().lstrip("/") or None}
+    return rows
 
 
 @register_source("mosmed")
@@ -29,6 +54,8 @@ class MosMed(SourceAdapter):
     def discover(self) -> list[Case]:
         studies = self.find_dir(lambda d: d.name == "studies", "studies/ folder")
         masks_dir = studies.parent / "masks"
+        registry_path = studies.parent / REGISTRY_NAME
+        registry = read_registry(registry_path) if registry_path.is_file() else {}
         masks = {strip_nifti(p.name)[: -len(self.MASK_SUFFIX)]: p for p in nifti_files(masks_dir)
                  if strip_nifti(p.name).endswith(self.MASK_SUFFIX)}
         cases = []
@@ -38,10 +65,15 @@ class MosMed(SourceAdapter):
                 if not self.STUDY_RE.match(study):
                     continue
                 label = masks.pop(study, None)
+                listed = registry.get(study, {})
+                if listed.get("mask_file") and label is None:
+                    self.problem(image, f"{REGISTRY_NAME} lists mask {listed['mask_file']}, which is missing; "
+                                        "study kept as unlabelled")
+                category = folder.name if folder is not studies else listed.get("category")
                 cases.append(Case(
                     source=self.name, case_id=study, patient_id=study,  # one study per patient (README)
                     image=image, label=label, policy=self.default_policy if label else None,
-                    meta={"category": folder.name if folder is not studies else None},
+                    meta={"category": category},
                 ))
         for study, mask in sorted(masks.items()):
             self.problem(mask, f"mask without a study {study}.nii[.gz] under {studies}; mask ignored")
