@@ -164,6 +164,13 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         raise ValueError(f"the split has no validation case (data.val_fraction={cfg.data.val_fraction}): model "
                          "selection needs a training source with at least two labelled patients")
 
+    unscorable = sorted({c.meta["source"] for c in dm.cached["test"]} - {
+        c.meta["source"] for c in dm.cached["test"]
+        if any(all(c.meta["annotated"][v] for v in spec["values"]) for spec in cfg.evaluation.classes.values())})
+    if unscorable:
+        raise ValueError(f"test source(s) {unscorable} annotate none of the evaluation classes "
+                         f"{sorted(cfg.evaluation.classes)} under their label policy (data.policies picks another, "
+                         "e.g. msd_lung: tumour_as_lesion)")
     trained = sorted({name for c in dm.cached["train"] for name, a in zip(c.meta["classes"], c.meta["annotated"]) if a})
     module = build_module(cfg, dm.split.test_sources, trained)
     tags = [f"{kind}", "phantom" if phantom else "real"] + [f"test:{s}" for s in dm.split.test_sources]

@@ -19,7 +19,7 @@ import os
 import shutil
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from datamodules.io import write_volume
-from datamodules.phantom.anatomy import LesionConfig, acquire, render, sample_patient
+from datamodules.phantom.anatomy import LesionConfig, Patient, _Grid, _heart, _segment, acquire, render, sample_patient
 
 log = logging.getLogger(__name__)
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
-PHANTOM_SOURCES = ("covid19_20", "mosmed", "ctseg")
+PHANTOM_SOURCES = ("covid19_20", "mosmed", "ctseg", "msd_lung", "structseg")
 DEFAULT_CENTER_Z = (-400.0, 400.0)
 
 
@@ -53,6 +53,10 @@ class Scan:
     flip_axes: tuple[int, ...] = ()    # mirrored in canonical voxel order before storing
     labelled: bool = True
     healthy: bool = False
+    tumour: bool = False               # plant one solid non-COVID tumour (MSD, StructSeg GTV)
+    oar: bool = False                  # render the StructSeg organ-at-risk label map
+    swap_lungs: bool = False           # ... with lung codes 1/2 exchanged (the disputed label order)
+    extra: dict = field(default_factory=dict)  # extra manifest fields (patient, swapped_lungs, ...)
 
 
 def _rng(seed: int, source: str, index: int) -> np.random.Generator:
@@ -107,11 +111,67 @@ def render_scan(scan: Scan, profile: dict, rng: np.random.Generator) -> dict[str
     affine = ras_affine(scan.shape, scan.spacing, scan.center)
     supersample = int(min(5, max(1, round(scan.spacing[2] / 1.5))))  # partial volume of thick slices
     r = render(patient, scan.shape, affine, center=scan.center, supersample_z=supersample)
+    extra = {}
+    if scan.tumour:   # before the scanner model: the tumour is blurred and noisy like the rest
+        extra["tumour"] = plant_tumour(r.hu, r.lung, scan.spacing, rng, profile["tumour"])
+    if scan.oar:
+        extra["oar"] = oar_labels(patient, r.lung, scan, affine)
     hu = acquire(r.hu, scan.spacing, rng, profile["noise_hu"], profile["blur_mm"],
                  hu_offset=rng.uniform(*profile["hu_offset"]))
     annotated = ((r.lesion_field > profile["annotation_threshold"]) & (r.lung > 0)).astype(np.uint8)
     return {"hu": hu, "lung": r.lung, "lobes": r.lobes, "lesion_truth": r.lesion, "lesion_mask": annotated,
-            "affine": affine}
+            "affine": affine, **extra}
+
+
+def plant_tumour(hu: np.ndarray, lung: np.ndarray, spacing, rng: np.random.Generator, cfg: dict) -> np.ndarray:
+    """One solid tumour (axis-aligned ellipsoid of `cfg.radius_mm`, uniform `cfg.hu`) inside one lung.
+
+    Paints `hu` in place and returns the uint8 0/1 tumour map. The centre is drawn among the deepest voxels
+    of a random lung, the ellipsoid is clipped to that lung, and the centre voxel is always included so the
+    tiny size knob still holds at least one tumour voxel. The lung map is left as it is.
+    """
+    from scipy import ndimage
+
+    side = int(rng.integers(1, 3))
+    inside = lung == side
+    if not inside.any():
+        side, inside = 3 - side, lung > 0
+    radius = float(rng.uniform(*cfg["radius_mm"]))
+    axes = radius * rng.uniform(0.85, 1.15, 3)
+    depth = ndimage.distance_transform_edt(inside, sampling=spacing)
+    cand = np.flatnonzero(depth >= min(radius, 0.7 * depth.max()))
+    centre = np.unravel_index(int(cand[rng.integers(len(cand))]), lung.shape)
+    d2 = sum(((np.arange(n) - c) * s / a).reshape([-1 if k == ax else 1 for k in range(3)]) ** 2
+             for ax, (n, c, s, a) in enumerate(zip(lung.shape, centre, spacing, axes, strict=True)))
+    tumour = (d2 <= 1.0) & inside
+    tumour[centre] = True
+    hu[tumour] = float(rng.uniform(*cfg["hu"]))
+    return tumour.astype(np.uint8)
+
+
+# StructSeg Thoracic_OAR codes in the MultiTalent order (reference/datasets.md s.6): 1 left lung, 2 right
+# lung, 3 heart, 4 esophagus, 5 trachea, 6 spinal cord. The phantom anatomy has no oesophagus, so code 4
+# is never written; "trachea" is the airway tree the anatomy has (trachea + main bronchi, lumen and wall);
+# "spinal cord" is the spinal canal.
+OAR_CODES = {"lung_left": 1, "lung_right": 2, "heart": 3, "esophagus": 4, "trachea": 5, "spinal_cord": 6}
+
+
+def oar_labels(p: Patient, lung: np.ndarray, scan: Scan, affine: np.ndarray) -> np.ndarray:
+    """StructSeg-style OAR label map on the scan grid (canonical order); lungs from the rendered lung map."""
+    g = _Grid(scan.shape, affine, scan.center)
+    out = np.zeros(scan.shape, np.uint8)
+    out[_heart(p, g.x, g.y, g.z)] = OAR_CODES["heart"]
+    for seg in p.airways:
+        d2, _ = _segment(g.x, g.y, g.z, seg)
+        out[d2 <= (seg[6] + p.airway_wall_mm) ** 2] = OAR_CODES["trachea"]
+    sy, sr, cr = p.spine[:3]
+    canal_y = sy - sr - cr - 2.0
+    out[np.broadcast_to(g.x * g.x + (g.y - canal_y) * (g.y - canal_y) <= cr * cr, scan.shape)] = OAR_CODES["spinal_cord"]
+    left, right = (OAR_CODES["lung_right"], OAR_CODES["lung_left"]) if scan.swap_lungs else \
+        (OAR_CODES["lung_left"], OAR_CODES["lung_right"])
+    out[lung == 1] = left
+    out[lung == 2] = right
+    return out
 
 
 def write_case(scan: Scan, arrays: dict, profile: dict, files: dict[str, Path], truth_dir: Path) -> dict:
@@ -128,15 +188,25 @@ def write_case(scan: Scan, arrays: dict, profile: dict, files: dict[str, Path], 
     for kind, path in files.items():
         if kind == "image":
             continue
-        lesion, lung = arrays["lesion_mask"], arrays["lung"]
-        mask = {"lesion": lesion,
-                "lung": lung,
-                "lung_and_infection": np.where(lesion > 0, 3, lung)}[kind].astype(profile["mask_dtype"])
+        if kind in ("tumour", "oar"):
+            mask = arrays[kind].astype(profile["mask_dtype"])
+        else:
+            lesion, lung = arrays["lesion_mask"], arrays["lung"]
+            mask = {"lesion": lesion,
+                    "lung": lung,
+                    "lung_and_infection": np.where(lesion > 0, 3, lung)}[kind].astype(profile["mask_dtype"])
         write_volume(path, stored(mask)[0], aff_stored)
     write_volume(truth_dir / f"{scan.case_id}_lobes.nii.gz", arrays["lobes"].astype(np.uint8), affine)
     write_volume(truth_dir / f"{scan.case_id}_lesion.nii.gz", arrays["lesion_truth"].astype(np.uint8), affine)
+    if "tumour" in arrays:
+        write_volume(truth_dir / f"{scan.case_id}_tumour.nii.gz", arrays["tumour"], affine)
+    if "oar" in arrays:   # the true lung map (1 left, 2 right), whatever codes the OAR label file uses
+        write_volume(truth_dir / f"{scan.case_id}_lung.nii.gz", arrays["lung"].astype(np.uint8), affine)
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
-    return {"case": scan.case_id, "labelled": scan.labelled, "shape_ras": list(scan.shape),
+    extra = dict(scan.extra)
+    if "tumour" in arrays:
+        extra["tumour_ml"] = float(arrays["tumour"].sum()) * voxel_ml
+    return {**extra, "case": scan.case_id, "labelled": scan.labelled, "shape_ras": list(scan.shape),
             "spacing_ras": [round(s, 4) for s in scan.spacing], "axcodes": scan.axcodes, "encoding": scan.encoding,
             "flip_axes": list(scan.flip_axes),
             "lesion_ml_truth": float((arrays["lesion_truth"] > 0).sum()) * voxel_ml,
@@ -211,7 +281,64 @@ def plan_ctseg(profile, size_name, size, seed, out: Path):
     return plans
 
 
-PLANS = {"covid19_20": plan_covid19_20, "mosmed": plan_mosmed, "ctseg": plan_ctseg}
+# macOS AppleDouble header: what the `._lung_XXX.nii.gz` files of the real Task06_Lung.tar start with.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(40)
+
+
+def plan_msd_lung(profile, size_name, size, seed, out: Path):
+    n = profile["cases"][size_name]
+    task = out / "Task06_Lung"
+    train, test = profile["train_ids"][: n["train"]], profile["test_ids"][: n["test"]]
+    plans = []
+    for i, (cid, labelled) in enumerate([(c, True) for c in train] + [(c, False) for c in test]):
+        rng = _rng(seed, "msd_lung", i)
+        shape, spacing = scan_geometry(rng, profile, size)
+        files = {"image": task / ("imagesTr" if labelled else "imagesTs") / f"{cid}.nii.gz"}
+        if labelled:
+            files["tumour"] = task / "labelsTr" / f"{cid}.nii.gz"
+        # Every case has its tumour (the test set too); only Tr cases ship the label.
+        plans.append((Scan(cid, shape, spacing, _center(rng, profile), profile["axcodes"], labelled=labelled,
+                           healthy=True, tumour=True, extra={"patient": cid}), files, rng))
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (task / sub).mkdir(parents=True, exist_ok=True)
+    for cid in train[:2]:   # the resource forks the real tar carries: adapters must skip them
+        (task / "imagesTr" / f"._{cid}.nii.gz").write_bytes(APPLEDOUBLE)
+        (task / "labelsTr" / f"._{cid}.nii.gz").write_bytes(APPLEDOUBLE)
+    if test:
+        (task / "imagesTs" / f"._{test[0]}.nii.gz").write_bytes(APPLEDOUBLE)
+    (task / "dataset.json").write_text(json.dumps({
+        "name": "Lung", "description": "Lung and cancer segmentation", "tensorImageSize": "3D",
+        "reference": "The Cancer Imaging Archive", "licence": "CC-BY-SA 4.0", "release": "1.0 04/05/2018",
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "cancer"},
+        "numTraining": len(train), "numTest": len(test),
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in train],
+        "test": [f"./imagesTs/{c}.nii.gz" for c in test]}, indent=4))
+    return plans
+
+
+def plan_structseg(profile, size_name, size, seed, out: Path):
+    n = profile["cases"][size_name]
+    swapped = set(profile["swapped_oar_cases"])
+    plans = []
+    specs = [("Thoracic_OAR", "oar", k) for k in range(1, n["oar"] + 1)]
+    specs += [("Lung_GTV", "gtv", k) for k in range(1, n["gtv"] + 1)]
+    for i, (task, prefix, k) in enumerate(specs):
+        rng = _rng(seed, "structseg", i)
+        shape, spacing = scan_geometry(rng, profile, size)
+        folder = out / task / str(k)
+        oar = prefix == "oar"
+        files = {"image": folder / "data.nii.gz", ("oar" if oar else "tumour"): folder / "label.nii.gz"}
+        cid = f"{prefix}_{k}"
+        extra = {"patient": cid, "task": task}
+        if oar:
+            extra["swapped_lungs"] = k in swapped
+        plans.append((Scan(cid, shape, spacing, _center(rng, profile), profile["axcodes"], healthy=True,
+                           tumour=not oar, oar=oar, swap_lungs=oar and k in swapped, extra=extra), files, rng))
+    return plans
+
+
+PLANS = {"covid19_20": plan_covid19_20, "mosmed": plan_mosmed, "ctseg": plan_ctseg, "msd_lung": plan_msd_lung,
+         "structseg": plan_structseg}
 
 
 def write_source(root: Path, source: str, size_name: str, seed: int) -> dict:
