@@ -17,9 +17,16 @@ class VolumeError(ValueError):
 def read_volume(path: str | Path, dtype=None) -> tuple[np.ndarray, np.ndarray]:
     """Return (array, affine) of a 3D NIfTI file; scaling (scl_slope/inter) is applied by nibabel.
 
-    A trailing singleton 4th dimension (seen in some converters' output) is dropped.
+    A trailing singleton 4th dimension (seen in some converters' output) is dropped. A folder is read
+    as the one DICOM series it holds (NSCLC-Radiomics, COVID-19-AR), in the same x, y, z / RAS convention.
     """
     path = Path(path)
+    if path.is_dir():
+        series = dicom_series(path)
+        if len(series) != 1:
+            raise VolumeError(f"{path}: expected one DICOM series in the folder, found {len(series)}")
+        data, affine = read_dicom_series(series[0][1], str(path))
+        return (data.astype(dtype, copy=False) if dtype is not None else data), affine
     if not path.is_file():
         raise VolumeError(f"{path}: file not found")
     try:

@@ -12,10 +12,12 @@ official layout lacks (lobes, GGO vs consolidation) go to `_truth/<source>/`, ou
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import logging
 import os
+import pkgutil
 import shutil
 import uuid
 import zlib
@@ -32,12 +34,15 @@ from datamodules.phantom.anatomy import LesionConfig, Patient, _Grid, _heart, _s
 
 log = logging.getLogger(__name__)
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
-PHANTOM_SOURCES = ("covid19_20", "mosmed", "ctseg", "msd_lung", "structseg")
 DEFAULT_CENTER_Z = (-400.0, 400.0)
 
 
 def load_profiles() -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(PROFILES_FILE), resolve=True)
+    """profiles.yaml, plus any `profiles_<name>.yaml` beside it (sources written by their own plan module)."""
+    cfg = OmegaConf.load(PROFILES_FILE)
+    for extra in sorted(PROFILES_FILE.parent.glob("profiles_*.yaml")):
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(extra))
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 @dataclass
@@ -337,8 +342,23 @@ def plan_structseg(profile, size_name, size, seed, out: Path):
     return plans
 
 
+# source -> plan function; plan modules of further sources add themselves with `register_plan`.
 PLANS = {"covid19_20": plan_covid19_20, "mosmed": plan_mosmed, "ctseg": plan_ctseg, "msd_lung": plan_msd_lung,
          "structseg": plan_structseg}
+# source -> case writer, for sources not stored as NIfTI (default: `write_case`).
+WRITERS: dict[str, Any] = {}
+
+
+def register_plan(source: str, writer=None):
+    """Decorator: `plan(profile, size_name, size, seed, out) -> [(Scan, files, rng)]` for `source`;
+    `writer(scan, arrays, profile, files, truth_dir) -> manifest row` replaces `write_case` (e.g. DICOM)."""
+    def wrap(fn):
+        PLANS[source] = fn
+        if writer is not None:
+            WRITERS[source] = writer
+        return fn
+
+    return wrap
 
 
 def write_source(root: Path, source: str, size_name: str, seed: int) -> dict:
@@ -351,7 +371,7 @@ def write_source(root: Path, source: str, size_name: str, seed: int) -> dict:
     try:
         rows = []
         for scan, files, rng in PLANS[source](profile, size_name, size, seed, tmp):
-            rows.append(write_case(scan, render_scan(scan, profile, rng), profile, files, truth))
+            rows.append(WRITERS.get(source, write_case)(scan, render_scan(scan, profile, rng), profile, files, truth))
             log.info("phantom %s: wrote %s", source, scan.case_id)
         if final.exists():
             shutil.rmtree(final)
@@ -367,7 +387,7 @@ def write_source(root: Path, source: str, size_name: str, seed: int) -> dict:
     return manifest
 
 
-def ensure_suite(cache_root: str | Path, sources=PHANTOM_SOURCES, size: str = "tiny", seed: int = 0) -> Path:
+def ensure_suite(cache_root: str | Path, sources=None, size: str = "tiny", seed: int = 0) -> Path:
     """Generate missing phantom sources under `cache_root/phantom/<size>-seed<seed>`; return that folder.
 
     A source whose manifest exists is complete and reused; a half-written one (no manifest) is redone.
@@ -377,7 +397,7 @@ def ensure_suite(cache_root: str | Path, sources=PHANTOM_SOURCES, size: str = "t
         raise ValueError(f"phantom size {size!r} unknown; choose from {sorted(profiles['sizes'])}")
     root = Path(cache_root) / "phantom" / f"{size}-seed{seed}"
     root.mkdir(parents=True, exist_ok=True)
-    for source in sources:
+    for source in PHANTOM_SOURCES if sources is None else sources:
         if source not in PLANS:
             raise ValueError(f"no phantom profile for source {source!r}; phantom sources: {sorted(PLANS)}")
         if not (root / f"{source}.json").exists():
@@ -385,3 +405,9 @@ def ensure_suite(cache_root: str | Path, sources=PHANTOM_SOURCES, size: str = "t
             write_source(root, source, size, seed)
     return root
 
+
+# Plan modules of further sources (`plan_<name>.py` beside this file) register themselves on import.
+for _module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+    if _module.name.startswith("plan_"):
+        importlib.import_module(f"datamodules.phantom.{_module.name}")
+PHANTOM_SOURCES = tuple(PLANS)
