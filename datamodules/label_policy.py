@@ -23,6 +23,8 @@ LESION = CLASS_INDEX["lesion"]
 # neither COVID lesion nor healthy tissue). It survives nearest-neighbour resampling like any label.
 IGNORE_NAME = "ignore"
 IGNORE = 254
+# Raw codes a policy may declare: signed for schemes such as L3-Net's -1 "unlabelled" (seed 000).
+CODE_MIN, CODE_MAX = -128, 255
 
 
 class LabelError(ValueError):
@@ -51,8 +53,8 @@ class LabelPolicy:
         for code, cls in codes.items():
             if cls not in CLASS_INDEX and cls != IGNORE_NAME:
                 raise LabelError(f"policy {self.name!r}: code {code} maps to unknown class {cls!r}; known: {CLASSES}")
-            if not 0 <= int(code) <= 255:
-                raise LabelError(f"policy {self.name!r}: raw code {code} outside 0..255")
+            if not CODE_MIN <= int(code) <= CODE_MAX:
+                raise LabelError(f"policy {self.name!r}: raw code {code} outside {CODE_MIN}..{CODE_MAX}")
         for cls in self.annotated:
             if cls not in CLASS_INDEX or cls == "background":
                 raise LabelError(f"policy {self.name!r}: annotated class {cls!r} is not a foreground class")
@@ -63,9 +65,9 @@ class LabelPolicy:
             raise LabelError(
                 f"policy {self.name!r}: mapped classes {sorted(mapped_fg)} differ from annotated {sorted(self.annotated)}"
             )
-        lut = np.full(256, 255, dtype=np.uint8)  # 255 marks an undeclared code
+        lut = np.full(CODE_MAX - CODE_MIN + 1, 255, dtype=np.uint8)  # 255 marks an undeclared code
         for code, cls in codes.items():
-            lut[int(code)] = IGNORE if cls == IGNORE_NAME else CLASS_INDEX[cls]
+            lut[int(code) - CODE_MIN] = IGNORE if cls == IGNORE_NAME else CLASS_INDEX[cls]
         object.__setattr__(self, "_lut", lut)
         object.__setattr__(self, "code_map", codes)
 
@@ -90,10 +92,10 @@ class LabelPolicy:
             arr = rounded
         arr = arr.astype(np.int64, copy=False)
         lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
-        if lo < 0 or hi > 255:
-            bad = np.unique(arr[(arr < 0) | (arr > 255)])[:5]
+        if lo < CODE_MIN or hi > CODE_MAX:
+            bad = np.unique(arr[(arr < CODE_MIN) | (arr > CODE_MAX)])[:5]
             raise LabelError(f"{where}: mask codes {bad.tolist()} not declared by policy {self.name!r}")
-        out = self._lut[arr]
+        out = self._lut[arr - CODE_MIN]
         if (out == 255).any():
             bad = sorted(int(c) for c in np.unique(arr[out == 255]))
             raise LabelError(

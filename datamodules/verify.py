@@ -27,6 +27,7 @@ from datamodules.harmonize import check_pair, decode_intensity
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import LabelError
 from datamodules.sources import SOURCES, DataLayoutError, get_source
+from datamodules.sources.custom import register_custom_source
 
 
 def _problem(source: str, file: str, message: str) -> dict:
@@ -156,11 +157,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", default=None, help="comma-separated source names (default: all registered)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--no-duplicates", action="store_true", help="skip the duplicate-scan search")
+    ap.add_argument("--custom", action="append", default=[], help="custom source YAML (repeatable)")
     ap.add_argument("--cache", type=Path, default=None, help="folder for cached scan fingerprints")
     args = ap.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
         return 2
+    for spec in args.custom:
+        register_custom_source(spec)
     names = args.sources.split(",") if args.sources else sorted(SOURCES)
     unknown = [n for n in names if n not in SOURCES]
     if unknown:

@@ -46,6 +46,7 @@ class DataConfig:
     on_error: str = MISSING   # fail | skip: what a bad case file does
     policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
     find_duplicates: bool = MISSING  # fingerprint labelled scans; one scan under two names is one patient
+    custom_sources: list[str] = field(default_factory=list)  # YAML files describing private sources
 
 
 @dataclass

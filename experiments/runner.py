@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
+from datamodules.sources.custom import register_custom_source
 from evaluation.metrics import METRIC_NAMES
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
 from lightning_modules.networks import required_divisor
@@ -25,6 +26,8 @@ PHANTOM_BANNER = ("*** PHANTOM DATA: paths.data_root is unset, so the sources ar
 
 
 def resolve_data_root(cfg: DictConfig) -> tuple[Path, bool]:
+    for spec in cfg.data.custom_sources:  # before anything looks a source up by name
+        register_custom_source(spec)
     if cfg.paths.data_root:
         root = Path(cfg.paths.data_root).expanduser()
         if not root.is_dir():
