@@ -14,7 +14,10 @@ import numpy as np
 
 # Order is the channel order of every network output. Append new classes at the end only: cached
 # label maps and checkpoints store these indices.
-CLASSES: tuple[str, ...] = ("background", "lung_left", "lung_right", "lesion")
+CLASSES: tuple[str, ...] = ("background", "lung_left", "lung_right", "lesion", "effusion", "tumour")
+# effusion and tumour exist so that a source's pleural effusion or (non-COVID) tumour can be its own
+# class when the config says so (e.g. data.policies={msd_lung: tumour_as_class}); by default such
+# codes are "ignore". They are never COVID lesion unless a policy named *_as_lesion is chosen.
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 BACKGROUND = 0
 LESION = CLASS_INDEX["lesion"]

@@ -96,9 +96,20 @@ class SegmentationModule(pl.LightningModule):
         return loss
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits; channels of classes no training source annotated are -inf.
+
+        The marginal loss never supervises such a channel (it is merged with background everywhere), so
+        its logit carries no meaning and must not win an argmax: a model trained without lung labels
+        predicts no lungs rather than noise.
+        """
         inf = self.hparams.inference
-        return sliding_window_inference(image, roi_size=tuple(inf["roi_size"]), sw_batch_size=inf["sw_batch_size"],
-                                        predictor=self, overlap=inf["overlap"], mode=inf["mode"])
+        logits = sliding_window_inference(image, roi_size=tuple(inf["roi_size"]), sw_batch_size=inf["sw_batch_size"],
+                                          predictor=self, overlap=inf["overlap"], mode=inf["mode"])
+        trained = self.hparams.get("trained_classes") or ()
+        if trained:
+            allowed = torch.tensor([i == 0 or c in trained for i, c in enumerate(CLASSES)], device=logits.device)
+            logits = logits.masked_fill(~allowed.view(1, -1, *([1] * (logits.dim() - 2))), float("-inf"))
+        return logits
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         logits = self.predict_volume(batch["image"])

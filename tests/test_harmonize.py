@@ -13,7 +13,7 @@ from datamodules.harmonize import (
     window_normalize,
 )
 from datamodules.io import VolumeError, spacing_of, write_volume
-from datamodules.label_policy import CLASS_INDEX
+from datamodules.label_policy import CLASS_INDEX, CLASSES
 from datamodules.sources import SOURCES
 
 
@@ -120,7 +120,7 @@ def test_harmonized_geometry_and_intensity(phantom_root, manifests):
     assert np.all(np.abs(np.array(h.image.shape) * np.array([4.0, 4.0, 8.0]) - ext0) < np.array([4.0, 4.0, 8.0]))
     assert h.image.dtype == np.float32 and 0.0 <= h.image.min() and h.image.max() <= 1.0
     assert set(np.unique(h.label)) <= {0, CLASS_INDEX["lesion"]}
-    assert h.meta["annotated"] == [True, False, False, True]
+    assert h.meta["annotated"] == [True, False, False, True, False, False]
     # Air outside the body decodes to ~ -1000 HU -> 0 after the [-1000, 300] window.
     assert np.median(h.image[:2, :2, :]) < 0.02
 
@@ -159,7 +159,7 @@ def test_truncated_file_named(tmp_path):
 def _one_hot(label: np.ndarray):
     import torch
 
-    return torch.nn.functional.one_hot(torch.from_numpy(label.astype(np.int64)), 4).permute(3, 0, 1, 2).float()
+    return torch.nn.functional.one_hot(torch.from_numpy(label.astype(np.int64)), len(CLASSES)).permute(3, 0, 1, 2).float()
 
 
 @pytest.mark.parametrize("source,case_id", [("covid19_20", "volume-covid19-A-0003"), ("mosmed", "study_0255"),

@@ -17,7 +17,7 @@ def test_policy_rejects_mapped_class_not_declared_annotated():
 
 def test_policy_rejects_unknown_class():
     with pytest.raises(LabelError, match="unknown class"):
-        LabelPolicy("bad", {0: "background", 1: "effusion"}, ("effusion",))
+        LabelPolicy("bad", {0: "background", 1: "tumor"}, ("tumor",))
 
 
 @pytest.mark.parametrize("source,policy,raw,expected", [
@@ -38,8 +38,8 @@ def test_annotated_vectors_mark_unannotated_lungs():
     # MosMed and COVID-19-20 annotate lesions only: lungs are unknown there, never background.
     for src in ("mosmed", "covid19_20"):
         vec = SOURCES[src].POLICIES["lesion"].annotated_vector()
-        assert vec.tolist() == [True, False, False, True]
-    assert SOURCES["ctseg"].POLICIES["lung_and_infection"].annotated_vector().all()
+        assert vec.tolist() == [True, False, False, True, False, False]
+    assert SOURCES["ctseg"].POLICIES["lung_and_infection"].annotated_vector().tolist() == [True] * 4 + [False] * 2
 
 
 def test_unknown_code_names_file_and_code():

@@ -48,7 +48,7 @@ def test_msd_finds_exactly_the_written_cases(phantom_root, manifests):
     assert not any(c.image.name.startswith("._") or (c.label and c.label.name.startswith("._")) for c in cases)
 
 
-@pytest.mark.parametrize("policy, code", [(None, IGNORE), ("tumour_as_lesion", LESION)])
+@pytest.mark.parametrize("policy, code", [(None, IGNORE), ("tumour_as_lesion", LESION), ("tumour_as_class", 5)])
 def test_msd_tumour_is_ignored_or_lesion_by_config(phantom_root, policy, code):
     adapter = SOURCES["msd_lung"](phantom_root / "msd_lung", policy=policy)
     case = next(c for c in adapter.discover() if c.case_id == "lung_003")
@@ -59,7 +59,7 @@ def test_msd_tumour_is_ignored_or_lesion_by_config(phantom_root, policy, code):
     expected = np.where(tumour, code, 0).astype(np.uint8)
     np.testing.assert_array_equal(label, expected)
     annotated = adapter.policy(case).annotated_vector()
-    assert annotated.tolist() == [True, False, False, policy == "tumour_as_lesion"]
+    assert annotated.tolist() == [True, False, False, policy == "tumour_as_lesion", False, policy == "tumour_as_class"]
 
 
 def test_msd_harmonizes_with_ignore(phantom_root):
@@ -67,7 +67,7 @@ def test_msd_harmonizes_with_ignore(phantom_root):
     case = next(c for c in adapter.discover() if c.labelled)
     h = harmonize_case(case, adapter.policy(case), HarmonizerConfig())
     assert set(np.unique(h.label).tolist()) <= {0, IGNORE} and (h.label == IGNORE).any()
-    assert h.meta["policy"] == "msd_lung/tumour_ignored" and h.meta["annotated"] == [True, False, False, False]
+    assert h.meta["policy"] == "msd_lung/tumour_ignored" and h.meta["annotated"] == [True] + [False] * 5
 
 
 def test_msd_missing_label_and_orphan_label_are_problems(tmp_path, phantom_root):

@@ -12,7 +12,7 @@ from datamodules.label_policy import LabelPolicy
 from datamodules.sources.base import SOURCES, CaseProblem, DataLayoutError, SourceAdapter, get_source, register_source
 
 # Importing the modules fills the registry through their decorators.
-from datamodules.sources import covid19_20, ctseg, mosmed, msd_lung, structseg  # noqa: E402,F401  isort: skip
+from datamodules.sources import covid19_20, covid19_ar, ctseg, medseg, mosmed, msd_lung, nsclc, structseg  # noqa: E402,F401  isort: skip
 
 
 

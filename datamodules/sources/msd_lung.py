@@ -33,6 +33,8 @@ class MSDLung(SourceAdapter):
                                       "1 = lung cancer, ignored (neither COVID lesion nor healthy); lungs not annotated"),
         "tumour_as_lesion": LabelPolicy("msd_lung/tumour_as_lesion", {0: "background", 1: "lesion"}, ("lesion",),
                                         "1 = lung cancer taken as lesion (knowledge-transfer proxy); lungs not annotated"),
+        "tumour_as_class": LabelPolicy("msd_lung/tumour_as_class", {0: "background", 1: "tumour"}, ("tumour",),
+                                       "1 = lung cancer as its own class `tumour`; lungs not annotated"),
     }
     DEFAULT_POLICY = "tumour_ignored"
 

@@ -50,8 +50,10 @@ class StructSeg(SourceAdapter):
                                    "1 = gross tumour volume, ignored (neither COVID lesion nor healthy)"),
         "gtv_as_lesion": LabelPolicy("structseg/gtv_as_lesion", {0: "background", 1: "lesion"}, ("lesion",),
                                      "1 = gross tumour volume taken as lesion (knowledge-transfer proxy)"),
+        "gtv_as_class": LabelPolicy("structseg/gtv_as_class", {0: "background", 1: "tumour"}, ("tumour",),
+                                    "1 = gross tumour volume as its own class `tumour`"),
     }
-    GTV_POLICIES = ("gtv_ignored", "gtv_as_lesion")
+    GTV_POLICIES = ("gtv_ignored", "gtv_as_lesion", "gtv_as_class")
     DEFAULT_POLICY = "gtv_ignored"
 
     def __init__(self, root: str | Path, policy: str | None = None):
