@@ -47,6 +47,9 @@ class LabelPolicy:
     code_map: Mapping[int, str]
     annotated: tuple[str, ...]
     description: str = ""
+    # Float masks: values within this distance of an integer are rounded to it, others are an error.
+    # 0.5 rounds everything (mirrors that resampled masks with interpolation, e.g. Kaggle's COVID-19-CT-Seg).
+    float_tolerance: float = 1e-3
     _lut: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -89,8 +92,8 @@ class LabelPolicy:
             if not np.all(np.isfinite(arr)):
                 raise LabelError(f"{where}: mask contains NaN or inf")
             rounded = np.rint(arr)
-            if np.any(np.abs(arr - rounded) > 1e-3):
-                bad = np.unique(arr[np.abs(arr - rounded) > 1e-3])[:5]
+            if np.any(np.abs(arr - rounded) > self.float_tolerance):
+                bad = np.unique(arr[np.abs(arr - rounded) > self.float_tolerance])[:5]
                 raise LabelError(f"{where}: non-integer mask values {bad.tolist()} (policy {self.name!r})")
             arr = rounded
         arr = arr.astype(np.int64, copy=False)

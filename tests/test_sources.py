@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from datamodules.io import read_volume
+from datamodules.label_policy import LabelError
 from datamodules.sources import SOURCES, DataLayoutError
 
 
@@ -99,3 +100,40 @@ def test_missing_covid19_20_mask_names_image(tmp_path, phantom_root):
     assert missing not in ids and len(ids) == 6  # left out, the other cases still found
     (problem,) = adapter.problems
     assert problem.file.endswith(f"{missing}_ct.nii.gz") and "no mask" in problem.message
+
+
+def test_ctseg_kaggle_mirror_names_and_float_masks(tmp_path, phantom_root):
+    """Kaggle andrewmvd/covid19-ct-scans: `_org_` / `-dcm` names, lower-case mask folders, .nii, float masks."""
+    import nibabel as nib
+
+    src = phantom_root / "ctseg"
+    root = tmp_path / "ctseg" / "covid19-ct-scans"
+    expected = {}
+    for image in sorted((src / "COVID-19-CT-Seg_20cases").glob("*.nii.gz")):
+        cid = image.name[:-7]
+        kaggle = (cid.replace("coronacases_", "coronacases_org_") if cid.startswith("coronacases")
+                  else cid.replace("radiopaedia_", "radiopaedia_org_covid-19-pneumonia-") + "-dcm")
+        data, affine = read_volume(image)
+        (root / "ct_scans").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, affine), str(root / "ct_scans" / f"{kaggle}.nii"))
+        mask, maff = read_volume(src / "Lung_and_Infection_Mask" / image.name)
+        noisy = mask.astype(np.float32) + np.float32(0.004) * (mask > 0)  # interpolation residue
+        noisy[0, 0, 0] = 0.3                                                # a rounded-away border value
+        (root / "lung_and_infection_mask").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(noisy, maff), str(root / "lung_and_infection_mask" / f"{cid}.nii"))
+        expected[cid] = mask
+    adapter = SOURCES["ctseg"](tmp_path / "ctseg")
+    cases = adapter.discover()
+    assert sorted(c.case_id for c in cases) == sorted(expected)  # Zenodo ids recovered from mirror names
+    for case in cases:
+        assert case.policy == "kaggle_lung_and_infection"
+        raw, _ = read_volume(case.label)
+        out = adapter.policy(case).remap(raw, where=str(case.label))
+        exp = expected[case.case_id].copy()
+        exp[0, 0, 0] = 0
+        assert np.array_equal(out, SOURCES["ctseg"].POLICIES["lung_and_infection"].remap(exp))
+    rp = next(c for c in cases if c.case_id == "radiopaedia_7_85703_0")
+    assert rp.encoding == "uint8_window" and rp.flip_axes == (0, 2) and rp.patient_id == "radiopaedia_7_85703"
+    # the Zenodo policy itself still refuses float residue: it would hide a wrong file
+    with pytest.raises(LabelError, match="non-integer"):
+        SOURCES["ctseg"].POLICIES["lung_and_infection"].remap(np.array([[[0.0, 0.3]]]))
