@@ -11,6 +11,7 @@ from datamodules.datamodule import DataError, MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError, read_dicom_series, read_volume, write_volume
 from datamodules.verify import main as verify_main
+from datamodules.phantom.suite import PHANTOM_SOURCES
 from tests.dicom_util import write_dicom_series
 
 SOURCES3 = ["covid19_20", "mosmed", "ctseg"]
@@ -20,7 +21,7 @@ SOURCES3 = ["covid19_20", "mosmed", "ctseg"]
 def faulty_root(phantom_root, tmp_path_factory):
     """The tiny suite with one planted fault per kind; returns (root, {fault: file name})."""
     root = tmp_path_factory.mktemp("faulty")
-    for s in SOURCES3:
+    for s in PHANTOM_SOURCES:  # every source, so verify reports on all of them at once
         shutil.copytree(phantom_root / s, root / s)
     faults = {}
     c20 = sorted((root / "covid19_20").rglob("*_seg.nii.gz"))
@@ -55,10 +56,20 @@ def faulty_root(phantom_root, tmp_path_factory):
     return root, faults
 
 
-def test_verify_reports_every_planted_fault(faulty_root, capsys):
+def test_verify_reports_every_planted_fault(faulty_root, phantom_root, capsys):
+    # the clean suite: only the problem its nsclc profile plants on purpose (a PleThora mask stored RPI)
+    assert verify_main(["--root", str(phantom_root), "--json", "--no-duplicates"]) == 1
+    clean = json.loads(capsys.readouterr().out)
+    assert [p["source"] for p in clean["problems"]] == ["nsclc"] and "RPI" in clean["problems"][0]["message"]
     root, faults = faulty_root
-    assert verify_main(["--root", str(root), "--sources", ",".join(SOURCES3), "--json", "--no-duplicates"]) == 1
+    assert verify_main(["--root", str(root), "--json", "--no-duplicates"]) == 1
     report = json.loads(capsys.readouterr().out)
+    assert set(report["sources"]) >= set(PHANTOM_SOURCES)
+    report["problems"] = [p for p in report["problems"] if p["source"] != "nsclc"]
+    for name in set(PHANTOM_SOURCES) - set(SOURCES3):  # untouched sources: same counts as the clean tree
+        got, want = report["sources"][name], clean["sources"][name]
+        assert (got["cases"], got["labelled"], got["patients"]) == (want["cases"], want["labelled"], want["patients"])
+        assert got["cases"] > 0, name
     by_file = {}
     for p in report["problems"]:
         by_file.setdefault(p["file"].rsplit("/", 1)[-1], []).append(p["message"])
