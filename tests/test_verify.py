@@ -10,8 +10,8 @@ import pytest
 from datamodules.datamodule import DataError, MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError, read_dicom_series, read_volume, write_volume
-from datamodules.verify import main as verify_main
 from datamodules.phantom.suite import PHANTOM_SOURCES
+from datamodules.verify import main as verify_main
 from tests.dicom_util import write_dicom_series
 
 SOURCES3 = ["covid19_20", "mosmed", "ctseg"]
