@@ -26,7 +26,7 @@ from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case
 from datamodules.label_policy import BACKGROUND, IGNORE, LabelPolicy
 
-CACHE_VERSION = 4  # 2: fg subsample seeded by case identity; 3: meta records the 8-bit window; 4: 6 classes
+CACHE_VERSION = 5  # 2: fg subsample seeded by case identity; 3: meta records the 8-bit window; 4/5: 6/8 classes
 FG_SAMPLES_PER_CLASS = 4096
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.cache import CachedCase
-from datamodules.label_policy import LESION
+from datamodules.label_policy import OPACITY
 
 
 def crop_with_pad(arr: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value: float) -> np.ndarray:
@@ -78,7 +78,7 @@ class PatchDataset(Dataset):
         ci = self._pick_case(rng)
         case, fg = self.cases[ci], self._fg[ci]
         image, label = case.image(), case.label()
-        lesion = fg[fg[:, 0] == LESION]
+        lesion = fg[np.isin(fg[:, 0], OPACITY)]  # typed (GGO, consolidation) or untyped opacity
         if len(lesion) and rng.random() < self.fg_fraction:
             center = lesion[rng.integers(len(lesion)), 1:]
         else:

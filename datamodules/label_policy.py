@@ -14,13 +14,32 @@ import numpy as np
 
 # Order is the channel order of every network output. Append new classes at the end only: cached
 # label maps and checkpoints store these indices.
-CLASSES: tuple[str, ...] = ("background", "lung_left", "lung_right", "lesion", "effusion", "tumour")
+CLASSES: tuple[str, ...] = ("background", "lung_left", "lung_right", "lesion", "effusion", "tumour", "ggo",
+                            "consolidation")
 # effusion and tumour exist so that a source's pleural effusion or (non-COVID) tumour can be its own
 # class when the config says so (e.g. data.policies={msd_lung: tumour_as_class}); by default such
 # codes are "ignore". They are never COVID lesion unless a policy named *_as_lesion is chosen.
+#
+# Two views of opacities: `lesion` is an opacity of unspecified type (the merged view every COVID source
+# gives); `ggo` and `consolidation` are its typed children (the split view of sources that tell them
+# apart, e.g. data.policies={medseg: ggo_consolidation}). In a source that annotates only `lesion`, the
+# children are unknown *within* the lesion: the loss merges them into their parent, not into
+# background, so a lesion voxel there may be learned as GGO or consolidation but never as background.
+PARENT: dict[str, str] = {"ggo": "lesion", "consolidation": "lesion"}
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 BACKGROUND = 0
 LESION = CLASS_INDEX["lesion"]
+# Label values that are an opacity in either view: the lesion mask of scoring, severity and predict.
+OPACITY = tuple(CLASS_INDEX[c] for c in ("lesion", "ggo", "consolidation"))
+
+
+def ancestors(name: str) -> list[str]:
+    """Parent, grandparent, ... of a class (nearest first)."""
+    out = []
+    while name in PARENT:
+        name = PARENT[name]
+        out.append(name)
+    return out
 # A raw code mapped to "ignore" becomes IGNORE in the common label map: those voxels count neither for
 # nor against any class in the loss and the metrics (e.g. a tumour in a non-COVID source, which is
 # neither COVID lesion nor healthy tissue). It survives nearest-neighbour resampling like any label.
@@ -78,11 +97,19 @@ class LabelPolicy:
         object.__setattr__(self, "code_map", codes)
 
     def annotated_vector(self) -> np.ndarray:
-        """Bool vector over CLASSES: True where the class is known in this source (background always)."""
+        """Bool vector over CLASSES: True where the class is known in this source (background always).
+
+        A parent whose children are all annotated is known too: a source that types every opacity as
+        GGO or consolidation also says where no opacity is.
+        """
         vec = np.zeros(len(CLASSES), dtype=bool)
         vec[BACKGROUND] = True
         for cls in self.annotated:
             vec[CLASS_INDEX[cls]] = True
+        for parent in set(PARENT.values()):
+            children = [c for c, p in PARENT.items() if p == parent]
+            if all(vec[CLASS_INDEX[c]] for c in children):
+                vec[CLASS_INDEX[parent]] = True
         return vec
 
     def remap(self, raw: np.ndarray, where: str = "<array>") -> np.ndarray:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case, load_original, restore_to_original
 from datamodules.io import VolumeError, dicom_series, read_dicom_series, read_volume, spacing_of, write_volume
-from datamodules.label_policy import CLASS_INDEX
+from datamodules.label_policy import CLASS_INDEX, OPACITY
 from datamodules.sources import get_source
 from datamodules.sources.base import NIFTI_RE, nifti_files
 from evaluation import severity as severity_mod
@@ -42,7 +42,6 @@ from experiments.tracking import write_csv, write_json
 
 WINDOW_8BIT = (-1250.0, 250.0)
 DISPLAY_WINDOW = (-1000.0, 300.0)
-LESION = CLASS_INDEX["lesion"]
 LUNGS = (CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"])
 
 
@@ -113,10 +112,10 @@ def predict_case(module, case: Case, harmonizer: HarmonizerConfig, device: str) 
 
 
 def severity_report(labels: np.ndarray, hu: np.ndarray, spacing, lungs: bool) -> dict:
-    lesion = labels == LESION
+    lesion = np.isin(labels, OPACITY)
     report = {"lesion_ml": float(lesion.sum() * np.prod(spacing) / 1000.0), "lungs_predicted": lungs}
     if lungs:
-        lung = labels > 0
+        lung = np.isin(labels, LUNGS + OPACITY)  # lungs with the opacities inside them
         if lung.any():
             sev = severity_mod.severity(lesion, lung=lung, spacing=spacing, hu=hu)
             report.update({k: sev[k] for k in ("po", "pho", "wal_pct", "lung_ml", "high_opacity_ml") if k in sev})
@@ -144,7 +143,7 @@ def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefi
 
     ras_hu = nib.as_closest_canonical(nib.Nifti1Image(hu.astype(np.float32), affine)).get_fdata(dtype=np.float32)
     ras_lab = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).dataobj)
-    area = (ras_lab == LESION).sum(axis=(0, 1))
+    area = np.isin(ras_lab, OPACITY).sum(axis=(0, 1))
     order = [int(z) for z in np.argsort(-area, kind="stable")[:n] if area[z] > 0] or [ras_lab.shape[2] // 2]
     sp = spacing_of(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).affine)
     out = []
@@ -152,7 +151,7 @@ def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefi
         # RAS arrays: x grows to the patient's right, y anterior; radiological view puts the patient's
         # right on the image's left and anterior at the top.
         img = ras_hu[:, :, z].T[::-1, ::-1]
-        les = (ras_lab[:, :, z] == LESION).T[::-1, ::-1]
+        les = np.isin(ras_lab[:, :, z], OPACITY).T[::-1, ::-1]
         lung = np.isin(ras_lab[:, :, z], LUNGS).T[::-1, ::-1]
         fig, ax = plt.subplots(figsize=(5, 5 * img.shape[0] * sp[1] / (img.shape[1] * sp[0])), dpi=100)
         ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1], interpolation="nearest",
@@ -204,9 +203,9 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
                         **decoding)
             labels = predict_case(module, case, harmonizer, device)
             hu, _, affine = load_original(case, None)
-            write_volume(out / f"{item.case_id}_lesion.nii.gz", (labels == LESION).astype(np.uint8), affine)
+            write_volume(out / f"{item.case_id}_lesion.nii.gz", np.isin(labels, OPACITY).astype(np.uint8), affine)
             if lungs:
-                lung = np.where(labels == LESION, 0, labels).astype(np.uint8)
+                lung = np.where(np.isin(labels, LUNGS), labels, 0).astype(np.uint8)
                 write_volume(out / f"{item.case_id}_labels.nii.gz", labels, affine)
                 write_volume(out / f"{item.case_id}_lung.nii.gz", _lung_with_lesions(lung, labels), affine)
             report = severity_report(labels, hu, spacing_of(affine), lungs)
@@ -224,7 +223,7 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
 def _lung_with_lesions(lung: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Lung side labels with lesion voxels assigned to the nearer predicted lung (lesions lie inside
     a lung; the label map codes them as lesion, not by side)."""
-    lesion = labels == LESION
+    lesion = np.isin(labels, OPACITY)
     if not lesion.any() or not lung.any():
         return lung
     from scipy.ndimage import distance_transform_edt

@@ -19,7 +19,7 @@ from datamodules.sources.custom import register_custom_source
 from evaluation.metrics import METRIC_NAMES
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
 from lightning_modules.networks import required_divisor
-from lightning_modules.segmentation import SegmentationModule
+from lightning_modules.segmentation import SegmentationModule, eval_classes
 
 PHANTOM_BANNER = ("*** PHANTOM DATA: paths.data_root is unset, so the sources are SYNTHETIC phantoms written in "
                   "the official layouts. Numbers from this run say nothing about real CT. ***")
@@ -167,9 +167,9 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         raise ValueError(f"the split has no validation case (data.val_fraction={cfg.data.val_fraction}): model "
                          "selection needs a training source with at least two labelled patients")
 
+    evaluation = OmegaConf.to_container(cfg.evaluation)
     unscorable = sorted({c.meta["source"] for c in dm.cached["test"]} - {
-        c.meta["source"] for c in dm.cached["test"]
-        if any(all(c.meta["annotated"][v] for v in spec["values"]) for spec in cfg.evaluation.classes.values())})
+        c.meta["source"] for c in dm.cached["test"] if eval_classes(evaluation, c.meta["annotated"])})
     if unscorable:
         raise ValueError(f"test source(s) {unscorable} annotate none of the evaluation classes "
                          f"{sorted(cfg.evaluation.classes)} under their label policy (data.policies picks another, "

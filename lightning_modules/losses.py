@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from datamodules.label_policy import IGNORE
+from datamodules.label_policy import BACKGROUND, CLASS_INDEX, CLASSES, IGNORE, ancestors
 from datamodules.registry import Registry
 
 LOSSES = Registry("loss")
@@ -23,19 +23,44 @@ def build_loss(name: str, **kwargs) -> nn.Module:
     return LOSSES.lookup(name)(**kwargs)
 
 
+def merge_destinations(annotated: torch.Tensor) -> torch.Tensor:
+    """[B, C] long: the channel each class's probability is merged into, per sample.
+
+    An annotated class keeps its own channel. An unannotated class goes to its nearest annotated
+    ancestor (`PARENT`: GGO and consolidation into lesion, for sources that annotate lesions untyped),
+    else to background (e.g. lungs in a lesion-only source).
+    """
+    b, c = annotated.shape
+    dest = torch.arange(c, device=annotated.device).expand(b, c).clone()
+    for k in range(c):  # the first c classes (tests and old checkpoints may have fewer channels)
+        if k == BACKGROUND:
+            continue
+        to = torch.zeros(b, dtype=torch.long, device=annotated.device)
+        for anc in reversed(ancestors(CLASSES[k])):  # farthest first, so the nearest annotated one wins
+            idx = CLASS_INDEX[anc]
+            if idx < c:
+                to = torch.where(annotated[:, idx], torch.full_like(to, idx), to)
+        dest[:, k] = torch.where(annotated[:, k], dest[:, k], to)
+    return dest
+
+
 def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities with channel 0 replaced by log(sum of p over background + unannotated classes).
+    """Log-probabilities on the sample's annotated classes, each channel summing the classes merged
+    into it (`merge_destinations`): background + unannotated unrelated classes, lesion + untyped
+    children. Channels of unannotated classes are left as they are; targets never point at them.
 
     logits: [B, C, *spatial]; annotated: [B, C] bool (channel 0 = background, always True).
-    Channels of unannotated classes are left as they are; targets never point at them.
     """
     logp = torch.log_softmax(logits.float(), dim=1)
-    merge = ~annotated.clone()
-    merge[:, 0] = True
-    shape = (merge.shape[0], merge.shape[1]) + (1,) * (logits.dim() - 2)
-    masked = logp.masked_fill(~merge.view(shape), float("-inf"))
-    merged_bg = torch.logsumexp(masked, dim=1, keepdim=True)
-    return torch.cat([merged_bg, logp[:, 1:]], dim=1)
+    dest = merge_destinations(annotated)
+    shape = tuple(dest.shape) + (1,) * (logits.dim() - 2)
+    out = []
+    for k in range(logits.shape[1]):
+        into_k = (dest == k).view(shape)  # [B, C, 1...]: which classes land in channel k
+        merged = torch.logsumexp(logp.masked_fill(~into_k, float("-inf")), dim=1, keepdim=True)
+        keep = annotated[:, k].view((-1, 1) + (1,) * (logits.dim() - 2))
+        out.append(torch.where(keep, merged, logp[:, k:k + 1]))
+    return torch.cat(out, dim=1)
 
 
 @register_loss("dice_ce")

@@ -22,7 +22,7 @@ from monai.inferers import sliding_window_inference
 
 from datamodules.harmonize import load_original, restore_to_original
 from datamodules.io import spacing_of, write_volume
-from datamodules.label_policy import CLASSES, IGNORE
+from datamodules.label_policy import CLASS_INDEX, CLASSES, IGNORE, ancestors
 from datamodules.sources import case_from_meta, policy_named
 from datamodules.splits import check_batch_sources
 from evaluation.metrics import METRIC_NAMES
@@ -32,12 +32,20 @@ from lightning_modules.networks import build_network
 
 
 def eval_classes(evaluation: dict, annotated: Sequence[bool]) -> list[EvalClass]:
-    """The configured evaluation classes this case's source annotates completely (a class merging a
-    class the source leaves unlabelled would be scored against voxels nobody delineated)."""
+    """The configured evaluation classes this case's source annotates completely: every value of the
+    class is annotated, or is a typed child (GGO, consolidation) of an annotated value in the class.
+    A class merging a value the source leaves unlabelled would be scored against voxels nobody
+    delineated."""
+    def known(v: int, values: Sequence[int]) -> bool:
+        if v < len(annotated) and annotated[v]:
+            return True
+        return any(CLASS_INDEX[a] in values and annotated[CLASS_INDEX[a]] for a in ancestors(CLASSES[v]))
+
     out = []
     for name, spec in evaluation["classes"].items():
-        if all(annotated[v] for v in spec["values"]):
-            out.append(EvalClass(name, tuple(int(v) for v in spec["values"]), float(spec["tolerance_mm"])))
+        values = [int(v) for v in spec["values"]]
+        if all(known(v, values) for v in values):
+            out.append(EvalClass(name, tuple(values), float(spec["tolerance_mm"])))
     return out
 
 

@@ -54,7 +54,7 @@ def test_l3net_scheme_maps_into_the_common_space(l3net_tree):
     assert out[1, 1, 1] == 3 and out[7, 1, 1] == 3                 # GGO and consolidation -> lesion
     assert out[0, 0, 1] == 1 and out[6, 0, 1] == 2                 # lungs keep their side
     assert out[11, 9, 2] == IGNORE and out[11, 8, 2] == 0          # effusion ignored, lymph nodes background
-    assert adapter.policy(cases[0]).annotated_vector().tolist() == [True, True, True, True, False, False]
+    assert adapter.policy(cases[0]).annotated_vector().tolist() == [True, True, True, True, False, False, False, False]
 
 
 def test_custom_source_problems_and_bad_specs(l3net_tree, tmp_path, capsys):

@@ -66,7 +66,7 @@ def test_run_scores_in_original_geometry_and_saves_what_it_scored(ctseg_run, pha
 def test_evaluate_reproduces_the_run_per_case_numbers(ctseg_run, phantom_root, tmp_path):
     out = tmp_path / "eval"
     rc = evaluate_main(["--pred", str(ctseg_run / "predictions"), "--ref", str(ctseg_run / "references"),
-                        "--out", str(out), "--labels", "lesion=3,lung=1+2+3",
+                        "--out", str(out), "--labels", "lesion=3+6+7,lung=1+2+3+6+7",
                         "--image", str(phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases"), "--source", "ctseg"])
     assert rc == 0
     run_rows, eval_rows = _rows(ctseg_run / "per_case.csv"), _rows(out / "per_case.csv")

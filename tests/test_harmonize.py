@@ -120,7 +120,7 @@ def test_harmonized_geometry_and_intensity(phantom_root, manifests):
     assert np.all(np.abs(np.array(h.image.shape) * np.array([4.0, 4.0, 8.0]) - ext0) < np.array([4.0, 4.0, 8.0]))
     assert h.image.dtype == np.float32 and 0.0 <= h.image.min() and h.image.max() <= 1.0
     assert set(np.unique(h.label)) <= {0, CLASS_INDEX["lesion"]}
-    assert h.meta["annotated"] == [True, False, False, True, False, False]
+    assert h.meta["annotated"] == [True, False, False, True, False, False, False, False]
     # Air outside the body decodes to ~ -1000 HU -> 0 after the [-1000, 300] window.
     assert np.median(h.image[:2, :2, :]) < 0.02
 

@@ -38,8 +38,8 @@ def test_annotated_vectors_mark_unannotated_lungs():
     # MosMed and COVID-19-20 annotate lesions only: lungs are unknown there, never background.
     for src in ("mosmed", "covid19_20"):
         vec = SOURCES[src].POLICIES["lesion"].annotated_vector()
-        assert vec.tolist() == [True, False, False, True, False, False]
-    assert SOURCES["ctseg"].POLICIES["lung_and_infection"].annotated_vector().tolist() == [True] * 4 + [False] * 2
+        assert vec.tolist() == [True, False, False, True, False, False, False, False]
+    assert SOURCES["ctseg"].POLICIES["lung_and_infection"].annotated_vector().tolist() == [True] * 4 + [False] * 4
 
 
 def test_unknown_code_names_file_and_code():

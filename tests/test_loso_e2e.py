@@ -157,3 +157,20 @@ def test_holding_out_a_source_with_nothing_to_score_is_a_clear_error(tmp_path, p
             f"paths.cache={cache}", "trainer.max_epochs=1", "wandb.mode=disabled"]
     with pytest.raises(ValueError, match=r"\['msd_lung'\] annotate none of the evaluation classes"):
         main(args)
+
+
+def test_mixed_views_train_together(tmp_path, phantom_root):
+    """MedSeg in the split view (GGO, consolidation) trains beside lesion-only sources; the held-out
+    source is scored on every opacity, typed or not."""
+    cache = phantom_root.parents[1]
+    metrics = main(["--holdout", "ctseg", "experiment=smoke", "data.sources=[covid19_20,medseg,ctseg]",
+                    "data.policies.medseg=ggo_consolidation", f"paths.runs={tmp_path}", f"paths.cache={cache}",
+                    "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=8",
+                    "wandb.mode=disabled"])
+    (run_dir,) = list((tmp_path / "loso").iterdir())
+    run = json.loads((run_dir / "run.json").read_text())
+    assert 0.0 <= metrics["test/ctseg/dice"] <= 1.0 and "test/ctseg/dice_ggo" not in metrics
+    rows = list(csv.DictReader((run_dir / "per_case.csv").open()))
+    assert {r["class"] for r in rows} == {"lesion", "lung"}
+    assert "val/medseg/dice_ggo" in metrics  # the typed source's validation case is scored per type
+    assert run["train_sources"] == ["covid19_20", "medseg"]

@@ -77,3 +77,27 @@ def test_ignored_voxels_take_no_part_in_the_loss():
     # and it equals the loss on the two valid voxels alone
     alone = loss(logits[:, :, :1], target[:, :1], annotated)
     assert torch.allclose(alone, base, atol=1e-6)
+
+
+def test_untyped_lesions_merge_ggo_and_consolidation_into_lesion_not_background():
+    """Both views: a lesion-only source may be explained by GGO/consolidation, never by background."""
+    from datamodules.label_policy import CLASS_INDEX, CLASSES
+    from datamodules.sources import SOURCES
+
+    n = len(CLASSES)
+    ggo, cons, les = CLASS_INDEX["ggo"], CLASS_INDEX["consolidation"], CLASS_INDEX["lesion"]
+    merged_view = torch.tensor(SOURCES["mosmed"].POLICIES["lesion"].annotated_vector())[None]
+    split_view = torch.tensor(SOURCES["medseg"].POLICIES["ggo_consolidation"].annotated_vector())[None]
+    assert split_view[0, les] and split_view[0, ggo] and not merged_view[0, ggo]  # lesion implied by its children
+
+    def ce(logit_class, target_class, annotated):
+        logits = torch.full((1, n, 1), -20.0)
+        logits[0, logit_class, 0] = 20.0
+        return PartialDiceCELoss(dice_weight=0.0)(logits, torch.tensor([[target_class]]), annotated).item()
+
+    assert ce(ggo, les, merged_view) < 1e-6        # lesion voxel, mass on GGO: fine in the merged view
+    assert ce(cons, les, merged_view) < 1e-6
+    assert ce(ggo, 0, merged_view) > 30            # background voxel, mass on GGO: wrong, not merged into bg
+    assert ce(CLASS_INDEX["lung_left"], 0, merged_view) < 1e-6  # unannotated lungs still merge into background
+    assert ce(les, ggo, split_view) > 30           # typed source: untyped lesion is not GGO
+    assert ce(ggo, ggo, split_view) < 1e-6

@@ -59,7 +59,8 @@ def test_msd_tumour_is_ignored_or_lesion_by_config(phantom_root, policy, code):
     expected = np.where(tumour, code, 0).astype(np.uint8)
     np.testing.assert_array_equal(label, expected)
     annotated = adapter.policy(case).annotated_vector()
-    assert annotated.tolist() == [True, False, False, policy == "tumour_as_lesion", False, policy == "tumour_as_class"]
+    assert annotated.tolist() == [True, False, False, policy == "tumour_as_lesion", False, policy == "tumour_as_class",
+                                  False, False]
 
 
 def test_msd_harmonizes_with_ignore(phantom_root):
@@ -67,7 +68,7 @@ def test_msd_harmonizes_with_ignore(phantom_root):
     case = next(c for c in adapter.discover() if c.labelled)
     h = harmonize_case(case, adapter.policy(case), HarmonizerConfig())
     assert set(np.unique(h.label).tolist()) <= {0, IGNORE} and (h.label == IGNORE).any()
-    assert h.meta["policy"] == "msd_lung/tumour_ignored" and h.meta["annotated"] == [True] + [False] * 5
+    assert h.meta["policy"] == "msd_lung/tumour_ignored" and h.meta["annotated"] == [True] + [False] * 7
 
 
 def test_msd_missing_label_and_orphan_label_are_problems(tmp_path, phantom_root):

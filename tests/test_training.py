@@ -30,7 +30,7 @@ def test_batches_carry_sources_and_never_the_holdout(dm):
     assert set(batch["source"]) <= {"covid19_20", "ctseg"}
     for src, sid, ann in zip(batch["source"], batch["source_id"].tolist(), batch["annotated"].tolist()):
         assert SOURCES3[sid] == src
-        assert ann == ([True, True, True, True, False, False] if src == "ctseg" else [True, False, False, True, False, False])
+        assert ann == ([True, True, True, True, False, False, False, False] if src == "ctseg" else [True, False, False, True, False, False, False, False])
     # fg_fraction=1: every patch is centred on a lesion voxel, so every patch holds lesion.
     assert all((batch["label"][i] == 3).any() for i in range(4))
     test_batch = next(iter(dm.test_dataloader()))
@@ -65,11 +65,11 @@ def test_eval_classes_follow_what_the_source_annotates_and_aggregate_by_source()
     pred[0, 1:3, 0] = 3  # 2 predicted, 1 overlapping -> Dice 0.5
     ref[2:, :, :] = 1
     pred[2:, :, :] = 1
-    mosmed_like = eval_classes(EVALUATION, [True, False, False, True, False, False])
+    mosmed_like = eval_classes(EVALUATION, [True, False, False, True, False, False, False, False])
     assert [c.name for c in mosmed_like] == ["lesion"]  # lungs unannotated: never scored
     rows = score_case(pred, ref, (2.0, 2.0, 5.0), mosmed_like)
     assert rows[0]["dice"] == pytest.approx(0.5) and rows[0]["ref_ml"] == pytest.approx(2 * 20 / 1000)
-    full = eval_classes(EVALUATION, [True] * 4 + [False] * 2)
+    full = eval_classes(EVALUATION, [True] * 4 + [False] * 4)
     lung = score_case(pred, ref, (1, 1, 1), full)[1]
     # lung = values 1+2+3: ref 16 + 2 voxels, pred 16 + 2, overlap 16 + 1 -> Dice 34/36
     assert lung["class"] == "lung" and lung["dice"] == pytest.approx(34 / 36)
@@ -92,3 +92,20 @@ def test_prepare_and_setup_touch_each_case_once(dm):
     dm.prepare_data()  # Lightning calls both again in fit, validate and test
     dm.setup("test")
     assert dm.cache.hits + dm.cache.misses == n
+
+
+def test_both_views_score_lesions_everywhere_and_types_where_annotated():
+    from datamodules.sources import SOURCES
+
+    evaluation = {"classes": {"lesion": {"values": [3, 6, 7], "tolerance_mm": 3.0},
+                              "ggo": {"values": [6], "tolerance_mm": 3.0},
+                              "lung": {"values": [1, 2, 3, 6, 7], "tolerance_mm": 1.0}}}
+    merged = SOURCES["mosmed"].POLICIES["lesion"].annotated_vector().tolist()
+    split = SOURCES["medseg"].POLICIES["ggo_consolidation"].annotated_vector().tolist()
+    full = SOURCES["ctseg"].POLICIES["lung_and_infection"].annotated_vector().tolist()
+    assert [c.name for c in eval_classes(evaluation, merged)] == ["lesion"]
+    assert [c.name for c in eval_classes(evaluation, split)] == ["lesion", "ggo"]
+    assert [c.name for c in eval_classes(evaluation, full)] == ["lesion", "lung"]
+    raw = np.array([[[0, 1, 2, 3]]])
+    assert SOURCES["medseg"].POLICIES["ggo_consolidation"].remap(raw).tolist() == [[[0, 6, 7, 254]]]
+    assert SOURCES["medseg"].POLICIES["lesion"].remap(raw).tolist() == [[[0, 3, 3, 254]]]

@@ -33,12 +33,12 @@ Cases and the current limitation:
   put two slices of one patient on both sides (UNCONFIRMED how many such pairs exist).
   `slices()` reads the stack headers (slice count), never voxels.
 
-Label policies: the common label space has a single lesion class, so GGO (1) and consolidation (2) both
-map to `lesion`; pleural effusion (3) is never lesion (nor lung or healthy tissue): the default policy
-`lesion` maps it to "ignore" (out of loss and metrics); `data.policies={medseg: effusion_as_class}` makes it
-the common class `effusion` instead. Not supported yet by the label space (CLASSES): GGO and consolidation
-as separate classes (the issue's "both views" requirement: needs `ggo` / `consolidation` classes).
-`fine_labels()` gives the raw three-way split for analysis meanwhile.
+Label policies, both views of the opacities: the default `lesion` merges GGO (1) and consolidation (2)
+into `lesion`, like every other COVID source; `ggo_consolidation` keeps them as the typed classes `ggo`
+and `consolidation` (the split view; sources that only give `lesion` still train such a model, their
+lesions merging GGO and consolidation in the loss). Pleural effusion (3) is never lesion (nor lung or
+healthy tissue): "ignore" (out of loss and metrics) by default; `effusion_as_class` makes it the common
+class `effusion`. `fine_labels()` gives the raw three-way split for analysis.
 """
 from __future__ import annotations
 
@@ -88,6 +88,9 @@ class MedSeg(SourceAdapter):
         "effusion_as_class": LabelPolicy(
             "medseg/effusion_as_class", {0: "background", 1: "lesion", 2: "lesion", 3: "effusion"},
             ("lesion", "effusion"), "1 GGO and 2 consolidation -> lesion; 3 pleural effusion as class `effusion`"),
+        "ggo_consolidation": LabelPolicy(
+            "medseg/ggo_consolidation", {0: "background", 1: "ggo", 2: "consolidation", 3: "ignore"},
+            ("ggo", "consolidation"), "1 GGO and 2 consolidation as typed classes (split view); 3 effusion ignored"),
     }
     DEFAULT_POLICY = "lesion"
     STACK_RE = re.compile(r"^(tr|val)_\d+$")
