@@ -141,6 +141,30 @@ class Harmonized:
     meta: dict[str, Any]
 
 
+def align_mask(label: np.ndarray, label_affine: np.ndarray, image_shape, image_affine: np.ndarray,
+               label_path, image_path) -> np.ndarray:
+    """The mask on the image's voxel grid.
+
+    A mask stored in another axis order or direction than its image (PleThora's RPI masks beside RAI
+    DICOM series) but whose header places every voxel at the same world position is reoriented onto
+    the image grid: the headers prove the correspondence, nothing is guessed. Anything else is the
+    `check_pair` error naming both files.
+    """
+    try:
+        check_pair(image_path, image_shape, image_affine, label_path, label.shape, label_affine)
+        return label
+    except VolumeError as mismatch:
+        transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(label_affine),
+                                                    nib.orientations.io_orientation(image_affine))
+        moved = nib.orientations.apply_orientation(label, transform)
+        moved_affine = label_affine @ nib.orientations.inv_ornt_aff(transform, label.shape)
+        try:
+            check_pair(image_path, image_shape, image_affine, label_path, moved.shape, moved_affine)
+        except VolumeError:
+            raise mismatch from None
+        return np.ascontiguousarray(moved)
+
+
 def load_original(case: Case, policy: LabelPolicy | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Read one case in its stored geometry: (HU float32, label in common classes or None, affine).
 
@@ -158,7 +182,7 @@ def load_original(case: Case, policy: LabelPolicy | None) -> tuple[np.ndarray, n
         if policy is None:
             raise ValueError(f"{case.key}: labelled case without a label policy")
         raw, lab_affine = read_volume(case.label)
-        check_pair(case.image, hu.shape, affine, case.label, raw.shape, lab_affine)
+        raw = align_mask(raw, lab_affine, hu.shape, affine, case.label, case.image)
         label = policy.remap(raw, where=str(case.label))
     return hu, label, affine
 

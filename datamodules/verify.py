@@ -23,7 +23,7 @@ import numpy as np
 
 from datamodules.cases import Case
 from datamodules.fingerprint import find_duplicates
-from datamodules.harmonize import check_pair, decode_intensity
+from datamodules.harmonize import align_mask, decode_intensity
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import LabelError
 from datamodules.sources import SOURCES, DataLayoutError, get_source
@@ -61,7 +61,9 @@ def check_case(case: Case, adapter) -> tuple[dict, list[dict]]:
     codes = sorted(int(v) for v in np.unique(raw))
     info["codes"] = codes
     try:
-        check_pair(case.image, stored.shape, affine, case.label, raw.shape, lab_affine)
+        aligned = align_mask(raw, lab_affine, stored.shape, affine, case.label, case.image)
+        if aligned is not raw:
+            info["mask_reoriented"] = True  # same world grid, other axis order: aligned by its header
     except VolumeError as exc:
         problems.append(_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1]))
     try:

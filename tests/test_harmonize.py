@@ -187,3 +187,26 @@ def test_restore_inverts_orientation_flips_and_resampling(phantom_root, source, 
     if case.flip_axes:  # forgetting the stored mirror flip would put the lesions on the other side
         mirrored = np.flip(restored, case.flip_axes[0])
         assert np.logical_and(mirrored == lesion, label == lesion).sum() < 0.5 * inter
+
+
+def test_align_mask_reorients_a_mask_stored_in_another_axis_order(tmp_path):
+    from datamodules.harmonize import align_mask
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 3, size=(5, 4, 3)).astype(np.uint8)
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 30.0]
+    # the same voxels stored transposed (z, y, x) and with x reversed: every voxel keeps its world position
+    stored = np.ascontiguousarray(label[::-1].transpose(2, 1, 0))
+    perm = np.zeros((4, 4))
+    perm[0, 2] = perm[1, 1] = perm[2, 0] = 1.0  # stored index (k, j, i') -> (i', j, k)
+    perm[3, 3] = 1.0
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, label.shape[0] - 1
+    stored_affine = affine @ flip @ perm
+    out = align_mask(stored, stored_affine, label.shape, affine, "mask.nii.gz", "image.nii.gz")
+    np.testing.assert_array_equal(out, label)
+    shifted = stored_affine.copy()
+    shifted[0, 3] += 3.0  # a real geometry difference is still an error naming the files
+    with pytest.raises(VolumeError, match=r"mask\.nii\.gz: mask shape \(3, 4, 5\) differs from image image\.nii\.gz"):
+        align_mask(stored, shifted, label.shape, affine, "mask.nii.gz", "image.nii.gz")

@@ -23,23 +23,29 @@ def ar(phantom_root):
     return adapter, {c.case_id: c for c in adapter.discover()}
 
 
-def test_nsclc_finds_the_written_patients_and_leaves_out_the_reversed_mask(nsclc, manifests, phantom_root):
+def test_nsclc_finds_the_written_patients_and_aligns_the_reversed_mask(nsclc, manifests, phantom_root):
+    from datamodules.harmonize import load_original
+    from datamodules.io import read_volume
+
     adapter, cases = nsclc
     rows = {r["case"]: r for r in manifests["nsclc"]["cases"]}
     reversed_ = [cid for cid, r in rows.items() if r["cavity_z_reversed"]]
     assert len(reversed_) == 1
-    assert sorted(cases) == sorted(set(rows) - set(reversed_))
+    assert sorted(cases) == sorted(rows) and not adapter.problems
     for cid, c in cases.items():
         assert c.patient_id == rows[cid]["patient"] == cid
         assert c.labelled == rows[cid]["labelled"]
         assert c.image.is_dir() and c.image.name == rows[cid]["series_folder"].split("/")[-1]
     assert any(not c.labelled for c in cases.values()) and any(c.labelled for c in cases.values())
-    # The reversed mask is the one problem: named with both files, the RPI/RAI reason given.
-    assert len(adapter.problems) == 1
-    p = adapter.problems[0]
-    assert p.file.endswith(rows[reversed_[0]]["cavity_file"]) and (phantom_root / "nsclc" / rows[reversed_[0]]["cavity_file"]).is_file()
-    assert "PleThora mask stored RPI vs DICOM RAI" in p.message and "NSCLC-Radiomics/" + reversed_[0] in p.message
-    assert "reversed" in p.message and "left out" in p.message
+    # The RPI/RAI mask is kept with a warning and reoriented onto the series grid by its header.
+    case = cases[reversed_[0]]
+    (warning,) = case.meta["warnings"]
+    assert "reversed" in warning and rows[reversed_[0]]["cavity_file"].split("/")[-1] in warning
+    hu, label, affine = load_original(case, adapter.policy(case))
+    stored, _ = read_volume(case.label)
+    assert label.shape == hu.shape
+    np.testing.assert_array_equal(label, adapter.policy(case).remap(stored[:, :, ::-1]))
+    assert not np.array_equal(label, adapter.policy(case).remap(stored))  # the reversal mattered
 
 
 def test_nsclc_earliest_study_ct_series_and_effusions(nsclc, manifests):
@@ -150,15 +156,14 @@ def test_verify_lists_counts_and_the_planted_problem(phantom_root, manifests, ca
 
     rc = verify_main(["--root", str(phantom_root), "--json", "--sources", "nsclc,covid19_ar"])
     report = json.loads(capsys.readouterr().out)
-    assert rc == 1   # the planted RPI/RAI mask
+    assert rc == 0   # the planted RPI/RAI mask is aligned by its header, not a problem
     n = report["sources"]["nsclc"]
     rows = manifests["nsclc"]["cases"]
-    assert n["cases"] == len(rows) - 1 and n["patients"] == len(rows) - 1
-    assert n["labelled"] == sum(r["labelled"] for r in rows) - 1
+    assert n["cases"] == len(rows) and n["patients"] == len(rows)
+    assert n["labelled"] == sum(r["labelled"] for r in rows)
     assert n["codes_seen"] == {"0": n["labelled"], "1": n["labelled"]} and n["codes_declared"] == [0, 1]
     a = report["sources"]["covid19_ar"]
     ar_rows = manifests["covid19_ar"]["cases"]
     assert a["cases"] == len(ar_rows) and a["labelled"] == 0
     assert a["patients"] == len({r["patient"] for r in ar_rows})
-    assert len(report["problems"]) == 1 and report["problems"][0]["source"] == "nsclc"
-    assert "RPI vs DICOM RAI" in report["problems"][0]["message"]
+    assert report["problems"] == []

@@ -19,15 +19,17 @@ verify/harmonize report. Effusion masks (never COVID lesion either) are only rec
 `Case.meta["effusion_mask"]`.
 
 Orientation: the TCIA note says the segmentations are RPI while the DICOMs are RAI. Per labelled case
-the mask header (nibabel) is compared with the DICOM geometry read from two slice headers; a mask whose
-shape or affine differs, in particular one that matches only after reversing an axis (stored the other way
-round), is reported as a problem naming both files and the case is left out: geometry that cannot be
-verified is never fixed silently. AMID's known bad patients (`KNOWN_BAD`) are left out with that reason.
+the mask header (nibabel) is compared with the DICOM geometry read from two slice headers. A mask stored
+with an axis reversed but whose header puts every voxel at the same world position (the RPI/RAI case) is
+kept, with a warning in `Case.meta["warnings"]`: `harmonize.align_mask` reorients it onto the series'
+grid, which the headers prove correct. Any other shape or affine difference is a problem naming both
+files and the case is left out: geometry that cannot be verified is never fixed. AMID's known bad patients (`KNOWN_BAD`) are left out with that reason.
 """
 from __future__ import annotations
 
 import csv
 import itertools
+import logging
 import re
 from datetime import date
 from pathlib import Path
@@ -43,6 +45,8 @@ DATE_RE = re.compile(r"^(\d{2})-(\d{2})-(\d{4})")
 # Geometry tolerances of the image/mask comparison (as the harmonizer's check_pair).
 AFFINE_ATOL_MM = 0.05
 DIRECTION_ATOL = 1e-3
+
+log = logging.getLogger(__name__)
 
 
 def folder_date(name: str) -> date | None:
@@ -193,7 +197,7 @@ class NSCLCRadiomics(SourceAdapter):
             meta = {"study": series.parent.name, "series": series.name, "effusion_mask": sorted(effusion)}
             if note:
                 meta["series_note"] = note
-            if cavity is not None and not self._geometry_ok(series, cavity):
+            if cavity is not None and not self._geometry_ok(series, cavity, meta):
                 continue
             cases.append(Case(source=self.name, case_id=pid, patient_id=pid, image=series, label=cavity,
                               policy=self.default_policy if cavity is not None else None, meta=meta))
@@ -244,7 +248,7 @@ class NSCLCRadiomics(SourceAdapter):
         notes.append(f"CT series {chosen.name} ({len(dicom_files(chosen))} files) chosen over {others}")
         return chosen, "; ".join(notes)
 
-    def _geometry_ok(self, series: Path, mask: Path) -> bool:
+    def _geometry_ok(self, series: Path, mask: Path, meta: dict) -> bool:
         import nibabel as nib
 
         try:
@@ -265,11 +269,14 @@ class NSCLCRadiomics(SourceAdapter):
             return True
         axes = reversed_axes(i_aff, m_aff, i_shape)
         if axes is not None:
+            # Same world grid stored in another order (PleThora RPI vs DICOM RAI): the headers prove the
+            # correspondence, and harmonize.align_mask reorients the mask onto the series' grid.
             names = "/".join("xyz"[a] for a in axes)
-            self.problem(mask, f"PleThora mask stored RPI vs DICOM RAI: {mask} is stored with voxel axis {names} "
-                               f"reversed relative to the DICOM series {series} (same grid, other order; orientation "
-                               f"{''.join(nib.aff2axcodes(m_aff))} vs {''.join(nib.aff2axcodes(i_aff))}); not fixed "
-                               "silently, case left out")
+            warning = (f"{mask}: PleThora mask stored with voxel axis {names} reversed relative to the DICOM series "
+                       f"({''.join(nib.aff2axcodes(m_aff))} vs {''.join(nib.aff2axcodes(i_aff))}); aligned by its header")
+            meta.setdefault("warnings", []).append(warning)
+            log.warning(warning)
+            return True
         else:
             self.problem(mask, f"mask affine differs from DICOM series {series}:\nimage\n{np.round(i_aff, 4)}\n"
                                f"mask\n{np.round(m_aff, 4)}\ncase left out")
