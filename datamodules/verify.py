@@ -89,6 +89,9 @@ def verify_source(root: Path, name: str) -> dict:
     except DataLayoutError as exc:
         out["problems"].append(_problem(name, str(folder), str(exc)))
         return out
+    if hasattr(adapter, "slices"):  # 2D-only cases (MedSeg's slice stacks): counted, not read voxel by voxel
+        flat = adapter.slices()
+        out["slices_2d"] = {"cases": len(flat), "labelled": sum(c.labelled for c in flat)}
     out["problems"] += [_problem(p.source, p.file, p.message) for p in adapter.problems]
     if not cases:
         out["problems"].append(_problem(name, str(folder), "the layout is there but holds no case"))
@@ -139,7 +142,8 @@ def print_report(report: dict) -> None:
         if not s["found"]:
             print(f"  {name:<12} not found ({s['folder']})")
             continue
-        print(f"  {name:<12} {s['cases']:>5} cases {s['labelled']:>5} labelled {s['patients']:>5} patients"
+        flat = f" + {s['slices_2d']['cases']} 2D-only slices" if s.get("slices_2d") else ""
+        print(f"  {name:<12} {s['cases']:>5} cases{flat} {s['labelled']:>5} labelled {s['patients']:>5} patients"
               f"  spacing x {s.get('spacing_mm', {}).get('x')} z {s.get('spacing_mm', {}).get('z')} mm"
               f"  orientations {s.get('axcodes')}  codes seen {s.get('codes_seen')} declared {s.get('codes_declared')}")
     for d in report["duplicates"]:

@@ -152,3 +152,15 @@ def test_effusion_as_class_policy(medseg):
     assert (mapped[raw == 3] == CLASS_INDEX["effusion"]).all() and (mapped[raw == 2] == LESION).all()
     with pytest.raises(ValueError, match="unknown label policy 'ggo_as_class'"):
         SOURCES["medseg"](medseg, policy="ggo_as_class")
+
+
+def test_verify_counts_the_2d_only_slices(phantom_root, manifests, capsys):
+    import json
+
+    from datamodules.verify import main as verify_main
+
+    assert verify_main(["--root", str(phantom_root), "--sources", "medseg", "--json", "--no-duplicates"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    flat = SOURCES["medseg"](phantom_root / "medseg").slices()
+    assert report["sources"]["medseg"]["slices_2d"] == {"cases": len(flat), "labelled": sum(c.labelled for c in flat)}
+    assert report["sources"]["medseg"]["slices_2d"]["labelled"] > 0
