@@ -266,6 +266,8 @@ def restore_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarra
     else:
         best = labels = None
         for c in range(scores.shape[0]):
+            if c > 0 and not bool(scores[c].gt(0).any()):
+                continue  # a channel with zero probability everywhere (never trained) cannot win the argmax
             ch = _resize_to(scores[c][None, None], scale, can_shape)
             if best is None:
                 best, labels = ch, torch.zeros(can_shape, dtype=torch.uint8)

@@ -47,20 +47,21 @@ def merge_destinations(annotated: torch.Tensor) -> torch.Tensor:
 def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
     """Log-probabilities on the sample's annotated classes, each channel summing the classes merged
     into it (`merge_destinations`): background + unannotated unrelated classes, lesion + untyped
-    children. Channels of unannotated classes are left as they are; targets never point at them.
+    children. Channels of unannotated classes hold log(~0); targets and the Dice never use them.
 
     logits: [B, C, *spatial]; annotated: [B, C] bool (channel 0 = background, always True).
     """
     logp = torch.log_softmax(logits.float(), dim=1)
     dest = merge_destinations(annotated)
-    shape = tuple(dest.shape) + (1,) * (logits.dim() - 2)
-    out = []
-    for k in range(logits.shape[1]):
-        into_k = (dest == k).view(shape)  # [B, C, 1...]: which classes land in channel k
-        merged = torch.logsumexp(logp.masked_fill(~into_k, float("-inf")), dim=1, keepdim=True)
-        keep = annotated[:, k].view((-1, 1) + (1,) * (logits.dim() - 2))
-        out.append(torch.where(keep, merged, logp[:, k:k + 1]))
-    return torch.cat(out, dim=1)
+    if bool((dest == torch.arange(dest.shape[1], device=dest.device)).all()):
+        return logp  # every class annotated in every sample: nothing to merge
+    # One pass for all merges: q[b, k] = sum of p[b, c] over the classes c merged into k (a [C, C]
+    # assignment per sample), instead of a masked logsumexp per channel (3x slower on 8 classes).
+    # Probabilities underflow only below e^-87 in float32; the clamp caps such a voxel's CE at 69.
+    assign = torch.nn.functional.one_hot(dest, logits.shape[1]).to(logp.dtype)  # [B, C, K]
+    b, c = logp.shape[:2]
+    q = torch.bmm(assign.transpose(1, 2), logp.exp().reshape(b, c, -1)).reshape(logp.shape)
+    return torch.log(q.clamp_min(1e-30))
 
 
 @register_loss("dice_ce")
