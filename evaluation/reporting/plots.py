@@ -74,9 +74,9 @@ def _severity_plots(c: Config, measure: str, out: Path, phantom: bool, ba: dict 
     ref, pred = np.array([p[1] for p in pairs]), np.array([p[2] for p in pairs])
     name, unit, top, _ = SEVERITY[measure]
     entries = []
+    by_source = {s: [i for i, p in enumerate(pairs) if p[0] == s] for s in sources}
     fig, (ax,) = _figure()
-    for s in sources:
-        sel = [i for i, p in enumerate(pairs) if p[0] == s]
+    for s, sel in by_source.items():
         ax.scatter(ref[sel], pred[sel], s=14, label=s)
     hi = max(top, float(max(ref.max(), pred.max())))
     ax.plot([0, hi], [0, hi], "k--", lw=1, label="identity")
@@ -89,8 +89,7 @@ def _severity_plots(c: Config, measure: str, out: Path, phantom: bool, ba: dict 
     entries.append({"file": f"plots/{path.name}", "title": f"{name} reference vs predicted, {c.label}",
                     "config": c.label})
     fig, (ax,) = _figure()
-    for s in sources:
-        sel = [i for i, p in enumerate(pairs) if p[0] == s]
+    for s, sel in by_source.items():
         ax.scatter((ref[sel] + pred[sel]) / 2, pred[sel] - ref[sel], s=14, label=s)
     for y, style, text in ((ba["bias"], "-", "mean"), (ba["loa_low"], "--", "mean - 1.96 sd"),
                           (ba["loa_high"], "--", "mean + 1.96 sd")):
