@@ -137,3 +137,39 @@ def test_ctseg_kaggle_mirror_names_and_float_masks(tmp_path, phantom_root):
     # the Zenodo policy itself still refuses float residue: it would hide a wrong file
     with pytest.raises(LabelError, match="non-integer"):
         SOURCES["ctseg"].POLICIES["lung_and_infection"].remap(np.array([[[0.0, 0.3]]]))
+
+
+def test_mosmed_flat_uncompressed_mirror(tmp_path, phantom_root):
+    """Kaggle-style mirror: `studies/study_NNNN.nii` and `masks/study_NNNN_mask.nii`, no CT-k folders."""
+    import nibabel as nib
+
+    src = phantom_root / "mosmed" / "COVID19_1110"
+    flat = tmp_path / "mosmed" / "mosmed_kaggle"
+    for path in sorted(src.rglob("study_*.nii.gz")):
+        sub = "masks" if path.name.endswith("_mask.nii.gz") else "studies"
+        (flat / sub).mkdir(parents=True, exist_ok=True)
+        img = nib.load(str(path))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine), str(flat / sub / path.name.replace(".gz", "")))
+    original = {c.case_id: c for c in SOURCES["mosmed"](phantom_root / "mosmed").discover()}
+    cases = {c.case_id: c for c in SOURCES["mosmed"](tmp_path / "mosmed").discover()}
+    assert sorted(cases) == sorted(original)
+    for cid, c in cases.items():
+        assert c.image.name == f"{cid}.nii" and c.labelled == original[cid].labelled
+        assert c.meta["category"] is None  # no CT-k folder and no registry: unknown, not guessed
+    # with the registry beside it, the category comes from there
+    (flat / "dataset_registry.csv").write_bytes((src / "dataset_registry.csv").read_bytes())
+    cases = {c.case_id: c for c in SOURCES["mosmed"](tmp_path / "mosmed").discover()}
+    assert {cid: c.meta["category"] for cid, c in cases.items()} == {cid: c.meta["category"] for cid, c in original.items()}
+
+
+def test_covid19_20_day_suffix_is_the_same_patient(tmp_path, phantom_root):
+    import shutil
+
+    shutil.copytree(phantom_root / "covid19_20", tmp_path / "covid19_20")
+    train = next((tmp_path / "covid19_20").rglob("Train"))
+    base = sorted(p.name[: -len("_ct.nii.gz")] for p in train.glob("*_ct.nii.gz") if "_1_" not in p.name)[0]
+    for kind in ("ct", "seg"):
+        shutil.copy(train / f"{base}_{kind}.nii.gz", train / f"{base}_day012_{kind}.nii.gz")
+    cases = {c.case_id: c for c in SOURCES["covid19_20"](tmp_path / "covid19_20").discover()}
+    assert cases[f"{base}_day012"].patient_id == cases[base].patient_id == base
+    assert cases[f"{base}_day012"].labelled
