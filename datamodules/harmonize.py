@@ -120,17 +120,43 @@ def window_normalize(hu: np.ndarray, cfg: HarmonizerConfig) -> np.ndarray:
     return ((clipped - cfg.mean) / cfg.std).astype(np.float32)
 
 
-def check_pair(image_path, image_shape, image_affine, label_path, label_shape, label_affine) -> None:
+def grid_mismatch(image_shape, image_affine: np.ndarray, label_shape, label_affine: np.ndarray) -> str | None:
+    """None when the label lies on the image's voxel grid (within tolerance); else "shape" or "affine"."""
     if tuple(image_shape) != tuple(label_shape):
-        raise VolumeError(f"{label_path}: mask shape {tuple(label_shape)} differs from image {image_path} "
-                          f"shape {tuple(image_shape)}")
+        return "shape"
     d_img, d_lab = image_affine[:3, :3], label_affine[:3, :3]
     sp = spacing_of(image_affine)
     if (np.abs(d_img / sp - d_lab / sp).max() > DIRECTION_ATOL
             or np.abs(image_affine[:3, 3] - label_affine[:3, 3]).max() > AFFINE_ATOL_MM
             or np.abs(sp - spacing_of(label_affine)).max() > AFFINE_ATOL_MM):
+        return "affine"
+    return None
+
+
+def check_pair(image_path, image_shape, image_affine, label_path, label_shape, label_affine) -> None:
+    mismatch = grid_mismatch(image_shape, image_affine, label_shape, label_affine)
+    if mismatch == "shape":
+        raise VolumeError(f"{label_path}: mask shape {tuple(label_shape)} differs from image {image_path} "
+                          f"shape {tuple(image_shape)}")
+    if mismatch == "affine":
         raise VolumeError(f"{label_path}: mask affine differs from image {image_path} beyond tolerance "
                           f"({AFFINE_ATOL_MM} mm):\nimage\n{np.round(image_affine, 4)}\nmask\n{np.round(label_affine, 4)}")
+
+
+def reorientation(label_shape, label_affine: np.ndarray, image_shape, image_affine: np.ndarray) -> np.ndarray | None:
+    """The nibabel orientation transform that stores the label on the image's grid, or None.
+
+    Only headers are read: a label stored in another axis order or direction (PleThora's RPI masks
+    beside RAI DICOM series) whose voxels sit at the same world positions gets that transform (the
+    identity when the grids already agree); any other difference gets None.
+    """
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(label_affine),
+                                                nib.orientations.io_orientation(image_affine))
+    moved_shape = [0, 0, 0]
+    for src_axis, (dst_axis, _) in enumerate(transform.astype(int)):
+        moved_shape[dst_axis] = int(label_shape[src_axis])
+    moved_affine = label_affine @ nib.orientations.inv_ornt_aff(transform, label_shape)
+    return transform if grid_mismatch(image_shape, image_affine, moved_shape, moved_affine) is None else None
 
 
 @dataclass
@@ -145,24 +171,16 @@ def align_mask(label: np.ndarray, label_affine: np.ndarray, image_shape, image_a
                label_path, image_path) -> np.ndarray:
     """The mask on the image's voxel grid.
 
-    A mask stored in another axis order or direction than its image (PleThora's RPI masks beside RAI
-    DICOM series) but whose header places every voxel at the same world position is reoriented onto
-    the image grid: the headers prove the correspondence, nothing is guessed. Anything else is the
-    `check_pair` error naming both files.
+    A mask stored in another axis order or direction than its image but whose header places every voxel
+    at the same world position is reoriented onto the image grid (`reorientation`): the headers prove
+    the correspondence, nothing is guessed. Anything else is the `check_pair` error naming both files.
     """
-    try:
-        check_pair(image_path, image_shape, image_affine, label_path, label.shape, label_affine)
+    if grid_mismatch(image_shape, image_affine, label.shape, label_affine) is None:
         return label
-    except VolumeError as mismatch:
-        transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(label_affine),
-                                                    nib.orientations.io_orientation(image_affine))
-        moved = nib.orientations.apply_orientation(label, transform)
-        moved_affine = label_affine @ nib.orientations.inv_ornt_aff(transform, label.shape)
-        try:
-            check_pair(image_path, image_shape, image_affine, label_path, moved.shape, moved_affine)
-        except VolumeError:
-            raise mismatch from None
-        return np.ascontiguousarray(moved)
+    transform = reorientation(label.shape, label_affine, image_shape, image_affine)
+    if transform is None:
+        check_pair(image_path, image_shape, image_affine, label_path, label.shape, label_affine)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(label, transform))
 
 
 def load_original(case: Case, policy: LabelPolicy | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

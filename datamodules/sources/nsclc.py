@@ -28,7 +28,6 @@ files and the case is left out: geometry that cannot be verified is never fixed.
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
 import re
 from datetime import date
@@ -37,14 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.cases import Case
+from datamodules.harmonize import reorientation
 from datamodules.io import LPS_TO_RAS
 from datamodules.label_policy import LabelPolicy
 from datamodules.sources.base import SourceAdapter, register_source, walk_dirs
 
 DATE_RE = re.compile(r"^(\d{2})-(\d{2})-(\d{4})")
-# Geometry tolerances of the image/mask comparison (as the harmonizer's check_pair).
-AFFINE_ATOL_MM = 0.05
-DIRECTION_ATOL = 1e-3
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +105,6 @@ def dicom_geometry(files: list[Path]) -> tuple[tuple[int, int, int], np.ndarray]
     ras = np.diag([*np.diag(LPS_TO_RAS), 1.0]) @ lps
     size = first.GetSize()
     return (int(size[0]), int(size[1]), n), ras
-
-
-def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
-    sa, sb = np.sqrt((a[:3, :3] ** 2).sum(0)), np.sqrt((b[:3, :3] ** 2).sum(0))
-    return bool(np.abs(a[:3, :3] / sa - b[:3, :3] / sb).max() <= DIRECTION_ATOL
-                and np.abs(sa - sb).max() <= AFFINE_ATOL_MM and np.abs(a[:3, 3] - b[:3, 3]).max() <= AFFINE_ATOL_MM)
-
-
-def flipped_affine(affine: np.ndarray, shape, axes) -> np.ndarray:
-    """The affine of the same voxels stored with `axes` reversed."""
-    flip = np.eye(4)
-    for ax in axes:
-        flip[ax, ax], flip[ax, 3] = -1.0, shape[ax] - 1
-    return affine @ flip
-
-
-def reversed_axes(image_affine: np.ndarray, mask_affine: np.ndarray, shape) -> tuple[int, ...] | None:
-    """The voxel axes the mask is stored reversed along relative to the image (same world grid), or None."""
-    for k in (1, 2, 3):
-        for axes in itertools.combinations(range(3), k):
-            if affines_match(flipped_affine(image_affine, shape, axes), mask_affine):
-                return axes
-    return None
 
 
 def read_nbia_metadata(manifest: Path) -> dict[Path, dict]:
@@ -262,22 +236,17 @@ class NSCLCRadiomics(SourceAdapter):
         except RuntimeError as exc:
             self.problem(series, f"unreadable DICOM header ({exc}); case left out")
             return False
-        if m_shape != i_shape:
-            self.problem(mask, f"mask shape {m_shape} differs from DICOM series {series} shape {i_shape}; case left out")
+        transform = reorientation(m_shape, m_aff, i_shape, i_aff)
+        if transform is None:
+            self.problem(mask, f"mask grid differs from DICOM series {series}: shape {m_shape} vs {i_shape}\nimage\n"
+                               f"{np.round(i_aff, 4)}\nmask\n{np.round(m_aff, 4)}\ncase left out")
             return False
-        if affines_match(i_aff, m_aff):
-            return True
-        axes = reversed_axes(i_aff, m_aff, i_shape)
-        if axes is not None:
+        if not np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
             # Same world grid stored in another order (PleThora RPI vs DICOM RAI): the headers prove the
             # correspondence, and harmonize.align_mask reorients the mask onto the series' grid.
-            names = "/".join("xyz"[a] for a in axes)
+            names = "/".join("xyz"[a] for a, (_, flip) in enumerate(transform) if flip < 0) or "order"
             warning = (f"{mask}: PleThora mask stored with voxel axis {names} reversed relative to the DICOM series "
                        f"({''.join(nib.aff2axcodes(m_aff))} vs {''.join(nib.aff2axcodes(i_aff))}); aligned by its header")
             meta.setdefault("warnings", []).append(warning)
             log.warning(warning)
-            return True
-        else:
-            self.problem(mask, f"mask affine differs from DICOM series {series}:\nimage\n{np.round(i_aff, 4)}\n"
-                               f"mask\n{np.round(m_aff, 4)}\ncase left out")
-        return False
+        return True
