@@ -105,21 +105,15 @@ class MultiSourceDataModule(pl.LightningDataModule):
 
     def _merge_duplicates(self, cases: list[Case]) -> list[Case]:
         """The same scan under two names or sources is one patient: no split may put it on both sides."""
-        labelled = [c for c in cases if c.labelled]
-        try:
-            self.duplicates = fingerprint.find_duplicates(labelled, cache_dir=self.cache.root.parent / "fingerprints")
-        except CASE_ERRORS:
-            if self.on_error == "fail":
-                raise
-            # unreadable files are reported (and skipped) when harmonizing; fingerprint the readable ones
-            ok = []
-            for c in labelled:
-                try:
-                    fingerprint.cached_fingerprint(c, self.cache.root.parent / "fingerprints")
-                    ok.append(c)
-                except CASE_ERRORS:
-                    pass
-            self.duplicates = fingerprint.find_duplicates(ok, cache_dir=self.cache.root.parent / "fingerprints")
+        fingerprints = []
+        for case in (c for c in cases if c.labelled):
+            try:
+                fingerprints.append(fingerprint.cached_fingerprint(case, self.cache.root.parent / "fingerprints"))
+            except CASE_ERRORS:
+                if self.on_error == "fail":
+                    raise
+                # skip: the unreadable case is reported (and left out) when harmonizing
+        self.duplicates = fingerprint.group_fingerprints(fingerprints)
         for g in self.duplicates:
             print(f"[duplicates] {g.describe()}: grouped as one patient", flush=True)
         return merge_duplicate_patients(cases, self.duplicates) if self.duplicates else cases
