@@ -147,6 +147,28 @@ def severity_columns(pred_lesion: np.ndarray, ref_lesion: np.ndarray, spacing: S
     return out
 
 
+# Classes whose mask severity reads as the lesion, in order of preference.
+SEVERITY_CLASSES = ("opacity", "lesion")
+
+
+def attach_severity(rows: list[dict], classes: Sequence[EvalClass], pred: np.ndarray, ref: np.ndarray,
+                    spacing: Sequence[float], hu: np.ndarray | None = None, lobes: np.ndarray | None = None,
+                    pred_lung: bool = False) -> None:
+    """Add `severity_columns` to the lesion class's row when the inputs allow (HU or lobes, and a lung:
+    the lobes' union, else the reference's `lung` class; `pred_lung`: the prediction inside its own lung)."""
+    by_name = {c.name: c for c in classes}
+    lesion = next((by_name[n] for n in SEVERITY_CLASSES if n in by_name), None)
+    lung = by_name.get("lung")
+    if lesion is None or (hu is None and lobes is None) or (lobes is None and lung is None):
+        return
+    sev = severity_columns(lesion.mask(pred), lesion.mask(ref), spacing,
+                           lung=None if lobes is not None else lung.mask(ref),
+                           pred_lung=lung.mask(pred) if (lobes is None and pred_lung) else None, hu=hu, lobes=lobes)
+    for r in rows:
+        if r["class"] == lesion.name:
+            r.update(sev)
+
+
 def _finite(values: Iterable) -> tuple[list[float], int]:
     vals, undefined = [], 0
     for v in values:

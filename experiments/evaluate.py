@@ -34,16 +34,15 @@ from datamodules.sources.base import NIFTI_RE
 from evaluation.metrics import METRIC_NAMES
 from evaluation.scoring import (
     EvalClass,
+    attach_severity,
     make_classes,
     parse_labels,
     parse_tolerances,
     score_case,
-    severity_columns,
     summarize,
 )
 from experiments.tracking import write_csv, write_json
 
-SEVERITY_CLASSES = ("opacity", "lesion")  # first one defined is the lesion mask severity reads
 COLUMNS = ("source", "case", "class", *METRIC_NAMES, "tolerance_mm")
 
 
@@ -109,9 +108,9 @@ def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, classes: list[E
     check_pair(ref_path, ref.shape, ref_affine, pred_path, pred.shape, pred_affine)
     spacing = spacing_of(ref_affine).tolist()
     rows = score_case(pred, ref, spacing, classes, ignore=ignore)
-    source, _, case = case_id.rpartition("/")
+    folder, _, case = case_id.rpartition("/")
     for r in rows:
-        r.update(source=source, case=case)
+        r.update(source=folder, case=case)
     hu = lobes = None
     if image_path is not None:
         stored, img_affine = read_volume(image_path)
@@ -124,17 +123,7 @@ def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, classes: list[E
     if lobes_path is not None:
         lobes, lobes_affine = read_labels(lobes_path)
         check_pair(ref_path, ref.shape, ref_affine, lobes_path, lobes.shape, lobes_affine)
-    by_name = {c.name: c for c in classes}
-    lesion_cls = next((by_name[n] for n in SEVERITY_CLASSES if n in by_name), None)
-    lung_cls = by_name.get("lung")
-    if lesion_cls is not None and (hu is not None or lobes is not None) and (lobes is not None or lung_cls is not None):
-        sev = severity_columns(
-            lesion_cls.mask(pred), lesion_cls.mask(ref), spacing,
-            lung=None if lobes is not None else lung_cls.mask(ref),
-            pred_lung=lung_cls.mask(pred) if (lobes is None and pred_lung) else None, hu=hu, lobes=lobes)
-        for r in rows:
-            if r["class"] == lesion_cls.name:
-                r.update(sev)
+    attach_severity(rows, classes, pred, ref, spacing, hu=hu, lobes=lobes, pred_lung=pred_lung)
     return rows
 
 

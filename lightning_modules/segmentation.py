@@ -26,7 +26,7 @@ from datamodules.label_policy import CLASS_INDEX, CLASSES, IGNORE, ancestors
 from datamodules.sources import case_from_meta, policy_named
 from datamodules.splits import check_batch_sources
 from evaluation.metrics import METRIC_NAMES
-from evaluation.scoring import EvalClass, describe, score_case, severity_columns
+from evaluation.scoring import EvalClass, attach_severity, describe, score_case
 from lightning_modules.losses import build_loss
 from lightning_modules.networks import build_network
 
@@ -123,16 +123,15 @@ class SegmentationModule(pl.LightningModule):
         logits = self.predict_volume(batch["image"])
         ev = self.hparams.evaluation
         classes = eval_classes(ev, batch["annotated"][0].tolist())
-        row = {"case": batch["case"][0], "source": batch["source"][0]}
-        if stage == "test" and ev["space"] == "original":
+        space = "original" if stage == "test" and ev["space"] == "original" else "harmonized"
+        row = {"case": batch["case"][0], "source": batch["source"][0], "space": space}
+        if space == "original":
             scored = self._score_original(logits, batch["meta_path"][0], classes)
         else:
             pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
             ref = batch["label"][0, 0].cpu().numpy()
             surface = stage == "test" or ev.get("val_surface", False)
             scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=surface, ignore=IGNORE)
-            for r in scored:
-                r["space"] = "harmonized"
         self.rows[stage].extend(dict(row, **r) for r in scored)
 
     def _score_original(self, logits: torch.Tensor, meta_path: str, classes: list[EvalClass]) -> list[dict]:
@@ -145,19 +144,11 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"{case.key}: test case without a reference mask ({case.image})")
         spacing = spacing_of(affine).tolist()
         rows = score_case(pred, ref, spacing, classes, ignore=IGNORE)
-        lung_cls = next((c for c in classes if c.name == "lung"), None)
-        lesion_cls = next((c for c in classes if c.name == "lesion"), None)
-        if lung_cls is not None and lesion_cls is not None:
-            sev = severity_columns(lesion_cls.mask(pred), lesion_cls.mask(ref), spacing, lung=lung_cls.mask(ref), hu=hu)
-            for r in rows:
-                if r["class"] == "lesion":
-                    r.update(sev)
+        attach_severity(rows, classes, pred, ref, spacing, hu=hu)
         if self.prediction_dir is not None:
             name = f"{case.source}/{case.case_id}.nii.gz"
             write_volume(self.prediction_dir / "predictions" / name, pred, affine)
             write_volume(self.prediction_dir / "references" / name, ref, affine)
-        for r in rows:
-            r["space"] = "original"
         return rows
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

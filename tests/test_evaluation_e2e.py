@@ -190,3 +190,20 @@ def test_evaluate_lobe_scores_from_lobe_maps(ctseg_run, phantom_root, tmp_path):
         lhos = sum(lobe_score(100 * (les & (lab == v) & (hu >= -200)).sum() / (lab == v).sum()) for v in range(1, 6))
         assert int(float(rows[c]["ref_lss"])) == lss and int(float(rows[c]["ref_lhos"])) == lhos
         assert 0 <= int(float(rows[c]["pred_lss"])) <= 20
+
+
+def test_evaluate_decodes_8bit_images_in_flat_folders_too(ctseg_run, phantom_root, tmp_path):
+    """`--source` decides the decoding even when the folders are flat (no source sub-folder)."""
+    case = "radiopaedia_7_85703_0"
+    for d in ("pred", "ref"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "pred" / f"{case}.nii.gz").write_bytes(
+        (ctseg_run / "predictions" / "ctseg" / f"{case}.nii.gz").read_bytes())
+    (tmp_path / "ref" / f"{case}.nii.gz").write_bytes((ctseg_run / "references" / "ctseg" / f"{case}.nii.gz").read_bytes())
+    assert evaluate_main(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "o"),
+                          "--labels", "lesion=3+6+7,lung=1+2+3+6+7", "--source", "ctseg",
+                          "--image", str(phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases")]) == 0
+    (flat,) = [r for r in csv.DictReader((tmp_path / "o" / "per_case.csv").open()) if r["class"] == "lesion"]
+    run = _rows(ctseg_run / "per_case.csv")[("ctseg", case, "lesion")]
+    for c in SEVERITY:  # decoded as 8-bit windowed exactly like the run (raw 0..255 would give other PHO/WAL)
+        assert float(flat[c]) == pytest.approx(float(run[c]), abs=2e-6), c
