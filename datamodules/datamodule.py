@@ -72,7 +72,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  patch_size: Sequence[int] = (64, 64, 16), batch_size: int = 2, samples_per_epoch: int = 64,
                  fg_fraction: float = 0.5, val_fraction: float = 0.2, sampling: str = "uniform",
                  num_workers: int = 0, seed: int = 0, on_error: str = "fail", policies: dict[str, str] | None = None,
-                 find_duplicates: bool = True):
+                 find_duplicates: bool = True, test_fraction: float = 0.2, fixed_test_part: bool = False,
+                 train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = ()):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -93,6 +94,11 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.find_duplicates = find_duplicates
         self.duplicates: list = []  # fingerprint.DuplicateGroup of the labelled cases
         self.skipped: list[str] = []  # problems of cases left out under on_error=skip
+        # runner sets True for oracle model selection: the test cases become a second validation loader
+        self.oracle = False
+        # transfer_split's in-domain / few-shot / model-selection options (see its docstring)
+        self.split_options = {"test_fraction": test_fraction, "fixed_test_part": fixed_test_part,
+                              "train_cases": dict(train_cases or {}), "val_sources": tuple(val_sources)}
 
     def make_split(self) -> Split:
         cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error, self.policies)
@@ -100,8 +106,10 @@ class MultiSourceDataModule(pl.LightningDataModule):
         if self.find_duplicates:
             cases = self._merge_duplicates(cases)
         if self.holdout is not None:
-            return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed)
-        return transfer_split(cases, self.train_sources, self.test_sources, self.val_fraction, self.seed)
+            return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed,
+                              val_sources=self.split_options["val_sources"])
+        return transfer_split(cases, self.train_sources, self.test_sources, self.val_fraction, self.seed,
+                              **self.split_options)
 
     def _merge_duplicates(self, cases: list[Case]) -> list[Case]:
         """The same scan under two names or sources is one patient: no split may put it on both sides."""
@@ -161,7 +169,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
 
     def _check_cached_roles(self) -> None:
         # The cache is shared by all runs: re-assert on what will actually be loaded.
-        held_out = set(self.split.test_sources)
+        held_out = set(self.split.held_out)
         for role in ("train", "val"):
             bad = [c.key for c in self.cached[role] if c.meta["source"] in held_out]
             assert not bad, f"held-out cases reached {role}: {bad[:5]}"
@@ -178,7 +186,9 @@ class MultiSourceDataModule(pl.LightningDataModule):
         return DataLoader(VolumeDataset(self.cached[role], self.source_ids), batch_size=1, shuffle=False,
                           num_workers=self.num_workers)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self):
+        if self.oracle:  # loader 1: the test cases, scored as stage "oracle" (reported, never the default)
+            return [self._volume_loader("val"), self._volume_loader("test")]
         return self._volume_loader("val")
 
     def test_dataloader(self) -> DataLoader:

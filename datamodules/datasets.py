@@ -73,8 +73,10 @@ class PatchDataset(Dataset):
         return int(rng.integers(len(self.cases)))
 
     def __getitem__(self, index: int) -> dict:
-        # torch's generator is seeded per worker by Lightning's seed_everything(workers=True).
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        # torch's generator is seeded per worker by Lightning's seed_everything(workers=True). Under DDP
+        # every rank has the same seed; the index (DistributedSampler gives each rank its own) makes the
+        # ranks draw different patches, so N ranks see N times the patches, not N copies of one.
+        rng = np.random.default_rng([int(torch.randint(0, 2**62, (1,)).item()), int(index)])
         ci = self._pick_case(rng)
         case, fg = self.cases[ci], self._fg[ci]
         image, label = case.image(), case.label()

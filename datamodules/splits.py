@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from datamodules.cases import Case
@@ -25,9 +25,19 @@ class Split:
     test: tuple[Case, ...]
     train_sources: tuple[str, ...]
     test_sources: tuple[str, ...]
-    # Training-source copies of test scans (duplicate groups spanning a test source), left out of
-    # train and validation: the test side keeps the scan.
+    # Cases left out to keep patients apart: training-source copies of test scans (duplicate groups
+    # spanning a test source; the test side keeps the scan) and few-shot test cases of a training patient.
     dropped: tuple[Case, ...] = field(default=())
+
+    @property
+    def held_out(self) -> tuple[str, ...]:
+        """Test sources never trained on (out-of-domain); only these may not appear in train/val at all."""
+        return tuple(s for s in self.test_sources if s not in self.train_sources)
+
+    @property
+    def in_domain(self) -> tuple[str, ...]:
+        """Test sources that also train (transfer-matrix diagonal, few-shot): kept apart by patient."""
+        return tuple(s for s in self.test_sources if s in self.train_sources)
 
     def summary(self) -> list[dict]:
         rows = []
@@ -40,7 +50,7 @@ class Split:
         return rows
 
 
-def _stable_rank(text: str, seed: int) -> int:
+def _stable_rank(text: str, seed: int | str) -> int:
     # Hash-based order: a patient's side depends only on its id and the seed, not on which other cases
     # happen to be present, so adding a case never reshuffles everybody else.
     return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:12], 16)
@@ -110,7 +120,7 @@ def _patient_key(c: Case) -> tuple[str, str]:
     return ("*", c.patient_id) if _merged(c) else (c.source, c.patient_id)
 
 
-def group_holdout(cases: Sequence[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+def group_holdout(cases: Sequence[Case], fraction: float, seed: int | str) -> tuple[list[Case], list[Case]]:
     """Split cases of one source by patient: about `fraction` of patients (at least one when there are
     two or more) go to the second list."""
     patients = sorted({c.patient_id for c in cases}, key=lambda p: _stable_rank(p, seed))
@@ -122,22 +132,72 @@ def group_holdout(cases: Sequence[Case], fraction: float, seed: int) -> tuple[li
 
 
 def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sources: Sequence[str],
-                   val_fraction: float, seed: int) -> Split:
+                   val_fraction: float, seed: int, test_fraction: float = 0.2, fixed_test_part: bool = False,
+                   train_cases: Mapping[str, Sequence[str]] | None = None,
+                   val_sources: Sequence[str] = ()) -> Split:
     """Train on `train_sources` (minus a patient-grouped validation part), test on `test_sources`.
 
-    Only labelled cases take part. A source in both lists (in-domain diagonal of a transfer matrix)
-    is not supported here yet: its test patients would have to be carved out first.
+    Only labelled cases take part. Per test source:
+    - out-of-domain (not trained on): all its labelled cases, or with `fixed_test_part` only its test
+      part (the same `test_fraction` of patients a diagonal cell uses), so every cell of a
+      transfer-matrix column scores the same patients;
+    - in-domain (also a training source; the diagonal of a transfer matrix): a `test_fraction` of its
+      patients, chosen by a hash of the patient id (independent of the other sources), the rest trains;
+    - few-shot (`train_cases[source]` lists case ids): exactly those cases train (official folds), the
+      others test; a test case of a patient who also trains is left out (`Split.dropped`) and printed.
+    `val_sources`: training sources used whole for validation instead of training (leave-one-source-out
+    model selection); otherwise validation is `val_fraction` of each training source's patients, except
+    for few-shot sources, whose listed cases all train.
     """
-    both = set(train_sources) & set(test_sources)
-    if both:
-        raise ValueError(f"sources {sorted(both)} are both training and test sources; not supported by this split")
+    train_cases = {s: list(ids) for s, ids in (train_cases or {}).items()}
+    unknown = sorted(set(train_cases) - set(train_sources))
+    if unknown:
+        raise ValueError(f"train_cases names source(s) {unknown} that are not training sources {list(train_sources)}")
+    bad_val = sorted(set(val_sources) - set(train_sources))
+    if bad_val:
+        raise ValueError(f"validation source(s) {bad_val} are not training sources {list(train_sources)}")
+    if val_sources and not set(train_sources) - set(val_sources):
+        raise ValueError(f"every training source {list(train_sources)} is a validation source: nothing left to train on")
     labelled = [c for c in cases if c.labelled]
-    train, val, test = [], [], []
-    for src in train_sources:
-        tr, va = group_holdout([c for c in labelled if c.source == src], val_fraction, seed)
+    by_source: dict[str, list[Case]] = defaultdict(list)
+    for c in labelled:
+        by_source[c.source].append(c)
+    train, val, test, excluded = [], [], [], []
+    for src in dict.fromkeys(list(train_sources) + list(test_sources)):
+        cs = by_source.get(src, [])
+        if src in train_cases:
+            ids = set(train_cases[src])
+            missing = sorted(ids - {c.case_id for c in cs})
+            if missing:
+                raise ValueError(f"{src}: training case(s) {missing} (train_cases) are not among its labelled cases")
+            tr = [c for c in cs if c.case_id in ids]
+            pids = {c.patient_id for c in tr}
+            rest = [c for c in cs if c.case_id not in ids]
+            train += tr
+            if src in test_sources:
+                excluded += [c for c in rest if c.patient_id in pids]
+                test += [c for c in rest if c.patient_id not in pids]
+            continue
+        tested = src in test_sources
+        if tested and (src in train_sources or fixed_test_part):
+            # the test part is drawn with its own salt: it never depends on val_fraction or the other sources
+            keep, part = group_holdout(cs, test_fraction, f"test-{seed}")
+            test += part
+            cs = keep
+        elif tested:
+            test += cs
+            continue
+        if src not in train_sources:
+            continue
+        if src in val_sources:
+            val += cs
+            continue
+        tr, va = group_holdout(cs, val_fraction, seed)
         train += tr
         val += va
-    test = [c for c in labelled if c.source in set(test_sources)]
+    if excluded:
+        print(f"[splits] left out {len(excluded)} test case(s) whose patient is in training: "
+              + ", ".join(f"{c.key} (patient {c.patient_id})" for c in excluded), flush=True)
     # Merged duplicate patients (merge_duplicate_patients) span sources. Per-source holdouts may put
     # their copies in train of one source and validation of another: validation wins (model selection
     # must not see a trained-on scan). Copies of a test patient in training sources are dropped.
@@ -154,24 +214,26 @@ def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sou
     out = {c.key for c in dropped} | {c.key for c in moved}
     val = [c for c in val if c.key not in out] + moved
     train = [c for c in train if c.key not in out]
-    split = Split(tuple(train), tuple(val), tuple(test), tuple(train_sources), tuple(test_sources), dropped)
+    trained = tuple(s for s in train_sources if s not in val_sources)
+    split = Split(tuple(train), tuple(val), tuple(test), trained, tuple(test_sources), dropped + tuple(excluded))
     assert_no_leakage(split)
     return split
 
 
-def loso_split(cases: Iterable[Case], sources: Sequence[str], holdout: str, val_fraction: float, seed: int) -> Split:
+def loso_split(cases: Iterable[Case], sources: Sequence[str], holdout: str, val_fraction: float, seed: int,
+               val_sources: Sequence[str] = ()) -> Split:
     if holdout not in sources:
         raise ValueError(f"holdout source {holdout!r} is not among the sources {list(sources)}")
     train_sources = [s for s in sources if s != holdout]
     if not train_sources:
         raise ValueError("leave-one-source-out needs at least two sources")
-    return transfer_split(cases, train_sources, [holdout], val_fraction, seed)
+    return transfer_split(cases, train_sources, [holdout], val_fraction, seed, val_sources=val_sources)
 
 
 def assert_no_leakage(split: Split) -> None:
     """Raise LeakageError if a test source or a test/validation patient reaches training."""
     for role in ("train", "val"):
-        bad = [c.key for c in getattr(split, role) if c.source in split.test_sources]
+        bad = [c.key for c in getattr(split, role) if c.source in split.held_out]
         if bad:
             raise LeakageError(f"held-out source cases in {role}: {bad[:5]}")
     seen: dict[tuple[str, str], str] = {}

@@ -1,7 +1,8 @@
 """Structured config (OmegaConf dataclasses, struct mode: a mistyped key is an error).
 
-Merge order: schema <- configs/base.yaml <- configs/experiment/<name>.yaml <- command line `key=value`.
-The schema holds types only; every number lives in YAML.
+Merge order: schema <- configs/base.yaml <- configs/experiment/<name>.yaml (scale: smoke, demo; default
+is the full size) <- configs/preset/<name>.yaml (a paper's protocol: sources, policies, model) <- command
+line `key=value`. The schema holds types only; every number lives in YAML.
 """
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ class DataConfig:
     policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
     find_duplicates: bool = MISSING  # fingerprint labelled scans; one scan under two names is one patient
     custom_sources: list[str] = field(default_factory=list)  # YAML files describing private sources
+    train_sources: list[str] = field(default_factory=list)   # transfer / few-shot protocols
+    test_sources: list[str] = field(default_factory=list)
+    test_fraction: float = MISSING   # share of an in-domain test source's patients held out for testing
+    fixed_test_part: bool = MISSING  # every test source tests on its test_fraction part only (matrix columns)
+    train_cases: dict[str, list[str]] = field(default_factory=dict)  # source -> case ids that train (few-shot)
 
 
 @dataclass
@@ -109,10 +115,26 @@ class EvaluationConfig:
 
 
 @dataclass
+class SelectionConfig:
+    method: str = MISSING          # training_domain | loso | oracle | last: the checkpoint tested for the headline
+    report: list[str] = field(default_factory=list)  # further selections tested and recorded side by side
+    val_source: str | None = None  # loso selection: the training source used whole for validation
+
+
+@dataclass
+class FewshotConfig:
+    source: str = MISSING          # the source whose listed cases train and whose other cases test
+    fold: int = MISSING
+    task: str | None = None        # lung | infection | lung_infection (set by experiments.fewshot; names the runs)
+    folds: list[list[str]] = field(default_factory=list)  # training case ids per fold
+
+
+@dataclass
 class WandbConfig:
     mode: str = MISSING        # offline | online | disabled
     project: str = MISSING
     entity: str | None = None
+    group: str | None = None   # default <kind>-<experiment>; sweeps set the sweep's name
     tags: list[str] = field(default_factory=list)
 
 
@@ -126,6 +148,7 @@ class RunConfig:
 @dataclass
 class Config:
     experiment: str = MISSING
+    preset: str | None = None  # protocol preset (configs/preset/<name>.yaml), merged after the experiment
     paths: PathsConfig = field(default_factory=PathsConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,39 +158,47 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def presets() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+def presets(kind: str = "experiment") -> list[str]:
+    """Names of the scale presets (`experiment`) or the protocol presets (`preset`)."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
 
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Build the config; `experiment=NAME` among the overrides selects a preset."""
+    """Build the config; `experiment=NAME` selects a scale preset, `preset=NAME` a protocol preset."""
     overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
-    experiment = "default"
+    chosen = {"experiment": "default", "preset": None}
     rest = []
     for item in overrides:
         key, value = item.split("=", 1)
-        if key == "experiment":
-            experiment = value
+        if key in chosen:
+            chosen[key] = None if value in ("", "null", "none") and key == "preset" else value
         else:
             rest.append(item)
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.evaluation.classes, False)  # class names are data: YAML may add any
     OmegaConf.set_struct(cfg.data.policies, False)
+    OmegaConf.set_struct(cfg.data.train_cases, False)
     cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"))
-    if experiment != "default":
-        path = CONFIG_DIR / "experiment" / f"{experiment}.yaml"
+    for kind in ("experiment", "preset"):
+        name = chosen[kind]
+        if name is None or (kind == "experiment" and name == "default"):
+            continue
+        path = CONFIG_DIR / kind / f"{name}.yaml"
         if not path.exists():
-            raise ValueError(f"unknown experiment preset {experiment!r}; available: {presets()}")
+            raise ValueError(f"unknown {kind} preset {name!r}; available: {presets(kind)}")
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    cfg.experiment = experiment
+    cfg.experiment = chosen["experiment"]
+    cfg.preset = chosen["preset"]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

@@ -10,13 +10,14 @@ import logging
 import sys
 
 from experiments.config import load_config, presets
-from experiments.runner import run
+from experiments.protocols import run_protocol
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.loso", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"presets (experiment=NAME): {', '.join(presets())}")
+                                     epilog=f"scale presets (experiment=NAME): {', '.join(presets())}; protocol "
+                                            f"presets (preset=NAME): {', '.join(presets('preset'))}")
     parser.add_argument("--holdout", required=True, help="source to hold out (e.g. mosmed)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")
     args = parser.parse_args(argv)
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.overrides + [f"data.holdout={args.holdout}"])
     if args.holdout not in cfg.data.sources:
         parser.error(f"--holdout {args.holdout!r} is not in data.sources {list(cfg.data.sources)}")
-    return run(cfg, "loso", {"holdout": args.holdout}, label=args.holdout)
+    return run_protocol("loso", cfg)
 
 
 if __name__ == "__main__":

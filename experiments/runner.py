@@ -1,5 +1,5 @@
-"""One train/validate/test experiment on a split, writing the run folder. Entry points (loso, later
-transfer and fewshot) only build the config and name the split."""
+"""One train/validate/test experiment on a split, writing the run folder. Entry points (experiments.
+protocols: loso, transfer, fewshot) only build the config and name the split."""
 from __future__ import annotations
 
 import json
@@ -8,15 +8,20 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from datamodules.datamodule import MultiSourceDataModule
-from datamodules.harmonize import HarmonizerConfig
+from datamodules.harmonize import HarmonizerConfig, load_original
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
 from datamodules.sources.custom import register_custom_source
 from evaluation.metrics import METRIC_NAMES
+from experiments import selection
+from experiments.selection import checkpoint_callbacks, chosen_checkpoint
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
 from lightning_modules.networks import required_divisor
 from lightning_modules.segmentation import SegmentationModule, eval_classes
@@ -36,7 +41,7 @@ def resolve_data_root(cfg: DictConfig) -> tuple[Path, bool]:
     unknown = [s for s in cfg.data.sources if s not in PHANTOM_SOURCES]
     if unknown:
         raise ValueError(f"no phantom profile for {unknown}; set paths.data_root to real data for these sources")
-    print(PHANTOM_BANNER, flush=True)
+    say(PHANTOM_BANNER)
     return ensure_suite(cfg.paths.cache, cfg.data.sources, cfg.phantom.size, cfg.phantom.seed), True
 
 
@@ -51,10 +56,12 @@ def validate_config(cfg: DictConfig) -> None:
     if "lesion" not in cfg.evaluation.classes:
         raise ValueError("evaluation.classes must define 'lesion' (the primary class metric keys refer to)")
     div = required_divisor(cfg.model.strides)
-    bad = [p for p in cfg.data.patch_size if p % div]
+    # a 2D network sees the patch slice by slice: only the in-plane sizes meet its strides
+    bad = [p for p in list(cfg.data.patch_size)[: cfg.model.spatial_dims] if p % div]
     if bad:
         raise ValueError(f"data.patch_size {list(cfg.data.patch_size)} must be multiples of {div} "
-                         f"(product of model.strides {list(cfg.model.strides)})")
+                         f"(product of model.strides {list(cfg.model.strides)}) in its first "
+                         f"{cfg.model.spatial_dims} axes")
 
 
 def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDataModule:
@@ -64,7 +71,8 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         harmonizer=harmonizer_config(cfg), patch_size=list(d.patch_size), batch_size=d.batch_size,
         samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
         sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
-        policies=OmegaConf.to_container(d.policies), find_duplicates=d.find_duplicates, **split)
+        policies=OmegaConf.to_container(d.policies), find_duplicates=d.find_duplicates,
+        test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, **split)
 
 
 def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:
@@ -101,20 +109,28 @@ class EpochSummary(pl.Callback):
         print(f"[epoch {trainer.current_epoch + 1}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list) -> tuple[pl.Trainer, pl.callbacks.ModelCheckpoint]:
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch:03d}",
-                                        auto_insert_metric_name=False, monitor="val/mean/dice", mode="max",
-                                        save_last=True, save_top_k=1)
+def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list, has_val: bool) -> pl.Trainer:
     t = cfg.trainer
-    trainer = pl.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-                         precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
-                         log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
-                         callbacks=[ckpt, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
-                         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
-    return trainer, ckpt
+    return pl.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+                      precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
+                      log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
+                      callbacks=[*callbacks, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
+                      limit_val_batches=None if has_val else 0,
+                      enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
 
 
 ROW_COLUMNS = ("split", "source", "case", "class", *METRIC_NAMES, "tolerance_mm", "space")
+
+
+def is_rank_zero() -> bool:
+    """Under DDP Lightning re-runs this script once per extra rank (LOCAL_RANK/RANK set): only rank zero
+    prints, writes results and logs to W&B."""
+    return rank_zero_only.rank == 0
+
+
+def say(*args) -> None:
+    if is_rank_zero():
+        print(*args, flush=True)
 
 
 def write_results(run_dir: Path, metrics: dict, val_rows: list, test_rows: list, info: dict) -> None:
@@ -124,48 +140,154 @@ def write_results(run_dir: Path, metrics: dict, val_rows: list, test_rows: list,
     write_json(run_dir / "run.json", info)
 
 
-def log_to_wandb(wandb_logger, metrics: dict, test_rows: list) -> None:
+def check_config_unchanged(run_dir: Path, cfg: DictConfig) -> None:
+    """A run folder resumed or skipped must belong to the same configuration (the name hashes the
+    overrides, not code defaults): a changed default must never be mixed into old results silently."""
+    stored = run_dir / "config.yaml"
+    if not stored.exists():
+        return
+    old = config_hash(OmegaConf.load(stored))
+    new = config_hash(cfg)
+    if old != new:
+        raise ValueError(f"{run_dir} holds a run of another configuration (config hash {old}, now {new}; compare "
+                         f"{stored} with the current config): run.overwrite=true redoes it, or use another paths.runs")
+
+
+def test_checkpoint(trainer: pl.Trainer, module: SegmentationModule, dm, ckpt: str) -> tuple[dict, list]:
+    """Test one checkpoint; rows are gathered over DDP ranks and identical on every rank."""
+    out = trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
+    metrics = {k: float(v) for k, v in (out[0] if out else {}).items()}
+    rows = module.last_rows["test"]
+    expected = {c.case_id for c in dm.split.test}
+    got = list(dict.fromkeys(r["case"] for r in rows))
+    assert sorted(got) == sorted(expected), f"tested cases {sorted(got)} differ from the split's {sorted(expected)}"
+    return metrics, rows
+
+
+def _progress_of(ckpt: str) -> tuple[int | None, int | None]:
+    """(epoch, global_step) stored in a Lightning checkpoint. Lightning counts `epoch` differently for
+    checkpoints saved after validation and after the training epoch; the step identifies the weights."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        return int(state["epoch"]), int(state["global_step"])
+    except (OSError, KeyError, RuntimeError):
+        return None, None
+
+
+def select_and_test(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationModule, dm, run_dir: Path,
+                    callbacks: dict, names: list[str]) -> tuple[dict, list, list, dict]:
+    """Validate and test the headline selection's checkpoint, then test every other selection's.
+    Returns (metrics, val_rows, test_rows, selection record for run.json)."""
+    head = names[0]
+    record = {"method": head, "checkpoints": {}, "test": {}}
+    tested: dict[str, tuple[dict, list]] = {}
+    metrics, val_rows, test_rows = {}, [], []
+    for name in names:
+        ckpt, score = chosen_checkpoint(name, callbacks)
+        epoch, step = _progress_of(ckpt)
+        record["checkpoints"][name] = {"path": ckpt, "epoch": epoch, "global_step": step, "score": score}
+        if name == head:
+            if dm.split.val:
+                val = trainer.validate(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
+                val_rows = module.last_rows["val"]
+                metrics.update({k: float(v) for k, v in (val[0] if val else {}).items() if k.startswith("val/")})
+            if cfg.evaluation.save_predictions:
+                module.prediction_dir = run_dir
+        same = step if step is not None else ckpt  # two rules picked the same weights: same numbers
+        if same in tested and name != head:
+            result = tested[same]
+        else:
+            result = tested[same] = test_checkpoint(trainer, module, dm, ckpt)
+        module.prediction_dir = None
+        if name == head:
+            metrics.update(result[0])
+            test_rows = result[1]
+        else:
+            write_csv(run_dir / "selection" / name / "per_case.csv", [dict(r, split="test") for r in result[1]],
+                      first=ROW_COLUMNS) if is_rank_zero() else None
+        record["test"][name] = {k: v for k, v in result[0].items() if k.startswith("test/")}
+    return metrics, val_rows, test_rows, record
+
+
+def example_overlays(run_dir: Path, dm, n_per_source: int = 1) -> list[Path]:
+    """Overlay PNGs of the saved test predictions: the most affected slice of the first case per source."""
+    from experiments.predict import overlay_slices  # matplotlib only when asked
+
+    out, seen = [], {}
+    (run_dir / "overlays").mkdir(exist_ok=True)
+    for case in dm.split.test:
+        if seen.get(case.source, 0) >= n_per_source:
+            continue
+        pred_path = run_dir / "predictions" / case.source / f"{case.case_id}.nii.gz"
+        if not pred_path.exists():
+            continue
+        seen[case.source] = seen.get(case.source, 0) + 1
+        hu, _ref, affine = load_original(case, dm.adapters[case.source].policy(case))
+        pred = np.asarray(nib.load(str(pred_path)).dataobj)
+        out += overlay_slices(hu, pred, affine, run_dir / "overlays" / f"{case.source}_{case.case_id}", n=1)
+    return out
+
+
+def log_to_wandb(wandb_logger, metrics: dict, test_rows: list, selection: dict, overlays: list[Path]) -> None:
     import wandb
 
     cols = sorted({k for r in test_rows for k in r})
     run_obj = wandb_logger.experiment
-    run_obj.log({"test/per_case": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in test_rows])})
+    logged = {"test/per_case": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in test_rows])}
+    sel_cols = ["selection", "checkpoint", "epoch", "score", *sorted({k for t in selection["test"].values() for k in t})]
+    logged["selection/table"] = wandb.Table(columns=sel_cols, data=[
+        [name, Path(c["path"]).name, c["epoch"], c["score"], *[selection["test"][name].get(k) for k in sel_cols[4:]]]
+        for name, c in selection["checkpoints"].items()])
+    for path in overlays:
+        logged[f"overlay/{path.stem}"] = wandb.Image(str(path), caption=path.stem)
+    run_obj.log(logged)
     run_obj.summary.update(metrics)
     wandb.finish()
+    # the offline record log is completed by wandb's service process; teardown waits for it, so the
+    # run folder is whole when this function returns (and a later run in this process starts clean)
+    wandb.teardown()
 
 
 def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
-    """Train on the split, select on validation, test the best checkpoint; write `<runs>/<kind>/<name>/`."""
+    """Train on the split, select a checkpoint, test it; write `<paths.runs>/<kind>/<name>/`.
+
+    Re-running a finished run folder (`done`) prints its metrics; an unfinished one resumes from its
+    last epoch's checkpoint with the same W&B run id. Under DDP every rank runs this function.
+    """
     validate_config(cfg)
+    names = selection.wanted(cfg.selection.method, cfg.selection.report)
     name = cfg.run.name or f"{label}-{cfg.experiment}-{config_hash(cfg)}"
     run_dir = Path(cfg.paths.runs) / kind / name
-    if (run_dir / "done").exists() and not cfg.run.overwrite:
-        print(f"{run_dir} is already finished (run.overwrite=true to redo); its metrics:", flush=True)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        print(json.dumps(metrics, indent=1, sort_keys=True))
-        return metrics
-    if cfg.run.overwrite and run_dir.exists():
+    if cfg.run.overwrite and run_dir.exists() and is_rank_zero():  # other DDP ranks start once rank 0 is writing
         shutil.rmtree(run_dir)
+    check_config_unchanged(run_dir, cfg)
+    if (run_dir / "done").exists():
+        say(f"{run_dir} is already finished (run.overwrite=true to redo); its metrics:")
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        say(json.dumps(metrics, indent=1, sort_keys=True))
+        return metrics
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data_root, phantom = resolve_data_root(cfg)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_rank_zero():
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
+    if cfg.selection.method == "loso":
+        trained = split.get("train_sources") or [s for s in cfg.data.sources if s != split.get("holdout")]
+        split = dict(split, val_sources=[cfg.selection.val_source or trained[-1]])
     dm = build_datamodule(cfg, data_root, **split)
+    dm.oracle = "oracle" in names
     dm.prepare_data()
     dm.setup("fit")
-    print(f"split ({kind}, seed {cfg.run.seed}):", flush=True)
+    say(f"split ({kind}, seed {cfg.run.seed}):")
     for row in dm.split.summary():
-        print(f"  {row['role']:<5} {row['source']:<12} {row['cases']:>4} cases {row['patients']:>4} patients")
-    print(f"harmonized cache {dm.cache.root}: {dm.cache.misses} cases built, {dm.cache.hits} reused", flush=True)
+        say(f"  {row['role']:<5} {row['source']:<12} {row['cases']:>4} cases {row['patients']:>4} patients")
+    say(f"harmonized cache {dm.cache.root}: {dm.cache.misses} cases built, {dm.cache.hits} reused")
     if dm.skipped:
-        print(f"data.on_error=skip: {len(dm.skipped)} case(s) left out (listed above and in run.json)", flush=True)
-    if not dm.split.val:
-        raise ValueError(f"the split has no validation case (data.val_fraction={cfg.data.val_fraction}): model "
-                         "selection needs a training source with at least two labelled patients")
+        say(f"data.on_error=skip: {len(dm.skipped)} case(s) left out (listed above and in run.json)")
 
     evaluation = OmegaConf.to_container(cfg.evaluation)
     unscorable = sorted({c.meta["source"] for c in dm.cached["test"]} - {
@@ -174,46 +296,56 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         raise ValueError(f"test source(s) {unscorable} annotate none of the evaluation classes "
                          f"{sorted(cfg.evaluation.classes)} under their label policy (data.policies picks another, "
                          "e.g. msd_lung: tumour_as_lesion)")
-    trained = sorted({name for c in dm.cached["train"] for name, a in zip(c.meta["classes"], c.meta["annotated"]) if a})
-    module = build_module(cfg, dm.split.test_sources, trained)
-    tags = [f"{kind}", "phantom" if phantom else "real"] + [f"test:{s}" for s in dm.split.test_sources]
-    wandb_logger = make_wandb_logger(cfg, run_dir, name, kind, tags)
+    trained = sorted({n for c in dm.cached["train"] for n, a in zip(c.meta["classes"], c.meta["annotated"]) if a})
+    module = build_module(cfg, dm.split.held_out, trained)
+    wandb_logger = make_wandb_logger(cfg, run_dir, name, kind, run_tags(cfg, kind, dm.split, phantom))
     loggers = [pl.loggers.CSVLogger(str(run_dir), name="csv", version="")]
     if wandb_logger is not None:
         loggers.append(wandb_logger)
-    trainer, ckpt = make_trainer(cfg, run_dir, loggers)
+    callbacks = checkpoint_callbacks(run_dir, names, bool(dm.split.val))
+    trainer = make_trainer(cfg, run_dir, loggers, list(callbacks.values()), bool(dm.split.val) or dm.oracle)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():
-        print(f"resuming from {last}", flush=True)
+        say(f"resuming from {last}")
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
-    best = ckpt.best_model_path or str(last)
-    val = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
-    val_rows = module.last_rows["val"]
-    if cfg.evaluation.save_predictions:
-        module.prediction_dir = run_dir
-    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
-    test_rows = module.last_rows["test"]
-
-    expected = {c.case_id for c in dm.split.test}
-    got = list(dict.fromkeys(r["case"] for r in test_rows))
-    assert sorted(got) == sorted(expected), f"tested cases {sorted(got)} differ from the split's {sorted(expected)}"
-    metrics = {k: float(v) for k, v in {**val, **test}.items()}
+    metrics, val_rows, test_rows, sel = select_and_test(cfg, trainer, module, dm, run_dir, callbacks, names)
+    if not is_rank_zero():
+        return metrics
     metrics["data"] = "phantom" if phantom else "real"
     write_results(run_dir, metrics, val_rows, test_rows, {
         "kind": kind, "name": name, "data": metrics["data"], "data_root": str(data_root),
-        "experiment": cfg.experiment, "seed": int(cfg.run.seed), "config_hash": config_hash(cfg),
-        "eval_space": cfg.evaluation.space,
-        "best_checkpoint": best, "train_sources": list(dm.split.train_sources),
-        "test_sources": list(dm.split.test_sources), "split": dm.split.summary(), "skipped": list(dm.skipped),
+        "experiment": cfg.experiment, "preset": cfg.preset, "seed": int(cfg.run.seed),
+        **({"task": cfg.fewshot.task, "fold": int(cfg.fewshot.fold)} if kind == "fewshot" else {}),
+        "config_hash": config_hash(cfg), "eval_space": cfg.evaluation.space,
+        "best_checkpoint": sel["checkpoints"][names[0]]["path"], "selection": sel,
+        "train_sources": list(dm.split.train_sources), "test_sources": list(dm.split.test_sources),
+        "split_args": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in split.items()},
+        "split": dm.split.summary(), "skipped": list(dm.skipped),
         "duplicates": [list(g.keys) for g in dm.duplicates], "dropped": [c.key for c in dm.split.dropped],
-        "wall_s": round(time.time() - t0, 1), "torch": torch.__version__, "pytorch_lightning": pl.__version__})
+        "world_size": trainer.world_size, "wall_s": round(time.time() - t0, 1), "torch": torch.__version__,
+        "pytorch_lightning": pl.__version__})
     if wandb_logger is not None:
-        log_to_wandb(wandb_logger, metrics, test_rows)
+        overlays = example_overlays(run_dir, dm) if cfg.evaluation.save_predictions else []
+        log_to_wandb(wandb_logger, metrics, test_rows, sel, overlays)
     atomic_write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     print(f"run folder: {run_dir}")
     for k in sorted(metrics):
         if k.startswith(("test/", "val/mean/dice")) and k.rsplit("/", 1)[-1] in ("dice", "nsd", "hd95", "dice_lung", "nsd_lung"):
             print(f"  {k} = {metrics[k]:.4f}")
+    for n in names[1:]:
+        print(f"  selection {n}: test/mean/dice = {sel['test'][n].get('test/mean/dice', float('nan')):.4f} "
+              f"(epoch {sel['checkpoints'][n]['epoch']})")
     if phantom:
         print("  (phantom data: synthetic sources)")
     return metrics
+
+
+def run_tags(cfg: DictConfig, kind: str, split, phantom: bool) -> list[str]:
+    """W&B tags: filter a dashboard by protocol, data, held-out/test/train source, model and selection."""
+    tags = [kind, "phantom" if phantom else "real", f"model:{cfg.model.name}{cfg.model.spatial_dims}d",
+            "method:erm", f"selection:{cfg.selection.method}", f"experiment:{cfg.experiment}"]
+    tags += [f"holdout:{s}" for s in split.held_out] + [f"train:{s}" for s in split.train_sources]
+    tags += [f"test:{s}" for s in split.test_sources]
+    if cfg.preset:
+        tags.append(f"preset:{cfg.preset}")
+    return tags

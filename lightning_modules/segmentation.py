@@ -7,6 +7,11 @@ scores in original geometry by default: the prediction is resampled back onto th
 compared with the stored mask, and both are written as NIfTI so anyone can re-score them. Metric keys
 follow `{stage}/{source}/{metric}` (lesion) and `{metric}_{class}` for other classes;
 `{stage}/mean/...` averages the sources equally.
+
+Under DDP every rank scores its share of the cases; `_eval_end` gathers the rows of all ranks and keeps
+one row per (case, class), so DistributedSampler's padding (repeated cases) never counts a case twice
+and every rank logs the same exact numbers. Stage `oracle` (optional second validation loader) scores
+the test cases during training, for oracle model selection (reported, never the default).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 
 from datamodules.harmonize import load_original, restore_to_original
@@ -73,7 +79,27 @@ def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict
         out[f"{stage}/{src}/cases"] = float(len({r["case"] for r in rs}))
     for key, vals in per_metric.items():
         out[key] = float(np.mean(vals))
+    # the model-selection score: Dice averaged over every class scored (lesion alone on lesion-only data)
+    dice = [v for k, v in out.items() if k.startswith(f"{stage}/mean/dice")]
+    if dice:
+        out[f"{stage}/mean/dice_classes"] = float(np.mean(dice))
     return out
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """All ranks' rows, one per (source, case, class), in a rank-independent order (by source and case,
+    classes in scoring order): the same table whatever the number of processes."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, rows)
+        rows = [r for part in parts for r in part]
+    seen, out = set(), []
+    for r in rows:
+        key = (r["source"], r["case"], r["class"])
+        if key not in seen:  # a padded (repeated) case scores identically: keep the first
+            seen.add(key)
+            out.append(r)
+    return sorted(out, key=lambda r: (r["source"], r["case"]))
 
 
 class SegmentationModule(pl.LightningModule):
@@ -88,7 +114,7 @@ class SegmentationModule(pl.LightningModule):
         self.net = build_network(network["name"], spatial_dims, in_channels=1, out_channels=len(CLASSES), **net_kwargs)
         self.loss_fn = build_loss(loss["name"], **{k: v for k, v in loss.items() if k != "name"})
         self.test_sources = list(test_sources)
-        self.rows: dict[str, list[dict]] = {"val": [], "test": []}
+        self.rows: dict[str, list[dict]] = {"val": [], "oracle": [], "test": []}
         self.last_rows: dict[str, list[dict]] = {}
         # Set by the runner before testing: where test predictions and references are written as NIfTI.
         self.prediction_dir: Path | None = None
@@ -151,22 +177,25 @@ class SegmentationModule(pl.LightningModule):
             write_volume(self.prediction_dir / "references" / name, ref, affine)
         return rows
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # loader 1 (when the datamodule serves it) holds the test cases: oracle selection only
+        self._eval_step(batch, "val" if dataloader_idx == 0 else "oracle")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def _eval_end(self, stage: str) -> None:
-        rows, self.rows[stage] = self.rows[stage], []
+        rows, self.rows[stage] = gather_rows(self.rows[stage]), []
         self.last_rows[stage] = rows
         if self.trainer.sanity_checking or not rows:
             return
+        # rows are gathered: every rank logs the same values, no further reduction
         for key, value in aggregate(rows, stage).items():
-            self.log(key, value, sync_dist=False, batch_size=1)
+            self.log(key, value, sync_dist=False, batch_size=1, rank_zero_only=False)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
+        self._eval_end("oracle")
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")

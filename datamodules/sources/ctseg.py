@@ -5,15 +5,29 @@ Facts (reference/datasets.md, section 3): `COVID-19-CT-Seg_20cases/<id>.nii.gz`;
 `radiopaedia_*` cases are windowed to [-1250, 250] HU and stored as 0..255; their arrays are mirrored
 along the first in-plane axis relative to the header (and `radiopaedia_7_85703_0` along z too), which
 TRI undoes after canonical reorientation. `radiopaedia_10_85902_1` and `_3` are one patient.
+
+Which mask a case is read from: by default the richest folder that holds the case's file
+(`Lung_and_Infection_Mask`, else `Infection_Mask`, else `Lung_Mask`), so a user who unpacked only some
+of the zips still gets every label there is, and a case found in none of them is unlabelled.
+`data.policies={ctseg: lung | infection | lung_and_infection}` chooses the folder instead (the three
+subtasks of Ma et al.'s benchmark): `lung` reads `Lung_Mask` (there the lungs include the infection,
+as in the official Lung_Mask), `infection` reads `Infection_Mask`, `lung_and_infection` the combined
+one. A case whose chosen folder lacks its file is then unlabelled, and the missing file is a problem
+(`adapter.problems`); a missing chosen folder is one problem naming the folder. On the Kaggle mirror
+(lower-case folders, float masks) every case gets the `kaggle_` variant of its policy; the override may
+be named with or without that prefix.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
 from datamodules.sources.base import SourceAdapter, nifti_files, register_source, strip_nifti
+
+KAGGLE_PREFIX = "kaggle_"
 
 
 @register_source("ctseg")
@@ -23,7 +37,8 @@ class CovidCTSeg(SourceAdapter):
     IMAGE_DIRS = ("COVID-19-CT-Seg_20cases", "ct_scans", "20_ncov_scan")
     KAGGLE_DIR = "ct_scans"
     # Richest mask first: a user who unpacked only some of the zips still gets every label there is.
-    # Kaggle names the same folders in lower case.
+    # Kaggle names the same folders in lower case. Each folder's policy reads its codes; a
+    # data.policies override picks the folder of that policy.
     MASK_DIRS = (("Lung_and_Infection_Mask", "lung_and_infection"), ("Infection_Mask", "infection"),
                  ("Lung_Mask", "lung"))
     # Mirror file names -> Zenodo case ids (the Paddle script's mapping; datasets.md section 3).
@@ -38,15 +53,23 @@ class CovidCTSeg(SourceAdapter):
         "lung_and_infection": LabelPolicy(
             "ctseg/lung_and_infection", {0: "background", 1: "lung_left", 2: "lung_right", 3: "lesion"},
             ("lung_left", "lung_right", "lesion"), "1 left lung, 2 right lung, 3 infection"),
-        "infection": LabelPolicy("ctseg/infection", {0: "background", 1: "lesion"}, ("lesion",), "1 infection"),
+        "infection": LabelPolicy("ctseg/infection", {0: "background", 1: "lesion"}, ("lesion",),
+                                 "1 infection (Infection_Mask)"),
         "lung": LabelPolicy("ctseg/lung", {0: "background", 1: "lung_left", 2: "lung_right"},
-                            ("lung_left", "lung_right"), "1 left lung, 2 right lung"),
+                            ("lung_left", "lung_right"),
+                            "1 left lung, 2 right lung, infection included in the lungs (Lung_Mask)"),
     }
     DEFAULT_POLICY = "lung_and_infection"
     # Kaggle's masks hold non-integer values (interpolated): the same codes, rounded to the nearest.
-    POLICIES.update({f"kaggle_{k}": replace(p, name=f"ctseg/kaggle_{k}", float_tolerance=0.5,
-                                            description=p.description + " (float mask rounded)")
+    POLICIES.update({f"{KAGGLE_PREFIX}{k}": replace(p, name=f"ctseg/{KAGGLE_PREFIX}{k}", float_tolerance=0.5,
+                                                    description=p.description + " (float mask rounded)")
                      for k, p in list(POLICIES.items())})
+
+    def __init__(self, root: str | Path, policy: str | None = None):
+        super().__init__(root, policy)
+        # The data.policies override (None: richest folder per case). Kept apart from default_policy,
+        # which is never None, because only an override pins the mask folder.
+        self.override = policy
 
     @classmethod
     def decoding(cls, case_id: str) -> dict:
@@ -62,21 +85,57 @@ class CovidCTSeg(SourceAdapter):
             case_id = case_id.replace(old, new)
         return case_id
 
+    @staticmethod
+    def base_policy(policy: str) -> str:
+        """`kaggle_lung` -> `lung`: the mask folder a policy reads."""
+        return policy[len(KAGGLE_PREFIX):] if policy.startswith(KAGGLE_PREFIX) else policy
+
+    def mirror_policy(self, policy: str, kaggle: bool) -> str:
+        """The policy name a case of this mirror gets: the `kaggle_` variant on the Kaggle mirror (float
+        masks); an override spelled with the prefix is kept as given on any mirror."""
+        return f"{KAGGLE_PREFIX}{policy}" if kaggle and not policy.startswith(KAGGLE_PREFIX) else policy
+
     def discover(self) -> list[Case]:
         images = self.find_dir(lambda d: d.name in self.IMAGE_DIRS and bool(nifti_files(d)),
                                f"image folder ({' or '.join(self.IMAGE_DIRS)})")
         parent = images.parent
         kaggle = images.name == self.KAGGLE_DIR
+        # Mask folder (Zenodo name or Kaggle's lower-case one) and its files by case id, per policy.
+        folders: dict[str, Path | None] = {}
+        masks: dict[str, dict[str, Path]] = {}
+        for folder, pol in self.MASK_DIRS:
+            found = [parent / d for d in (folder, folder.lower()) if (parent / d).is_dir()]
+            folders[pol] = found[0] if found else None
+            masks[pol] = {}
+            for d in found:
+                for p in nifti_files(d):
+                    masks[pol].setdefault(self.case_id_of(p.name), p)
+        chosen = None
+        if self.override is not None:
+            chosen = self.base_policy(self.override)
+            self.default_policy = self.mirror_policy(self.override, kaggle)
+        image_files = nifti_files(images)
+        if chosen is not None and folders[chosen] is None:
+            folder = {pol: name for name, pol in self.MASK_DIRS}[chosen]
+            folder = folder.lower() if kaggle else folder
+            self.problem(parent / folder, f"mask folder {folder}/ (data.policies ctseg: {self.override}) not found "
+                                          f"beside {images.name}/; all {len(image_files)} cases unlabelled")
         cases = []
-        for image in nifti_files(images):
+        for image in image_files:
             case_id = self.case_id_of(image.name)
             label, policy = None, None
-            for folder, pol in self.MASK_DIRS:
-                hits = [p for d in (folder, folder.lower()) for p in nifti_files(parent / d)
-                        if self.case_id_of(p.name) == case_id]
-                if hits:
-                    label, policy = hits[0], (f"kaggle_{pol}" if kaggle else pol)
-                    break
+            if chosen is None:   # richest folder holding this case
+                for _, pol in self.MASK_DIRS:
+                    if case_id in masks[pol]:
+                        label, policy = masks[pol][case_id], self.mirror_policy(pol, kaggle)
+                        break
+            elif case_id in masks[chosen]:
+                label, policy = masks[chosen][case_id], self.default_policy
+            elif folders[chosen] is not None:
+                ext = image.name[len(strip_nifti(image.name)):]
+                self.problem(folders[chosen] / f"{case_id}{ext}",
+                             f"mask missing: {folders[chosen].name}/ holds no {case_id}.nii[.gz] for image "
+                             f"{image.name} (data.policies ctseg: {self.override}); case kept unlabelled")
             radiopaedia = bool(self.EIGHT_BIT_RE.match(case_id))
             m = self.PATIENT_RE.match(case_id)
             cases.append(Case(

@@ -12,18 +12,28 @@ metadata.csv or one file's header; several CT series: the one with the most file
 
 The thoracic cavity is NOT lung: it also holds the hilum, pleural effusion and the tumour. Trained as
 lung it would teach the network to call effusion and tumour lung, and trained as background it would
-teach that the lungs are background. The only policy, `cavity_ignored`, maps the cavity (code 1) to
+teach that the lungs are background. The default policy, `cavity_ignored`, maps the cavity (code 1) to
 "ignore" and annotates no class: nothing is learned from these masks yet, but the cavity is never
 mistaken for lung (or for COVID lesion). A mask value other than 0/1 is an undeclared code, which
-verify/harmonize report. Effusion masks (never COVID lesion either) are only recorded, in
-`Case.meta["effusion_mask"]`.
+verify/harmonize report. Effusion masks (never COVID lesion by default) are recorded, in
+`Case.meta["effusion_mask"]`, for every case.
+
+`data.policies={nsclc: effusion_as_lesion}` reads the PleThora effusion masks instead (Ma et al.'s
+knowledge-transfer proxy, seed 003 Task 2): a case's label file is its first reviewer's effusion mask
+(the second reviewer's only when the first is absent; which one is in `Case.meta["effusion_reviewer"]`),
+code 1 -> lesion; `effusion_as_class` maps it to the class `effusion` instead. Only the patients with an
+effusion mask (78 of 422) are labelled then; the others, cavity mask or not, are unlabelled image-only
+cases. The masks are taken to be binary 0/1 like the cavity masks: any other value is an undeclared
+code that verify/harmonize report, never silently merged into the lesion. Lungs are not annotated.
 
 Orientation: the TCIA note says the segmentations are RPI while the DICOMs are RAI. Per labelled case
-the mask header (nibabel) is compared with the DICOM geometry read from two slice headers. A mask stored
-with an axis reversed but whose header puts every voxel at the same world position (the RPI/RAI case) is
-kept, with a warning in `Case.meta["warnings"]`: `harmonize.align_mask` reorients it onto the series'
-grid, which the headers prove correct. Any other shape or affine difference is a problem naming both
-files and the case is left out: geometry that cannot be verified is never fixed. AMID's known bad patients (`KNOWN_BAD`) are left out with that reason.
+the header (nibabel) of the mask the policy reads (cavity, or effusion under `effusion_as_*`) is compared
+with the DICOM geometry read from two slice headers. A mask stored with an axis reversed but whose header
+puts every voxel at the same world position (the RPI/RAI case) is kept, with a warning in
+`Case.meta["warnings"]`: `harmonize.align_mask` reorients it onto the series' grid, which the headers
+prove correct. Any other shape or affine difference is a problem naming both files and the case is left
+out: geometry that cannot be verified is never fixed. AMID's known bad patients (`KNOWN_BAD`) are left
+out with that reason.
 """
 from __future__ import annotations
 
@@ -133,7 +143,7 @@ def series_modality(folder: Path, metadata: dict[Path, dict]) -> str | None:
 @register_source("nsclc")
 class NSCLCRadiomics(SourceAdapter):
     DESCRIPTION = ("NSCLC-Radiomics CT (DICOM, 422 patients) with PleThora thoracic-cavity masks (ignored: "
-                   "cavity is not lung) and effusion masks (recorded only)")
+                   "cavity is not lung) and effusion masks (recorded; lesion or effusion by data.policies)")
     PATIENT_RE = re.compile(r"^LUNG1-\d{3}$")
     CAVITY_SUFFIX = "_thor_cav_primary_reviewer"
     EFFUSION_RE = re.compile(r"^(LUNG1-\d{3})_effusion_(first|second)_reviewer\.nii(\.gz)?$")
@@ -145,8 +155,16 @@ class NSCLCRadiomics(SourceAdapter):
     POLICIES = {
         "cavity_ignored": LabelPolicy("nsclc/cavity_ignored", {0: "background", 1: "ignore"}, (),
                                       "1 = thoracic cavity (lung + hilum + effusion + tumour), ignored: not lung"),
+        "effusion_as_lesion": LabelPolicy("nsclc/effusion_as_lesion", {0: "background", 1: "lesion"}, ("lesion",),
+                                          "1 = pleural effusion (PleThora) taken as lesion (knowledge-transfer "
+                                          "proxy); lungs not annotated"),
+        "effusion_as_class": LabelPolicy("nsclc/effusion_as_class", {0: "background", 1: "effusion"}, ("effusion",),
+                                         "1 = pleural effusion (PleThora) as its own class `effusion`; lungs not "
+                                         "annotated"),
     }
     DEFAULT_POLICY = "cavity_ignored"
+    # Policies that read the effusion masks (first reviewer, else second) instead of the cavity masks.
+    EFFUSION_POLICIES = ("effusion_as_lesion", "effusion_as_class")
 
     def discover(self) -> list[Case]:
         coll = self.find_dir(lambda d: d.name == "NSCLC-Radiomics" and any(
@@ -171,16 +189,32 @@ class NSCLCRadiomics(SourceAdapter):
             meta = {"study": series.parent.name, "series": series.name, "effusion_mask": sorted(effusion)}
             if note:
                 meta["series_note"] = note
-            if cavity is not None and not self._geometry_ok(series, cavity, meta):
+            if self.default_policy in self.EFFUSION_POLICIES:
+                label = self._effusion_label(effusion, meta)
+            else:
+                label = cavity
+            # The label file's grid against the series' (RPI vs RAI): reoriented by its header, or left out.
+            if label is not None and not self._geometry_ok(series, label, meta):
                 continue
-            cases.append(Case(source=self.name, case_id=pid, patient_id=pid, image=series, label=cavity,
-                              policy=self.default_policy if cavity is not None else None, meta=meta))
+            cases.append(Case(source=self.name, case_id=pid, patient_id=pid, image=series, label=label,
+                              policy=self.default_policy if label is not None else None, meta=meta))
         for pid, path in sorted(cavities.items()):
             self.problem(path, f"thoracic cavity mask of {pid}, which has no image under {coll}; mask ignored")
         for pid, paths in sorted(effusions.items()):
             for path in paths:
                 self.problem(path, f"effusion mask of {pid}, which has no image under {coll}; mask ignored")
         return cases
+
+    def _effusion_label(self, paths: list[Path], meta: dict) -> Path | None:
+        """The first reviewer's effusion mask, else the second's (recorded in meta); None without either."""
+        by_reviewer: dict[str, Path] = {}
+        for path in sorted(paths):
+            by_reviewer.setdefault(self.EFFUSION_RE.match(path.name).group(2), path)
+        for reviewer in ("first", "second"):
+            if reviewer in by_reviewer:
+                meta["effusion_reviewer"] = reviewer
+                return by_reviewer[reviewer]
+        return None
 
     def _mask_list(self, folder_name: str, match) -> list[tuple[str, Path]]:
         folder = next((d for d in walk_dirs(self.root) if d.name == folder_name), None)

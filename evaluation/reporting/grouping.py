@@ -59,9 +59,10 @@ def group_runs(runs: Sequence[RunRecord]) -> list[Config]:
             listing = "; ".join(f"{r.path} ({r.data})" for r in rs)
             raise ReportError(f"configuration {c.label!r} mixes {' and '.join(datas)} runs, which must never be "
                               f"averaged together; report them separately: {listing}")
-        seeds = [r.seed for r in rs if r.seed is not None]
+        # few-shot folds are repeats like seeds: a (seed, fold) pair identifies one
+        seeds = [(r.seed, r.info.get("fold")) for r in rs if r.seed is not None]
         if len(set(seeds)) < len(seeds):
-            warn(f"configuration {c.label!r} has several runs with one seed {sorted(seeds)}: they are treated as "
+            warn(f"configuration {c.label!r} has several runs with one seed {sorted(s for s, _ in seeds)}: they are treated as "
                  "repeats, but probably differ in something else (e.g. a command-line override)")
         slug, n = slugify(c.label), 1
         while slug in slugs:

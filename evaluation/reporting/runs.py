@@ -158,6 +158,8 @@ def read_run(run_dir: Path) -> RunRecord:
     if not experiment:
         warn(f"{run_dir}: no experiment in run.json or config.yaml; grouped as 'unknown'")
         experiment = "unknown"
+    # a protocol preset and a few-shot task are part of what was run: never averaged across
+    experiment = "/".join(str(x) for x in (experiment, info.get("preset"), info.get("task")) if x)
     data, mdata = info.get("data"), metrics.get("data")
     if data and mdata and data != mdata:
         raise ReportError(f"{run_dir}: run.json says data={data!r} but metrics.json says {mdata!r}")

@@ -1,0 +1,73 @@
+"""Model selection as in DomainBed (Gulrajani & Lopez-Paz, 2021): which checkpoint a run reports.
+
+- `training_domain` (default): the best epoch on validation patients of the training sources;
+- `loso`: the best epoch on one training source held out whole from training (`selection.val_source`);
+  the split does the holding out, the checkpoint rule is the same as above;
+- `oracle`: the best epoch on the test cases themselves: an upper bound that looks at held-out labels,
+  reported beside the others, never the default;
+- `last`: the final epoch (no validation needed: few-shot folds train on every listed case).
+
+Each rule is one Lightning ModelCheckpoint; the runner tests the chosen checkpoint of the headline rule
+and of every rule in `selection.report`, and records them side by side in run.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+SELECTIONS = ("training_domain", "loso", "oracle", "last")
+# Mean Dice over the evaluation classes each validation case annotates (aggregate() logs it): lesion
+# alone for lesion-only sources, lesion and lung where both are labelled, lung for a lung-only task.
+MONITOR = {"training_domain": "val/mean/dice_classes", "loso": "val/mean/dice_classes",
+           "oracle": "oracle/mean/dice_classes"}
+
+
+def wanted(method: str, report) -> list[str]:
+    """The selections to test, headline first, each once."""
+    names = list(dict.fromkeys([method, *report]))
+    bad = [n for n in names if n not in SELECTIONS]
+    if bad:
+        raise ValueError(f"selection {bad} unknown; choose from {SELECTIONS}")
+    if "loso" in names and method != "loso":
+        raise ValueError("selection `loso` changes the split (a training source validates, untrained): make it "
+                         "selection.method, not a selection.report entry")
+    if method == "loso" and "training_domain" in names:
+        raise ValueError("with selection.method=loso the validation set is the held-out training source: "
+                         "training_domain cannot be reported beside it (run it as its own configuration)")
+    return names
+
+
+def checkpoint_callbacks(run_dir: Path, names: list[str], has_val: bool) -> dict[str, pl.callbacks.ModelCheckpoint]:
+    """One ModelCheckpoint per rule, plus `last`, saved after every training epoch: a killed run resumes
+    from its last finished epoch, not from its last validation."""
+    folder = str(run_dir / "checkpoints")
+    out = {"last": pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0,
+                                                save_on_train_epoch_end=True)}
+    for name in names:
+        if name == "last":
+            continue
+        if name in ("training_domain", "loso") and not has_val:
+            raise ValueError(f"selection {name!r} needs validation cases, and the split has none (few-shot folds "
+                             "train on every listed case): use selection.method=last")
+        prefix = "best" if name in ("training_domain", "loso") else name
+        out[name] = pl.callbacks.ModelCheckpoint(dirpath=folder, filename=f"{prefix}-epoch{{epoch:03d}}",
+                                                 auto_insert_metric_name=False, monitor=MONITOR[name], mode="max",
+                                                 save_top_k=1, save_last=False)
+    return out
+
+
+def chosen_checkpoint(name: str, callbacks: dict[str, pl.callbacks.ModelCheckpoint]) -> tuple[str, float | None]:
+    """The checkpoint path a rule picked and its monitored score (None for `last`)."""
+    if name == "last":
+        cb = callbacks["last"]
+        path = Path(cb.dirpath) / "last.ckpt"
+        if not path.exists():
+            raise FileNotFoundError(f"no last checkpoint in {cb.dirpath}: training saved none")
+        return str(path), None
+    cb = callbacks[name]
+    if not cb.best_model_path:
+        raise RuntimeError(f"selection {name!r}: no checkpoint was selected (did validation run? "
+                           f"trainer.check_val_every_n_epoch vs trainer.max_epochs)")
+    score = cb.best_model_score
+    return cb.best_model_path, (float(score) if score is not None else None)

@@ -1,0 +1,70 @@
+"""Re-test a finished run's checkpoint: `python -m experiments.test_run RUN_DIR --out DIR [key=value ...]`.
+
+Rebuilds the run's data module from its `config.yaml` and `run.json` (same split), loads the checkpoint
+a selection rule chose (`--selection`, default the run's headline) and tests it with the trainer the
+overrides describe: e.g. on 2 processes (`trainer.devices=2 trainer.strategy=ddp`) or on a GPU
+(`trainer.accelerator=gpu`). Writes `DIR/per_case.csv` and `DIR/metrics.json`. Per-case rows are
+gathered over DDP ranks and de-duplicated by case, so the table is the same for any number of processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from experiments.config import load_config
+from experiments.runner import ROW_COLUMNS, build_datamodule, is_rank_zero, resolve_data_root, test_checkpoint
+from experiments.tracking import write_csv, write_json
+from lightning_modules.segmentation import SegmentationModule
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m experiments.test_run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a finished run folder (with run.json)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for per_case.csv and metrics.json")
+    parser.add_argument("--selection", default=None, help="which selection's checkpoint (default: the headline)")
+    parser.add_argument("overrides", nargs="*", help="trainer/evaluation overrides, key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    info_path = args.run_dir / "run.json"
+    if not info_path.exists():
+        raise SystemExit(f"error: {info_path} missing: not a finished run folder")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    chosen = info["selection"]["checkpoints"]
+    name = args.selection or info["selection"]["method"]
+    if name not in chosen:
+        raise SystemExit(f"error: {args.run_dir} recorded no {name!r} checkpoint; it has {sorted(chosen)}")
+    ckpt = chosen[name]["path"]
+    stored = OmegaConf.load(args.run_dir / "config.yaml")
+    cfg = OmegaConf.merge(load_config([f"experiment={stored.experiment}"]), stored,
+                          OmegaConf.from_dotlist(list(args.overrides)))
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    data_root, _phantom = resolve_data_root(cfg)
+    dm = build_datamodule(cfg, data_root, **info["split_args"])
+    dm.prepare_data()
+    dm.setup("test")
+    module = SegmentationModule.load_from_checkpoint(ckpt, map_location="cpu")
+    t = cfg.trainer
+    trainer = pl.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(args.out))
+    metrics, rows = test_checkpoint(trainer, module, dm, None)
+    if is_rank_zero():
+        write_csv(args.out / "per_case.csv", [dict(r, split="test") for r in rows], first=ROW_COLUMNS)
+        write_json(args.out / "metrics.json", {**metrics, "checkpoint": ckpt, "selection": name,
+                                               "world_size": trainer.world_size})
+        print(f"tested {ckpt} on {trainer.world_size} process(es): {args.out / 'per_case.csv'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

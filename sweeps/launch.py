@@ -1,0 +1,171 @@
+"""Run a sweep: `python -m sweeps.launch transfer --preset smoke --runs runs --backend local [key=value ...]`.
+
+Backends are thin launchers, never a scheduler of our own:
+- `local` (default): the grid's runs one after another, each in its own process (`sweeps.run_one`),
+  offline unless WANDB_MODE says otherwise. Finished runs are skipped, unfinished ones resume.
+- `wandb`: creates the W&B sweep from the resolved file and starts `wandb agent` here; any number of
+  machines sharing the runs folder join with the printed `wandb agent ENTITY/PROJECT/ID`. Needs W&B online.
+- `slurm`: submits the unfinished runs as one job array through submitit (`pip install submitit`);
+  `--slurm KEY=VALUE` passes executor parameters (e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=600).
+
+The sweep folder is `<runs>/<sweep>-<preset>/`: `sweep.yaml` (resolved), `runs.json` (every run's
+overrides, folder and state), the run folders, `report/` and the sweep's headline file
+(`transfer_matrix.csv`/`.png`/`.md`, `loso_table.csv`/`.md`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from experiments.config import load_config
+from experiments.tracking import atomic_write_text, write_json
+from sweeps.expand import SweepError, expand, load_sweep, wandb_spec
+from sweeps.run_one import plan_run
+
+PRESETS = {"smoke": "smoke", "demo": "demo", "full": "default"}
+BACKENDS = ("local", "wandb", "slurm")
+
+
+def sweep_runs(spec: dict, preset: str, runs_root: Path, extra: list[str]) -> tuple[Path, list[str], list[dict]]:
+    """(sweep folder, fixed overrides, runs): each run's overrides, folder and whether it is done."""
+    sweep_dir = (runs_root / f"{spec['name']}-{preset}").resolve()
+    fixed = [f"experiment={PRESETS[preset]}", *extra]
+    # the preset decides the sources; the sweep grid over them is resolved once, here
+    base = load_config([o for o in fixed if not o.startswith("protocol=")])
+    sources = list(base.data.sources)
+    fixed.append(f"paths.runs={sweep_dir}")
+    fixed.append(f"wandb.group={spec['name']}-{preset}")
+    runs = []
+    for overrides in expand(spec, sources):
+        full = fixed + overrides
+        _protocol, _cfg, _plan, run_dir = plan_run(full)
+        runs.append({"overrides": full, "run_dir": str(run_dir), "done": (run_dir / "done").exists(),
+                     "started": run_dir.exists()})
+    return sweep_dir, fixed, runs
+
+
+def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
+    failed = []
+    todo = [r for r in runs if not r["done"]]
+    for i, r in enumerate(todo, 1):
+        state = "resuming" if r["started"] else "starting"
+        print(f"[sweep] {i}/{len(todo)} {state} {r['run_dir']}", flush=True)
+        log = log_dir / f"{Path(r['run_dir']).name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as fh:
+            proc = subprocess.run([sys.executable, "-m", "sweeps.run_one", *r["overrides"]], stdout=fh,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        r["done"] = (Path(r["run_dir"]) / "done").exists()
+        if proc.returncode or not r["done"]:
+            print(f"[sweep] FAILED (exit {proc.returncode}): {r['run_dir']}; log {log}", flush=True)
+            failed.append(r)
+    return failed
+
+
+def _run_wandb(spec: dict, sources: list[str], fixed: list[str], sweep_dir: Path, project: str) -> None:
+    import wandb
+
+    config = wandb_spec(spec, sources, fixed)
+    atomic_write_text(sweep_dir / "wandb_sweep.yaml", yaml.safe_dump(config, sort_keys=False))
+    if os.environ.get("WANDB_MODE", "offline") in ("offline", "disabled"):
+        raise SystemExit(f"BACKEND=wandb needs W&B online (WANDB_MODE=online and `wandb login`); the resolved "
+                         f"sweep is in {sweep_dir / 'wandb_sweep.yaml'} for `wandb sweep` elsewhere")
+    sweep_id = wandb.sweep(config, project=project)
+    print(f"[sweep] W&B sweep {sweep_id}: more machines join with `wandb agent <entity>/{project}/{sweep_id}` "
+          f"(run from the repository root, with {sweep_dir} on a shared filesystem)", flush=True)
+    subprocess.run(["wandb", "agent", f"{project}/{sweep_id}"] if "/" not in sweep_id else ["wandb", "agent", sweep_id],
+                   check=True)
+
+
+def _run_slurm(runs: list[dict], sweep_dir: Path, params: list[str], cluster: str | None) -> list[dict]:
+    try:
+        import submitit
+    except ImportError as e:
+        raise SystemExit("BACKEND=slurm needs submitit: pip install submitit") from e
+    todo = [r for r in runs if not r["done"]]
+    executor = submitit.AutoExecutor(folder=str(sweep_dir / "slurm"), cluster=cluster)
+    kwargs = {}
+    for item in params:
+        key, value = item.split("=", 1)
+        kwargs[key] = int(value) if value.isdigit() else value
+    executor.update_parameters(**{"timeout_min": 600, "name": sweep_dir.name, **kwargs})
+    commands = [submitit.helpers.CommandFunction([sys.executable, "-m", "sweeps.run_one", *r["overrides"]],
+                                                 cwd=str(Path.cwd())) for r in todo]
+    jobs = executor.map_array(lambda command: command(), commands) if commands else []
+    for job, r in zip(jobs, todo):
+        print(f"[sweep] submitted {job.job_id}: {r['run_dir']}", flush=True)
+    failed = []
+    for job, r in zip(jobs, todo):
+        try:
+            job.result()
+        except Exception as e:  # submitit re-raises the job's failure; keep the others going
+            print(f"[sweep] FAILED {job.job_id}: {r['run_dir']}: {e}", flush=True)
+        r["done"] = (Path(r["run_dir"]) / "done").exists()
+        if not r["done"]:
+            failed.append(r)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeps.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="sweep name in sweeps/ (transfer, loso, ...) or a YAML file")
+    parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="scale preset (default smoke)")
+    parser.add_argument("--runs", default="runs", help="folder holding sweep folders (default runs)")
+    parser.add_argument("--backend", default="local", choices=BACKENDS)
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit parameter")
+    parser.add_argument("--slurm-cluster", default=None, help="submitit cluster (default: auto; `local` to test)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_sweep(args.sweep)
+        sweep_dir, fixed, runs = sweep_runs(spec, args.preset, Path(args.runs), args.overrides)
+    except (SweepError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(
+        {k: v for k, v in spec.items() if not k.startswith("_")}, sort_keys=False))
+    n_done = sum(r["done"] for r in runs)
+    print(f"[sweep] {spec['name']} ({args.preset}) in {sweep_dir}: {len(runs)} runs, {n_done} finished (skipped), "
+          f"{sum(r['started'] and not r['done'] for r in runs)} to resume, "
+          f"{sum(not r['started'] for r in runs)} to start", flush=True)
+    if args.dry_run:
+        for r in runs:
+            print(f"  {'done' if r['done'] else 'todo'}  {r['run_dir']}")
+        return 0
+    t0 = time.time()
+    failed: list[dict] = []
+    if args.backend == "local":
+        failed = _run_local(runs, sweep_dir / "logs")
+    elif args.backend == "slurm":
+        failed = _run_slurm(runs, sweep_dir, args.slurm, args.slurm_cluster)
+    else:
+        sources = list(load_config([o for o in fixed if not o.startswith(("paths.", "wandb."))]).data.sources)
+        _run_wandb(spec, sources, fixed, sweep_dir, load_config(fixed).wandb.project)
+        for r in runs:
+            r["done"] = (Path(r["run_dir"]) / "done").exists()
+    write_json(sweep_dir / "runs.json", {"sweep": spec["name"], "preset": args.preset, "backend": args.backend,
+                                         "runs": runs, "wall_s": round(time.time() - t0, 1)})
+    if failed or not all(r["done"] for r in runs):
+        print(f"[sweep] {len(failed) or sum(not r['done'] for r in runs)} run(s) unfinished; rerun the same "
+              "command to resume them. No summary written.", flush=True)
+        return 1
+    from sweeps.summary import summarize_sweep  # matplotlib and the report only at the end
+
+    summary = summarize_sweep(sweep_dir, (spec.get("covid_dg") or {}).get("report"))
+    print(f"[sweep] all {len(runs)} runs finished; report {summary['report']}", flush=True)
+    for name in ("transfer_matrix.csv", "transfer_matrix.png", "loso_table.csv"):
+        if (sweep_dir / name).exists():
+            print(f"[sweep] {sweep_dir / name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

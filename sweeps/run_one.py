@@ -1,0 +1,45 @@
+"""One sweep run: `python -m sweeps.run_one protocol=NAME key=value ...` (what every backend executes).
+
+The run folder is `<paths.runs>/<kind>/<label>-<hash of the overrides>`: the same overrides always
+reach the same folder, so a finished run (its `done` marker) is skipped and an unfinished one resumes
+from its last checkpoint with the same W&B run id (experiments.tracking derives the id from the folder).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from experiments.config import load_config
+from experiments.protocols import PROTOCOLS, Plan
+from sweeps.expand import overrides_hash
+
+
+def split_protocol(overrides: list[str]) -> tuple[str, list[str]]:
+    protocol = [o.split("=", 1)[1] for o in overrides if o.startswith("protocol=")]
+    if len(protocol) != 1:
+        raise SystemExit("sweeps.run_one needs exactly one protocol=NAME (loso, transfer, fewshot)")
+    return protocol[0], [o for o in overrides if not o.startswith("protocol=")]
+
+
+def plan_run(overrides: list[str]) -> tuple[str, DictConfig, Plan, Path]:
+    """(protocol, config with run.name set, plan, run folder) for one sweep run; imports no torch."""
+    protocol, rest = split_protocol(list(overrides))
+    cfg = load_config(rest)
+    plan = PROTOCOLS.lookup(protocol)(cfg)
+    cfg.run.name = f"{plan.label}-{overrides_hash(overrides)}"
+    return protocol, cfg, plan, Path(cfg.paths.runs) / plan.kind / cfg.run.name
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.WARNING)
+    _protocol, cfg, plan, _run_dir = plan_run(list(sys.argv[1:] if argv is None else argv))
+    from experiments.runner import run  # torch and Lightning only once a run starts
+
+    return run(cfg, plan.kind, plan.split, plan.label)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""After a sweep: the full report (experiments.report) plus the sweep's headline file at its root.
+
+- `transfer_matrix`: `transfer_matrix.csv` (train source x test source, mean Dice of the lesion class
+  over seeds; `<test>_std` and `<test>_n_cases` beside), `transfer_matrix.png` and `transfer_matrix.md`;
+- `loso_table`: `loso_table.csv` / `.md`: one row per held-out source, Dice / NSD / HD95 mean ± std.
+Everything says PHANTOM DATA when a run used phantom sources.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from evaluation.reporting.common import PHANTOM_MARK
+from evaluation.reporting.plots import _heatmap, make_plots
+from evaluation.reporting.render import fmt, to_markdown, write_report
+from evaluation.reporting.runs import collect_runs
+from evaluation.reporting.tables import build_tables
+from experiments.tracking import atomic_write_text, write_csv
+
+
+def _pm(cell: dict | None) -> str:
+    if not cell:
+        return "n/a"
+    std = cell.get("std", math.nan)
+    return fmt(cell["mean"]) + (f" ± {fmt(std)}" if math.isfinite(std) else "")
+
+
+def _transfer_matrix(tables: dict, out: Path, phantom: bool) -> dict:
+    matrices = [m for m in tables["matrices"] if m["kind"] == "transfer"]
+    if len(matrices) != 1:
+        raise ValueError(f"expected one transfer matrix in the sweep's runs, found {len(matrices)}")
+    m = matrices[0]
+    cols = m["columns"]
+    rows = []
+    for r in m["rows"]:
+        row = {"train": r["train"]}
+        for s in cols:
+            cell = r["cells"].get(s)
+            row[s] = cell["mean"] if cell else math.nan
+            row[f"{s}_std"] = cell["std"] if cell else math.nan
+            row[f"{s}_n_seeds"] = cell["n_seeds"] if cell else 0
+        rows.append(row)
+    write_csv(out / "transfer_matrix.csv", rows, first=["train", *cols])
+    _heatmap(m, out / "transfer_matrix.png", phantom)
+    mark = f"**{PHANTOM_MARK}**\n\n" if phantom else ""
+    md = (f"{mark}# Transfer matrix: {m['metric']} ({m['class']})\n\nRows: training source; columns: test source "
+          "(mean ± std over seeds of each run's mean over cases). A source tested where it also trained is "
+          "scored on its held-out test patients, the same patients as in the other rows.\n\n"
+          + to_markdown(["train \\ test", *cols], [[r["train"], *[_pm(r["cells"].get(s)) for s in cols]]
+                                                   for r in m["rows"]])
+          + "\n\n![transfer matrix](transfer_matrix.png)\n")
+    atomic_write_text(out / "transfer_matrix.md", md)
+    return {"rows": [r["train"] for r in m["rows"]], "columns": cols}
+
+
+def _loso_table(tables: dict, out: Path, phantom: bool) -> dict:
+    rows = [r for r in tables["results"] if r["kind"] == "loso" and r["class"] == "lesion"
+            and r["test_source"] != "mean" and r["train_sources"]]
+    flat, shown = [], []
+    for r in sorted(rows, key=lambda r: r["test_source"]):
+        m = r["metrics"]
+        flat.append({"holdout": r["test_source"], "train_sources": r["train_sources"], "n_seeds": r["n_seeds"],
+                     "n_cases": r["n_cases"], **{f"{k}_{x}": m[k][x] for k in ("dice", "nsd", "hd95") if k in m
+                                                  for x in ("mean", "std")}})
+        shown.append([r["test_source"], r["train_sources"], str(r["n_cases"]),
+                      *[_pm(m.get(k)) for k in ("dice", "nsd", "hd95")]])
+    write_csv(out / "loso_table.csv", flat, first=["holdout", "train_sources"])
+    mark = f"**{PHANTOM_MARK}**\n\n" if phantom else ""
+    atomic_write_text(out / "loso_table.md", f"{mark}# Leave-one-source-out (lesion)\n\n" + to_markdown(
+        ["held-out source", "trained on", "cases", "Dice", "NSD", "HD95 (mm)"], shown) + "\n")
+    return {"rows": [f["holdout"] for f in flat]}
+
+
+SUMMARIES = {"transfer_matrix": _transfer_matrix, "loso_table": _loso_table}
+
+
+def summarize_sweep(sweep_dir: Path, kind: str | None, n_boot: int = 1000) -> dict:
+    """Report over every finished run under the sweep folder; then the sweep's own headline file."""
+    skipped: list[str] = []
+    runs = collect_runs([sweep_dir], skipped)
+    if not runs:
+        raise ValueError(f"no finished run under {sweep_dir}")
+    tables = build_tables(runs, "dice", "lesion", n_boot, 0, skipped)
+    report = sweep_dir / "report"
+    make_plots(tables, report)
+    write_report(tables, report)
+    out = {"report": str(report / "summary.md"), "runs": len(runs)}
+    if kind:
+        out[kind] = SUMMARIES[kind](tables, sweep_dir, tables["meta"]["phantom"])
+    return out
