@@ -146,7 +146,7 @@ def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sou
     - few-shot (`train_cases[source]` lists case ids): exactly those cases train (official folds), the
       others test; a test case of a patient who also trains is left out (`Split.dropped`) and printed.
     `val_sources`: training sources used whole for validation instead of training (leave-one-source-out
-    model selection); otherwise validation is `val_fraction` of each training source's patients, except
+    model selection; the other training sources then train whole); otherwise validation is `val_fraction` of each training source's patients, except
     for few-shot sources, whose listed cases all train.
     """
     train_cases = {s: list(ids) for s, ids in (train_cases or {}).items()}
@@ -192,7 +192,8 @@ def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sou
         if src in val_sources:
             val += cs
             continue
-        tr, va = group_holdout(cs, val_fraction, seed)
+        # with validation sources, model selection never looks at the training sources' patients
+        tr, va = group_holdout(cs, 0.0 if val_sources else val_fraction, seed)
         train += tr
         val += va
     if excluded:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="which labels train and are scored")
     parser.add_argument("--fold", default="all", help="fold index, or all (default)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING)
     overrides = list(args.overrides)
     if not any(o.startswith("preset=") for o in overrides):

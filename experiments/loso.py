@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             f"presets (preset=NAME): {', '.join(presets('preset'))}")
     parser.add_argument("--holdout", required=True, help="source to hold out (e.g. mosmed)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(args.overrides + [f"data.holdout={args.holdout}"])
     if args.holdout not in cfg.data.sources:

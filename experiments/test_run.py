@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="folder for per_case.csv and metrics.json")
     parser.add_argument("--selection", default=None, help="which selection's checkpoint (default: the headline)")
     parser.add_argument("overrides", nargs="*", help="trainer/evaluation overrides, key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING)
     info_path = args.run_dir / "run.json"
     if not info_path.exists():

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", required=True, type=_names, help="training sources, comma-separated")
     parser.add_argument("--test", type=_names, help="test sources, comma-separated (default: data.sources)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING)
     extra = [f"data.train_sources={args.train}"] + ([f"data.test_sources={args.test}"] if args.test else [])
     cfg = load_config(args.overrides + extra)

@@ -16,6 +16,7 @@ the test cases during training, for oracle model selection (reported, never the 
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +85,11 @@ def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict
     if dice:
         out[f"{stage}/mean/dice_classes"] = float(np.mean(dice))
     return out
+
+
+# Lightning suggests sync_dist for epoch-level logs under DDP; our values are computed from rows already
+# gathered from every rank (identical everywhere), and a sync would average equal numbers: silence it.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 def gather_rows(rows: list[dict]) -> list[dict]:

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit parameter")
     parser.add_argument("--slurm-cluster", default=None, help="submitit cluster (default: auto; `local` to test)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         spec = load_sweep(args.sweep)
         sweep_dir, fixed, runs = sweep_runs(spec, args.preset, Path(args.runs), args.overrides)

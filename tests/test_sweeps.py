@@ -1,0 +1,75 @@
+"""Sweep files -> runs (no training): expansion, placeholders, folder names, W&B's view of the file."""
+import pytest
+import yaml
+
+from sweeps.expand import SweepError, expand, load_sweep, overrides_hash, wandb_spec
+from sweeps.launch import sweep_runs
+from sweeps.run_one import plan_run
+
+SOURCES = ["covid19_20", "mosmed", "ctseg"]
+
+
+def test_transfer_sweep_has_one_run_per_training_source_with_list_values():
+    runs = expand(load_sweep("transfer"), SOURCES)
+    assert len(runs) == 3
+    assert [r[1] for r in runs] == ["data.train_sources=[covid19_20]", "data.train_sources=[mosmed]",
+                                    "data.train_sources=[ctseg]"]
+    assert all("protocol=transfer" in r and "data.fixed_test_part=true" in r for r in runs)
+
+
+def test_grid_is_the_product_of_every_values_list(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"method": "grid", "parameters": {
+        "protocol": {"value": "loso"}, "data.holdout": {"values": ["$sources"]}, "run.seed": {"values": [0, 1]},
+        "selection.report": {"value": ["last", "oracle"]}}}, sort_keys=False))
+    runs = expand(load_sweep(str(path)), ["a", "b"])
+    assert len(runs) == 4
+    assert runs[0] == ["protocol=loso", "data.holdout=a", "run.seed=0", "selection.report=[last,oracle]"]
+    assert runs[3][1:3] == ["data.holdout=b", "run.seed=1"]
+
+
+def test_bad_sweep_files_are_named(tmp_path):
+    with pytest.raises(SweepError, match="no sweep 'nope'"):
+        load_sweep("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: bayes\nparameters: {lr: {min: 0.1, max: 1}}\n")
+    with pytest.raises(SweepError, match="grids only"):
+        load_sweep(str(bad))
+    bad.write_text("parameters: {lr: {min: 0.1, max: 1}}\n")
+    with pytest.raises(SweepError, match="exactly one of value / values"):
+        load_sweep(str(bad))
+    bad.write_text("command: [${env}]\nparameters: {}\n")
+    with pytest.raises(SweepError, match="not valid YAML"):
+        load_sweep(str(bad))
+
+
+def test_folder_hash_ignores_where_and_how_but_not_what():
+    a = ["protocol=loso", "data.holdout=mosmed", "run.seed=0"]
+    assert overrides_hash(a) == overrides_hash(list(reversed(a)))
+    assert overrides_hash(a + ["paths.runs=/x", "wandb.group=g", "paths.cache=/c"]) == overrides_hash(a)
+    assert overrides_hash(a) != overrides_hash(["protocol=loso", "data.holdout=mosmed", "run.seed=1"])
+
+
+def test_runs_land_in_stable_folders_named_by_label_and_hash(tmp_path):
+    spec = load_sweep("loso")
+    sweep_dir, fixed, runs = sweep_runs(spec, "smoke", tmp_path, [])
+    assert sweep_dir == (tmp_path / "loso-smoke").resolve()
+    assert [r["run_dir"].split("/")[-1].split("-")[0] for r in runs] == SOURCES
+    assert all(r["run_dir"].startswith(str(sweep_dir / "loso")) and not r["done"] for r in runs)
+    again = sweep_runs(spec, "smoke", tmp_path, [])[2]
+    assert [r["run_dir"] for r in again] == [r["run_dir"] for r in runs]
+    # a finished run is seen as finished
+    from pathlib import Path
+    Path(runs[1]["run_dir"]).mkdir(parents=True)
+    (Path(runs[1]["run_dir"]) / "done").write_text("x")
+    assert [r["done"] for r in sweep_runs(spec, "smoke", tmp_path, [])[2]] == [False, True, False]
+    _protocol, cfg, plan, run_dir = plan_run(runs[0]["overrides"])
+    assert cfg.experiment == "smoke" and cfg.wandb.group == "loso-smoke" and plan.split == {"holdout": "covid19_20"}
+
+
+def test_wandb_gets_a_concrete_grid_without_our_block():
+    spec = wandb_spec(load_sweep("transfer"), SOURCES, ["experiment=smoke", "paths.runs=/shared/runs"])
+    assert "covid_dg" not in spec and spec["method"] == "grid"
+    assert spec["parameters"]["data.train_sources"] == {"values": ["[covid19_20]", "[mosmed]", "[ctseg]"]}
+    assert spec["parameters"]["paths.runs"] == {"value": "/shared/runs"}
+    assert spec["command"][-1] == "${args_no_hyphens}"
