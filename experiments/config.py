@@ -104,6 +104,9 @@ class InferenceConfig:
 class EvalClassConfig:
     values: list[int] = MISSING      # common-space label values merged into this class's mask
     tolerance_mm: float = MISSING    # NSD tolerance
+    # values a source must annotate for the class to be scored on it (default: every value). `lung`
+    # needs only the lungs: a lung mask that contains the lesions is the whole-lung reference as it is.
+    requires: list[int] | None = None
 
 
 @dataclass

@@ -102,6 +102,8 @@ class EpochSummary(pl.Callback):
             self.validated_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer, module):
+        if not trainer.is_global_zero:
+            return
         # callback_metrics keep the last validation's values: show them only in the epoch that validated
         validated = self.validated_epoch == trainer.current_epoch
         parts = [f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
@@ -333,7 +335,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         if k.startswith(("test/", "val/mean/dice")) and k.rsplit("/", 1)[-1] in ("dice", "nsd", "hd95", "dice_lung", "nsd_lung"):
             print(f"  {k} = {metrics[k]:.4f}")
     for n in names[1:]:
-        print(f"  selection {n}: test/mean/dice = {sel['test'][n].get('test/mean/dice', float('nan')):.4f} "
+        print(f"  selection {n}: test/mean/dice_classes = {sel['test'][n].get('test/mean/dice_classes', float('nan')):.4f} "
               f"(epoch {sel['checkpoints'][n]['epoch']})")
     if phantom:
         print("  (phantom data: synthetic sources)")

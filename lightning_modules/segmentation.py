@@ -40,9 +40,10 @@ from lightning_modules.networks import build_network
 
 def eval_classes(evaluation: dict, annotated: Sequence[bool]) -> list[EvalClass]:
     """The configured evaluation classes this case's source annotates completely: every value of the
-    class is annotated, or is a typed child (GGO, consolidation) of an annotated value in the class.
-    A class merging a value the source leaves unlabelled would be scored against voxels nobody
-    delineated."""
+    class (or of its `requires` list) is annotated, or is a typed child (GGO, consolidation) of an
+    annotated value in the class. A class merging a value the source leaves unlabelled would be scored
+    against voxels nobody delineated; `requires` names the exceptions, e.g. whole lungs from a lung
+    mask that already contains the lesions (COVID-19-CT-Seg's Lung_Mask, StructSeg's lungs)."""
     def known(v: int, values: Sequence[int]) -> bool:
         if v < len(annotated) and annotated[v]:
             return True
@@ -51,7 +52,8 @@ def eval_classes(evaluation: dict, annotated: Sequence[bool]) -> list[EvalClass]
     out = []
     for name, spec in evaluation["classes"].items():
         values = [int(v) for v in spec["values"]]
-        if all(known(v, values) for v in values):
+        required = [int(v) for v in (spec.get("requires") or values)]
+        if all(known(v, values) for v in required):
             out.append(EvalClass(name, tuple(values), float(spec["tolerance_mm"])))
     return out
 
@@ -90,6 +92,8 @@ def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict
 # Lightning suggests sync_dist for epoch-level logs under DDP; our values are computed from rows already
 # gathered from every rank (identical everywhere), and a sync would average equal numbers: silence it.
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+# Lightning warns that DistributedSampler repeats cases in validate/test; gather_rows removes the repeats.
+warnings.filterwarnings("ignore", message=r".*it is recommended to use `Trainer\(devices=1, num_nodes=1\)`.*")
 
 
 def gather_rows(rows: list[dict]) -> list[dict]:
