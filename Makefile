@@ -7,11 +7,14 @@ HOLDOUT ?= mosmed
 RUNS ?= runs
 ARGS ?=
 REPORT ?= reports/latest
+PRESET ?= smoke
+BACKEND ?= local
+SWEEP ?= selection
 # torch is pinned to the CPU wheel this workplace keeps on disk; a looser range would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint demo smoke loso report bench clean
+.PHONY: help install test test-all lint demo smoke loso report bench clean sweep-transfer sweep-loso sweep
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +45,15 @@ demo: install ## LOSO demo: train on two phantom sources, test on the held-out o
 
 loso: install ## LOSO with the default preset: make loso HOLDOUT=ctseg ARGS="paths.data_root=/data"
 	$(PY) -m experiments.loso --holdout $(HOLDOUT) paths.runs=$(RUNS) $(ARGS)
+
+sweep-transfer: install ## train on each source, test on all: $(RUNS)/transfer-$(PRESET)/transfer_matrix.{csv,png,md} (PRESET=smoke|demo|full BACKEND=local|wandb|slurm)
+	$(PY) -m sweeps.launch transfer --preset $(PRESET) --runs $(RUNS) --backend $(BACKEND) $(ARGS)
+
+sweep-loso: install ## hold out each source in turn: $(RUNS)/loso-$(PRESET)/loso_table.{csv,md} (PRESET, BACKEND as above)
+	$(PY) -m sweeps.launch loso --preset $(PRESET) --runs $(RUNS) --backend $(BACKEND) $(ARGS)
+
+sweep: install ## any sweep in sweeps/: make sweep SWEEP=selection (LOSO with training-domain, last and oracle checkpoints)
+	$(PY) -m sweeps.launch $(SWEEP) --preset $(PRESET) --runs $(RUNS) --backend $(BACKEND) $(ARGS)
 
 report: install ## tables and plots over every finished run under $(RUNS), into $(REPORT)
 	$(PY) -m experiments.report $(RUNS) --out $(REPORT)

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from sweeps.summary import summarize_sweep  # matplotlib and the report only at the end
 
-    summary = summarize_sweep(sweep_dir, (spec.get("covid_dg") or {}).get("report"))
+    summary = summarize_sweep(sweep_dir, (spec.get("covid_dg") or {}).get("report"),
+                              wandb_group=f"{spec['name']}-{args.preset}")
     print(f"[sweep] all {len(runs)} runs finished; report {summary['report']}", flush=True)
     for name in ("transfer_matrix.csv", "transfer_matrix.png", "loso_table.csv"):
         if (sweep_dir / name).exists():

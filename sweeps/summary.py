@@ -8,6 +8,7 @@ Everything says PHANTOM DATA when a run used phantom sources.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from evaluation.reporting.common import PHANTOM_MARK
@@ -74,8 +75,10 @@ def _loso_table(tables: dict, out: Path, phantom: bool) -> dict:
 SUMMARIES = {"transfer_matrix": _transfer_matrix, "loso_table": _loso_table}
 
 
-def summarize_sweep(sweep_dir: Path, kind: str | None, n_boot: int = 1000) -> dict:
-    """Report over every finished run under the sweep folder; then the sweep's own headline file."""
+def summarize_sweep(sweep_dir: Path, kind: str | None, n_boot: int = 1000, wandb_group: str | None = None) -> dict:
+    """Report over every finished run under the sweep folder; then the sweep's own headline file; then,
+    unless W&B is disabled, the report as one W&B run in the sweep's group (tables incl. the transfer
+    matrix, heatmaps)."""
     skipped: list[str] = []
     runs = collect_runs([sweep_dir], skipped)
     if not runs:
@@ -83,8 +86,13 @@ def summarize_sweep(sweep_dir: Path, kind: str | None, n_boot: int = 1000) -> di
     tables = build_tables(runs, "dice", "lesion", n_boot, 0, skipped)
     report = sweep_dir / "report"
     make_plots(tables, report)
-    write_report(tables, report)
+    written = write_report(tables, report)
     out = {"report": str(report / "summary.md"), "runs": len(runs)}
     if kind:
         out[kind] = SUMMARIES[kind](tables, sweep_dir, tables["meta"]["phantom"])
+    if os.environ.get("WANDB_MODE", "offline") != "disabled":
+        from evaluation.reporting.wandb_log import log_wandb
+
+        images = {"plot/transfer_matrix": sweep_dir / "transfer_matrix.png"} if kind == "transfer_matrix" else {}
+        out["wandb"] = log_wandb(tables, written, report, group=wandb_group, extra_images=images)
     return out

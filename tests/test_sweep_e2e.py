@@ -55,6 +55,11 @@ def test_transfer_sweep_fills_the_matrix_and_a_rerun_redoes_nothing(tmp_path, ph
                    b"selection/table", b"overlay/", b"test/mean/dice", b"val/mean/dice"):
         assert needle in raw, needle
 
+    # the sweep's report is one more W&B run in the same group: the matrix as a table and as a heatmap
+    report_log = b"".join(p.read_bytes() for p in sweep.glob("report/wandb/offline-run-*/*.wandb"))
+    for needle in (b"transfer-smoke", b"matrix_transfer", b"plot/transfer_matrix", b"report"):
+        assert needle in report_log, needle
+
     mtimes = {p: p.stat().st_mtime_ns for p in sweep.glob("transfer/*/metrics.json")}
     second = _launch(args, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:]
@@ -99,3 +104,20 @@ def test_killed_sweep_resumes_the_interrupted_run_with_the_same_wandb_id(tmp_pat
     assert ids == first_id and len(ids) == 1
     (row,) = list(csv.DictReader((run.parents[1] / "loso_table.csv").open(encoding="utf-8")))
     assert row["holdout"] == "mosmed" and 0.0 <= float(row["dice_mean"]) <= 1.0
+
+
+def test_slurm_backend_submits_through_submitit(tmp_path, phantom_root):
+    """submitit's `local` cluster runs the job array as local processes: the same code path a SLURM
+    cluster takes, without a cluster."""
+    cache = phantom_root.parents[1]
+    sweep_file = tmp_path / "one.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "one", "method": "grid", "parameters": {
+        "protocol": {"value": "loso"}, "data.holdout": {"value": "mosmed"}}}, sort_keys=False))
+    args = [str(sweep_file), "--preset", "smoke", "--runs", str(tmp_path / "runs"), "--backend", "slurm",
+            "--slurm-cluster", "local", "--slurm", "timeout_min=20", f"paths.cache={cache}", *SHORT,
+            "wandb.mode=disabled"]
+    done = _launch(args, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted" in done.stdout
+    (run,) = list((tmp_path / "runs" / "one-smoke" / "loso").iterdir())
+    assert (run / "done").exists() and list((tmp_path / "runs" / "one-smoke" / "slurm").iterdir())

@@ -154,6 +154,18 @@ def _all_tables(tables: dict) -> list[Table]:
                          flat, ["data", first] + cols + ["mean of row"],
                          [[_data(r["data"]), r["train"]] + [_pm(r["cells"].get(s)) for s in cols] + [fmt(r["row_mean"])]
                           for r in m["rows"]]))
+    if tables.get("selection"):
+        names = [n for n in ("training_domain", "loso", "last", "oracle")
+                 if any(f"{n}_mean" in r for r in tables["selection"])]
+        cols = ["data", "config", "headline", "n_seeds"] + [f"{n}_{x}" for n in names for x in ("mean", "std")]
+        t = _simple_table("selection", "model selection: test Dice (classes averaged, mean over test sources) of the "
+                          "checkpoint each rule picks, mean ± std over seeds; oracle saw the test labels (upper bound)",
+                          tables["selection"], cols)
+        t.columns = ["data", "configuration", "headline", "seeds", *names]
+        t.rows = [[_data(r["data"]), r["config"], str(r["headline"]), str(r["n_seeds"]),
+                   *[_pm({"mean": r.get(f"{n}_mean", math.nan), "std": r.get(f"{n}_std", math.nan)}) for n in names]]
+                  for r in tables["selection"]]
+        out.append(t)
     if tables["severity"]:
         out.append(_severity_table(tables["severity"]))
     out.append(_simple_table("runs", "runs used", tables["runs"],
@@ -220,6 +232,10 @@ def _summary_md(tables: dict, written: dict[str, Table], mark: str) -> str:
     for m in tables["matrices"]:
         section(f"Matrix {m['kind']}/{m['experiment']}", written[f"matrix_{m['name']}"],
                 f"![matrix](plots/matrix_{m['name']}.png)")
+    section("Model selection", written.get("selection"),
+            "Each rule's checkpoint tested (run.json `selection`): training_domain = best on validation patients "
+            "of the training sources (the default), loso = best on a whole held-out training source, last = final "
+            "epoch, oracle = best on the test cases themselves (DomainBed's upper bound; never report it as a result).")
     section("Severity agreement", written.get("severity"),
             "Per configuration and measure, over the test cases with both values (each averaged over seeds): "
             "Pearson r and Kendall tau-b with their p; the chi-squared test of the reference and predicted "

@@ -124,6 +124,28 @@ def _gap_rows(configs: list[Config], metric: str, cls: str, notes: list) -> list
     return rows
 
 
+SELECTION_ORDER = ("training_domain", "loso", "last", "oracle")
+
+
+def _selection_rows(configs: list[Config]) -> list[dict]:
+    """Test Dice (mean over test sources, `test/mean/dice_classes`) of every checkpoint a run recorded
+    (run.json `selection`), mean ± std over seeds: DomainBed's model selections side by side. Oracle
+    looked at the test labels: an upper bound, never a result."""
+    rows = []
+    for c in configs:
+        recorded = [r.info.get("selection") or {} for r in c.runs]
+        names = [n for n in SELECTION_ORDER if any(n in sel.get("test", {}) for sel in recorded)]
+        if len(names) < 2:
+            continue
+        row = {"data": c.data, "config": c.label, "headline": recorded[0].get("method"), "n_seeds": len(c.runs)}
+        for n in names:
+            vals = [sel.get("test", {}).get(n, {}).get("test/mean/dice_classes", math.nan) for sel in recorded]
+            stats = summarize(vals)
+            row[f"{n}_mean"], row[f"{n}_std"] = stats["mean"], stats["std"]
+        rows.append(row)
+    return rows
+
+
 # agreement() names -> the report's Bland-Altman columns (those of evaluation.stats.bland_altman)
 _BLAND_ALTMAN = {"ba_mean": "bias", "ba_sd": "sd", "ba_low": "loa_low", "ba_high": "loa_high"}
 
@@ -286,6 +308,7 @@ def build_tables(runs: Sequence[RunRecord], metric: str = "dice", cls: str = "le
         "configurations": [{"config": c.label, "slug": c.slug, "data": c.data, "seeds": [r.seed for r in c.runs]}
                            for c in configs],
         "results": results, "gap": gap, "matrices": _matrices(configs, cells, metric, cls, notes),
-        "severity": _severity_rows(configs, notes), "notes": notes, "plots": [], "_configs": configs,
+        "severity": _severity_rows(configs, notes), "selection": _selection_rows(configs), "notes": notes,
+        "plots": [], "_configs": configs,
     }
 

@@ -8,8 +8,10 @@ from evaluation.reporting.common import PHANTOM_MARK
 from evaluation.reporting.render import Table, clean
 
 
-def log_wandb(tables: dict, written: dict[str, Table], out: str | Path) -> str:
-    """One W&B run (job_type report) with every table and plot; offline unless WANDB_MODE says otherwise."""
+def log_wandb(tables: dict, written: dict[str, Table], out: str | Path, group: str | None = None,
+              extra_images: dict[str, Path] | None = None) -> str:
+    """One W&B run (job_type report) with every table and plot; offline unless WANDB_MODE says otherwise.
+    `group`: a sweep's name, so its report sits beside its runs in the dashboard."""
     import wandb
 
     out = Path(out)
@@ -18,7 +20,7 @@ def log_wandb(tables: dict, written: dict[str, Table], out: str | Path) -> str:
     try:
         # init_timeout: an online mode without network fails after a minute instead of waiting
         run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "covid-dg", job_type="report", mode=mode,
-                         dir=str(out), tags=["phantom" if meta["phantom"] else "real"],
+                         dir=str(out), tags=["phantom" if meta["phantom"] else "real"], group=group,
                          config={"metric": meta["metric"], "class": meta["class"], "bootstrap": meta["bootstrap"],
                                  "runs": [r["path"] for r in tables["runs"]]},
                          settings=wandb.Settings(init_timeout=60))
@@ -31,6 +33,7 @@ def log_wandb(tables: dict, written: dict[str, Table], out: str | Path) -> str:
                   for t in written.values()}
         logged.update({f"plot/{Path(p['file']).stem}": wandb.Image(str(out / p["file"]), caption=p["title"])
                        for p in tables["plots"]})
+        logged.update({key: wandb.Image(str(path), caption=key) for key, path in (extra_images or {}).items()})
         run.log(logged)
         run.summary.update({"phantom": meta["phantom"], "data": PHANTOM_MARK if meta["phantom"] else "real",
                             "n_runs": meta["n_runs"]})
