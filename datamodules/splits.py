@@ -156,6 +156,9 @@ def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sou
     bad_val = sorted(set(val_sources) - set(train_sources))
     if bad_val:
         raise ValueError(f"validation source(s) {bad_val} are not training sources {list(train_sources)}")
+    fixed_val = sorted(set(val_sources) & set(train_cases))
+    if fixed_val:
+        raise ValueError(f"source(s) {fixed_val} cannot both validate whole and train their listed cases")
     if val_sources and not set(train_sources) - set(val_sources):
         raise ValueError(f"every training source {list(train_sources)} is a validation source: nothing left to train on")
     labelled = [c for c in cases if c.labelled]

@@ -204,9 +204,9 @@ def select_and_test(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationMo
         if name == head:
             metrics.update(result[0])
             test_rows = result[1]
-        else:
+        elif is_rank_zero():
             write_csv(run_dir / "selection" / name / "per_case.csv", [dict(r, split="test") for r in result[1]],
-                      first=ROW_COLUMNS) if is_rank_zero() else None
+                      first=ROW_COLUMNS)
         record["test"][name] = {k: v for k, v in result[0].items() if k.startswith("test/")}
     return metrics, val_rows, test_rows, record
 
@@ -279,7 +279,10 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         torch.set_num_threads(cfg.trainer.threads)
     if cfg.selection.method == "loso":
         trained = split.get("train_sources") or [s for s in cfg.data.sources if s != split.get("holdout")]
-        split = dict(split, val_sources=[cfg.selection.val_source or trained[-1]])
+        whole = [s for s in trained if s not in split.get("train_cases", {})]  # few-shot sources train their list
+        if not cfg.selection.val_source and not whole:
+            raise ValueError("selection.method=loso needs a training source to validate on; there is none")
+        split = dict(split, val_sources=[cfg.selection.val_source or whole[-1]])
     dm = build_datamodule(cfg, data_root, **split)
     dm.oracle = "oracle" in names
     dm.prepare_data()

@@ -51,7 +51,7 @@ def write_csv(path: str | Path, rows: Sequence[dict], first: Sequence[str] = ("c
 
 def make_wandb_logger(cfg: DictConfig, run_dir: Path, run_name: str, job_type: str, tags: Sequence[str]):
     """A WandbLogger in cfg.wandb.mode; `disabled` gives None. The run id derives from the run folder,
-    so a resumed run continues the same W&B run."""
+    so a resumed run continues the same W&B run (except under a W&B sweep agent, which sets the id)."""
     mode = cfg.wandb.mode
     if mode not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
@@ -61,9 +61,11 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path, run_name: str, job_type: s
 
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
-    # The run id must be stable across restarts of one run folder, and distinct between folders.
-    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    # The run id must be stable across restarts of one run folder, and distinct between folders. Under a
+    # `wandb agent` (BACKEND=wandb) the agent owns the id (WANDB_RUN_ID): passing ours would detach the
+    # run from its sweep, so the agent's is kept.
+    run_id = None if os.environ.get("WANDB_SWEEP_ID") else hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
     return WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,
-                       save_dir=str(run_dir), job_type=job_type, group=f"{job_type}-{cfg.experiment}",
+                       save_dir=str(run_dir), job_type=job_type, group=cfg.wandb.group or f"{job_type}-{cfg.experiment}",
                        tags=list(tags) + list(cfg.wandb.tags), resume="allow",
                        config=OmegaConf.to_container(cfg, resolve=True))

@@ -92,3 +92,10 @@ def test_leakage_check_allows_in_domain_sources_by_patient_only():
         assert_no_leakage(Split((_c("a", "1", "p"),), (), (_c("a", "2", "p"),), ("a",), ("a",)))
     with pytest.raises(LeakageError, match="held-out source"):
         assert_no_leakage(Split((_c("b", "1"),), (), (a1,), ("a",), ("b",)))
+
+
+def test_a_fewshot_source_cannot_also_be_the_validation_source():
+    cases = [_c("ctseg", i) for fold in CTSEG_IDS for i in fold] + _source("msd_lung", 4)
+    with pytest.raises(ValueError, match="cannot both validate whole and train"):
+        transfer_split(cases, ["msd_lung", "ctseg"], ["ctseg"], 0.2, 0, train_cases={"ctseg": CTSEG_IDS[0]},
+                       val_sources=["ctseg"])

@@ -73,3 +73,20 @@ def test_wandb_gets_a_concrete_grid_without_our_block():
     assert spec["parameters"]["data.train_sources"] == {"values": ["[covid19_20]", "[mosmed]", "[ctseg]"]}
     assert spec["parameters"]["paths.runs"] == {"value": "/shared/runs"}
     assert spec["command"][-1] == "${args_no_hyphens}"
+
+
+def test_wandb_logger_ids_and_groups(tmp_path, monkeypatch):
+    from experiments.config import load_config
+    from experiments.tracking import make_wandb_logger
+
+    cfg = load_config(["experiment=smoke", "wandb.mode=offline", "wandb.group=transfer-smoke"])
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    a = make_wandb_logger(cfg, tmp_path / "run", "n", "transfer", ["x"])
+    b = make_wandb_logger(cfg, tmp_path / "run", "n", "transfer", ["x"])
+    other = make_wandb_logger(cfg, tmp_path / "other", "n", "transfer", ["x"])
+    assert a._wandb_init["id"] == b._wandb_init["id"] != other._wandb_init["id"]  # stable per run folder
+    assert a._wandb_init["group"] == "transfer-smoke" and a._wandb_init["job_type"] == "transfer"
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")  # inside `wandb agent`: the agent's id is kept
+    assert make_wandb_logger(cfg, tmp_path / "run", "n", "transfer", [])._wandb_init["id"] is None
+    default = make_wandb_logger(load_config(["experiment=smoke", "wandb.mode=offline"]), tmp_path, "n", "loso", [])
+    assert default._wandb_init["group"] == "loso-smoke"
