@@ -338,7 +338,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         if k.startswith(("test/", "val/mean/dice")) and k.rsplit("/", 1)[-1] in ("dice", "nsd", "hd95", "dice_lung", "nsd_lung"):
             print(f"  {k} = {metrics[k]:.4f}")
     for n in names[1:]:
-        print(f"  selection {n}: test/mean/dice_classes = {sel['test'][n].get('test/mean/dice_classes', float('nan')):.4f} "
+        print(f"  selection {n}: test/mean/selection_dice = {sel['test'][n].get('test/mean/selection_dice', float('nan')):.4f} "
               f"(epoch {sel['checkpoints'][n]['epoch']})")
     if phantom:
         print("  (phantom data: synthetic sources)")

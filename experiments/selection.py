@@ -17,10 +17,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 SELECTIONS = ("training_domain", "loso", "oracle", "last")
-# Mean Dice over the evaluation classes each validation case annotates (aggregate() logs it): lesion
-# alone for lesion-only sources, lesion and lung where both are labelled, lung for a lung-only task.
-MONITOR = {"training_domain": "val/mean/dice_classes", "loso": "val/mean/dice_classes",
-           "oracle": "oracle/mean/dice_classes"}
+# segmentation.aggregate() logs it: the lesion Dice where lesions are scored, else the mean Dice of the
+# classes scored (a lung-only task).
+MONITOR = {"training_domain": "val/mean/selection_dice", "loso": "val/mean/selection_dice",
+           "oracle": "oracle/mean/selection_dice"}
 
 
 def wanted(method: str, report) -> list[str]:

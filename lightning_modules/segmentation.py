@@ -82,10 +82,14 @@ def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict
         out[f"{stage}/{src}/cases"] = float(len({r["case"] for r in rs}))
     for key, vals in per_metric.items():
         out[key] = float(np.mean(vals))
-    # the model-selection score: Dice averaged over every class scored (lesion alone on lesion-only data)
-    dice = [v for k, v in out.items() if k.startswith(f"{stage}/mean/dice")]
-    if dice:
-        out[f"{stage}/mean/dice_classes"] = float(np.mean(dice))
+    # The model-selection score: the primary class's Dice (lesion) where it is scored; a task that scores
+    # no lesion (lungs only) selects on the mean Dice of the classes it scores.
+    if f"{stage}/mean/dice" in out:
+        out[f"{stage}/mean/selection_dice"] = out[f"{stage}/mean/dice"]
+    else:
+        dice = [v for k, v in out.items() if k.startswith(f"{stage}/mean/dice_")]
+        if dice:
+            out[f"{stage}/mean/selection_dice"] = float(np.mean(dice))
     return out
 
 

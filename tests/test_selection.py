@@ -32,7 +32,7 @@ def test_loso_selection_validates_on_a_whole_training_source_and_reports_oracle_
     tables = build_tables(collect_runs([tmp_path]), n_boot=50)
     (row,) = tables["selection"]
     assert row["headline"] == "loso" and {"loso_mean", "last_mean", "oracle_mean"} <= set(row)
-    assert row["oracle_mean"] == sel["test"]["oracle"]["test/mean/dice_classes"]
+    assert row["oracle_mean"] == sel["test"]["oracle"]["test/mean/selection_dice"]
 
 
 def test_same_seed_same_split_and_metrics_on_cpu(tmp_path, phantom_root):

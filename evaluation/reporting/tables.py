@@ -128,7 +128,7 @@ SELECTION_ORDER = ("training_domain", "loso", "last", "oracle")
 
 
 def _selection_rows(configs: list[Config]) -> list[dict]:
-    """Test Dice (mean over test sources, `test/mean/dice_classes`) of every checkpoint a run recorded
+    """Test Dice (mean over test sources, `test/mean/selection_dice`) of every checkpoint a run recorded
     (run.json `selection`), mean ± std over seeds: DomainBed's model selections side by side. Oracle
     looked at the test labels: an upper bound, never a result."""
     rows = []
@@ -139,7 +139,7 @@ def _selection_rows(configs: list[Config]) -> list[dict]:
             continue
         row = {"data": c.data, "config": c.label, "headline": recorded[0].get("method"), "n_seeds": len(c.runs)}
         for n in names:
-            vals = [sel.get("test", {}).get(n, {}).get("test/mean/dice_classes", math.nan) for sel in recorded]
+            vals = [sel.get("test", {}).get(n, {}).get("test/mean/selection_dice", math.nan) for sel in recorded]
             stats = summarize(vals)
             row[f"{n}_mean"], row[f"{n}_std"] = stats["mean"], stats["std"]
         rows.append(row)
