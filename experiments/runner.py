@@ -184,8 +184,11 @@ def select_and_test(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationMo
     record = {"method": head, "checkpoints": {}, "test": {}}
     tested: dict[str, tuple[dict, list]] = {}
     metrics, val_rows, test_rows = {}, [], []
+    # Read every rule's choice now: validate/test restore callback states from the checkpoint they load,
+    # which would roll a later rule's choice back to what it was when that checkpoint was written.
+    chosen = {name: chosen_checkpoint(name, callbacks) for name in names}
     for name in names:
-        ckpt, score = chosen_checkpoint(name, callbacks)
+        ckpt, score = chosen[name]
         epoch, step = _progress_of(ckpt)
         record["checkpoints"][name] = {"path": ckpt, "epoch": epoch, "global_step": step, "score": score}
         if name == head:

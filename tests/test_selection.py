@@ -24,6 +24,8 @@ def test_loso_selection_validates_on_a_whole_training_source_and_reports_oracle_
     sel = info["selection"]
     assert sel["method"] == "loso" and set(sel["checkpoints"]) == {"loso", "last", "oracle"}
     assert sel["checkpoints"]["oracle"]["path"].split("/")[-1].startswith("oracle-epoch")
+    from pathlib import Path
+    assert all(Path(c["path"]).exists() for c in sel["checkpoints"].values())
     for rule in ("last", "oracle"):
         rows = list(csv.DictReader((run_dir / "selection" / rule / "per_case.csv").open()))
         assert {r["source"] for r in rows} == {"mosmed"} and len({r["case"] for r in rows}) == 6
@@ -44,3 +46,41 @@ def test_same_seed_same_split_and_metrics_on_cpu(tmp_path, phantom_root):
     assert (a / "val_per_case.csv").read_text() == (b / "val_per_case.csv").read_text()
     ia, ib = json.loads((a / "run.json").read_text()), json.loads((b / "run.json").read_text())
     assert ia["split"] == ib["split"] and ia["config_hash"] == ib["config_hash"]
+
+
+def test_every_rules_choice_is_read_before_validate_and_test_restore_callback_states(tmp_path):
+    """Lightning's validate/test restore callback states from the checkpoint they load; a choice read
+    afterwards can point at a checkpoint the rule has since replaced (and deleted)."""
+    from types import SimpleNamespace as NS
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from experiments.runner import select_and_test
+
+    paths = {}
+    for name, epoch in (("last", 5), ("best-epoch004", 4), ("oracle-epoch002", 2)):
+        paths[name] = tmp_path / f"{name}.ckpt"
+        torch.save({"epoch": epoch, "global_step": 10 * epoch}, paths[name])
+    callbacks = {"last": NS(dirpath=str(tmp_path)),
+                 "training_domain": NS(best_model_path=str(paths["best-epoch004"]), best_model_score=torch.tensor(0.7)),
+                 "oracle": NS(best_model_path=str(paths["oracle-epoch002"]), best_model_score=torch.tensor(0.4))}
+    rows = [{"source": "s", "case": "c1", "class": "lesion", "dice": 0.5}]
+
+    class Trainer:
+        def validate(self, module, datamodule, ckpt_path, verbose):
+            callbacks["oracle"].best_model_path = str(tmp_path / "oracle-epoch001.ckpt")  # the restore
+            return [{"val/mean/dice": 0.7}]
+
+        def test(self, module, datamodule, ckpt_path, verbose):
+            module.last_rows["test"] = rows
+            return [{"test/mean/dice": float(torch.load(ckpt_path)["epoch"])}]
+
+    module = NS(last_rows={"val": []}, prediction_dir=None)
+    dm = NS(split=NS(val=("v",), test=(NS(case_id="c1"),)))
+    cfg = OmegaConf.create({"evaluation": {"save_predictions": False}})
+    metrics, _, _, record = select_and_test(cfg, Trainer(), module, dm, tmp_path,
+                                            callbacks, ["training_domain", "oracle", "last"])
+    assert record["checkpoints"]["oracle"]["path"] == str(paths["oracle-epoch002"])
+    assert record["test"]["oracle"]["test/mean/dice"] == 2.0 and metrics["test/mean/dice"] == 4.0
+    assert record["test"]["last"]["test/mean/dice"] == 5.0 and record["checkpoints"]["last"]["global_step"] == 50
