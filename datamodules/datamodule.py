@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from datamodules import fingerprint
@@ -183,8 +184,11 @@ class MultiSourceDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0, drop_last=True)
 
     def _volume_loader(self, role: str) -> DataLoader:
+        # A private generator: starting a DataLoader iterator draws a base seed from its generator (the
+        # global torch RNG by default), so every validation pass would shift the training patches that
+        # follow. With its own, training draws the same patches whatever is validated, and how often.
         return DataLoader(VolumeDataset(self.cached[role], self.source_ids), batch_size=1, shuffle=False,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
         if self.oracle:  # loader 1: the test cases, scored as stage "oracle" (reported, never the default)

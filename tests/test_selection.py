@@ -84,3 +84,15 @@ def test_every_rules_choice_is_read_before_validate_and_test_restore_callback_st
     assert record["checkpoints"]["oracle"]["path"] == str(paths["oracle-epoch002"])
     assert record["test"]["oracle"]["test/mean/dice"] == 2.0 and metrics["test/mean/dice"] == 4.0
     assert record["test"]["last"]["test/mean/dice"] == 5.0 and record["checkpoints"]["last"]["global_step"] == 50
+
+
+def test_validation_never_shifts_the_training_patches(tmp_path, phantom_root):
+    """Starting a DataLoader iterator draws from its generator; the volume loaders have their own, so
+    asking for the oracle (a second validation loader) leaves training, hence the last epoch, unchanged."""
+    cache = phantom_root.parents[1]
+    for name, extra in (("plain", []), ("oracle", ["selection.report=[last,oracle]"])):
+        loso_main(["--holdout", "mosmed", *SHORT, f"paths.runs={tmp_path / name}", f"paths.cache={cache}", *extra])
+    (a,), (b,) = [list((tmp_path / n / "loso").iterdir()) for n in ("plain", "oracle")]
+    ta = json.loads((a / "run.json").read_text())["selection"]["test"]["last"]
+    tb = json.loads((b / "run.json").read_text())["selection"]["test"]["last"]
+    assert ta == tb
