@@ -50,6 +50,15 @@ def sweep_runs(spec: dict, preset: str, runs_root: Path, extra: list[str]) -> tu
     return sweep_dir, fixed, runs
 
 
+def run_env() -> dict[str, str]:
+    """The environment a run process gets: ours, minus WANDB_SERVICE. wandb stores its service's address
+    there; a child would attach to the parent's service, which still holds the id of a run killed
+    mid-way and refuses to resume it ("run ID is in use"). Each run starts its own service."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
     failed = []
     todo = [r for r in runs if not r["done"]]
@@ -60,7 +69,7 @@ def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
             proc = subprocess.run([sys.executable, "-m", "sweeps.run_one", *r["overrides"]], stdout=fh,
-                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  stderr=subprocess.STDOUT, env=run_env())
         r["done"] = (Path(r["run_dir"]) / "done").exists()
         if proc.returncode or not r["done"]:
             print(f"[sweep] FAILED (exit {proc.returncode}): {r['run_dir']}; log {log}", flush=True)
@@ -80,7 +89,7 @@ def _run_wandb(spec: dict, sources: list[str], fixed: list[str], sweep_dir: Path
     print(f"[sweep] W&B sweep {sweep_id}: more machines join with `wandb agent <entity>/{project}/{sweep_id}` "
           f"(run from the repository root, with {sweep_dir} on a shared filesystem)", flush=True)
     subprocess.run(["wandb", "agent", f"{project}/{sweep_id}"] if "/" not in sweep_id else ["wandb", "agent", sweep_id],
-                   check=True)
+                   check=True, env=run_env())
 
 
 def _run_slurm(runs: list[dict], sweep_dir: Path, params: list[str], cluster: str | None) -> list[dict]:
@@ -96,7 +105,7 @@ def _run_slurm(runs: list[dict], sweep_dir: Path, params: list[str], cluster: st
         kwargs[key] = int(value) if value.isdigit() else value
     executor.update_parameters(**{"timeout_min": 600, "name": sweep_dir.name, **kwargs})
     commands = [submitit.helpers.CommandFunction([sys.executable, "-m", "sweeps.run_one", *r["overrides"]],
-                                                 cwd=str(Path.cwd())) for r in todo]
+                                                 cwd=str(Path.cwd()), env=run_env()) for r in todo]
     jobs = executor.map_array(lambda command: command(), commands) if commands else []
     for job, r in zip(jobs, todo):
         print(f"[sweep] submitted {job.job_id}: {r['run_dir']}", flush=True)

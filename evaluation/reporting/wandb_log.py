@@ -40,3 +40,4 @@ def log_wandb(tables: dict, written: dict[str, Table], out: str | Path, group: s
         return str(getattr(run, "dir", ""))
     finally:
         wandb.finish()
+        wandb.teardown()  # completes the offline files and clears WANDB_SERVICE (no child attaches to it)
