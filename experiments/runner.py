@@ -281,8 +281,8 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     if cfg.selection.method == "loso":
-        trained = split.get("train_sources") or [s for s in cfg.data.sources if s != split.get("holdout")]
-        whole = [s for s in trained if s not in split.get("train_cases", {})]  # few-shot sources train their list
+        training = split.get("train_sources") or [s for s in cfg.data.sources if s != split.get("holdout")]
+        whole = [s for s in training if s not in split.get("train_cases", {})]  # few-shot sources train their list
         if not cfg.selection.val_source and not whole:
             raise ValueError("selection.method=loso needs a training source to validate on; there is none")
         split = dict(split, val_sources=[cfg.selection.val_source or whole[-1]])
