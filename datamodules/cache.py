@@ -82,11 +82,60 @@ def sample_foreground(label: np.ndarray, seed: int, per_class: int = FG_SAMPLES_
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
+def _build_entry(root: str, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig):
+    """Pool worker: build one entry; a per-case error comes back as the exception, not a crash."""
+    import torch
+
+    torch.set_num_threads(1)  # one case per core: intra-op threads would only oversubscribe
+    try:
+        entry = CaseCache(root).get(case, policy, cfg)
+        return entry.path, entry.meta
+    except Exception as exc:  # returned to the parent, which re-raises or records it like a serial build
+        return exc
+
+
 class CaseCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+
+    def lookup(self, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> CachedCase | None:
+        """The finished entry, or None (nothing is built)."""
+        final = self.entry_dir(case, cache_key(case, policy, cfg))
+        meta_path = final / "meta.json"
+        return CachedCase(final, json.loads(meta_path.read_text())) if meta_path.exists() else None
+
+    def get_many(self, items: list[tuple[Case, LabelPolicy | None]], cfg: HarmonizerConfig, workers: int = 1,
+                 progress: bool = True) -> list[CachedCase | Exception]:
+        """Entries of many cases, in order; missing ones built by `workers` processes (spawned: torch is
+        not fork-safe) with a progress bar. A case that fails yields its exception in its place."""
+        out: list[CachedCase | Exception | None] = [self.lookup(c, p, cfg) for c, p in items]
+        todo = [i for i, e in enumerate(out) if e is None]
+        self.hits += len(items) - len(todo)
+        self.misses += len(todo)
+        if not todo:
+            return out
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="harmonizing", unit="case", disable=not progress, mininterval=2.0)
+        if workers <= 1 or len(todo) == 1:
+            for i in todo:
+                result = _build_entry(str(self.root), items[i][0], items[i][1], cfg)
+                out[i] = result if isinstance(result, Exception) else CachedCase(*result)
+                bar.update()
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(_build_entry, str(self.root), items[i][0], items[i][1], cfg): i for i in todo}
+                for fut in as_completed(futures):
+                    result = fut.result()
+                    out[futures[fut]] = result if isinstance(result, Exception) else CachedCase(*result)
+                    bar.update()
+        bar.close()
+        return out
 
     def entry_dir(self, case: Case, key: str) -> Path:
         return self.root / case.source / f"{case.case_id}-{key[:16]}"

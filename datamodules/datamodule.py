@@ -74,7 +74,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  fg_fraction: float = 0.5, val_fraction: float = 0.2, sampling: str = "uniform",
                  num_workers: int = 0, seed: int = 0, on_error: str = "fail", policies: dict[str, str] | None = None,
                  find_duplicates: bool = True, test_fraction: float = 0.2, fixed_test_part: bool = False,
-                 train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = ()):
+                 train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = (),
+                 cache_workers: int = 1):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -97,6 +98,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.skipped: list[str] = []  # problems of cases left out under on_error=skip
         # runner sets True for oracle model selection: the test cases become a second validation loader
         self.oracle = False
+        self.cache_workers = cache_workers  # processes building missing cache entries
         # transfer_split's in-domain / few-shot / model-selection options (see its docstring)
         self.split_options = {"test_fraction": test_fraction, "fixed_test_part": fixed_test_part,
                               "train_cases": dict(train_cases or {}), "val_sources": tuple(val_sources)}
@@ -127,24 +129,27 @@ class MultiSourceDataModule(pl.LightningDataModule):
             print(f"[duplicates] {g.describe()}: grouped as one patient", flush=True)
         return merge_duplicate_patients(cases, self.duplicates) if self.duplicates else cases
 
-    def _harmonize(self, cases: Sequence[Case], role: str) -> tuple[list[CachedCase], list[str]]:
-        """Cached cases of one role, and the problems of the cases that could not be read."""
-        out, problems = [], []
-        for i, case in enumerate(cases, 1):
-            try:
-                out.append(self.cache.get(case, self.adapters[case.source].policy(case), self.harmonizer))
-            except CASE_ERRORS as exc:
-                problems.append(f"{case.key} ({role}): {exc}")
-            log.info("harmonized %s %d/%d %s", role, i, len(cases), case.key)
-        return out, problems
+    def _harmonize(self, split: Split) -> list[str]:
+        """Fill `self.cached` for every role (missing entries built in parallel: data.cache_workers);
+        return the problems of the cases that could not be read."""
+        roles = [(role, c) for role in ("train", "val", "test") for c in getattr(split, role)]
+        entries = self.cache.get_many([(c, self.adapters[c.source].policy(c)) for _, c in roles], self.harmonizer,
+                                      workers=self.cache_workers)
+        problems: list[str] = []
+        self.cached = {"train": [], "val": [], "test": []}
+        for (role, case), entry in zip(roles, entries):
+            if isinstance(entry, CASE_ERRORS):
+                problems.append(f"{case.key} ({role}): {entry}")
+            elif isinstance(entry, Exception):
+                raise entry  # not a per-case input problem: a bug or a broken environment stops the run
+            else:
+                self.cached[role].append(entry)
+        return problems
 
     def _load(self) -> None:
         """Discover, split (transfer_split asserts no leakage) and harmonize into the cache; keep the result."""
         split = self.make_split()
-        problems: list[str] = []
-        for role in ("train", "val", "test"):
-            self.cached[role], bad = self._harmonize(getattr(split, role), role)
-            problems += bad
+        problems = self._harmonize(split)
         report_problems(problems, self.on_error)
         self.skipped += problems
         if problems:  # the split must describe exactly what is loaded (the runner checks the tested cases)

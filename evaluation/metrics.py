@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 METRIC_NAMES = ("dice", "iou", "nsd", "hd95", "asd", "rv", "ref_ml", "pred_ml")
 
@@ -289,17 +289,26 @@ def _surfels(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, 
 
 
 def _distances_to(is_surfel_other: np.ndarray, at: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Distance (mm) from the corners marked in `at` to the nearest surfel corner of the other mask."""
+    """Distance (mm) from the corners marked in `at` to the nearest surfel corner of the other mask.
+
+    Why not distance_transform_edt over the crop (DeepMind's way): its cost grows with the crop's volume,
+    and multi-focal COVID lesions spread over both lungs make that most of the scan, while the surfels are
+    a thin shell. A k-d tree over the other mask's surfel corners (in mm) costs O(n log n) in the surfels
+    alone. The tree only picks the nearest corner; the distance is then computed from the integer offset
+    as the feature transform path did, so values stay those of DeepMind's formulation (exact nearest
+    neighbour, same arithmetic).
+    """
+    n_at = int(np.count_nonzero(at))
     if not is_surfel_other.any():
-        return np.full(int(np.count_nonzero(at)), np.inf)
-    # Only the feature transform (index of the nearest surfel) over the crop, and distances only where they
-    # are needed: a full distance map costs ~1.5x the time and three float64 copies of the crop. The
-    # arithmetic is distance_transform_edt's own, so distances are bit-identical to the package's.
-    nearest = ndimage.distance_transform_edt(~is_surfel_other, sampling=spacing, return_distances=False,
-                                             return_indices=True)
-    idx = np.nonzero(at)
-    offsets = (nearest[(slice(None), *idx)] - np.stack(idx)).astype(np.float64)
-    offsets *= np.asarray(spacing)[:, None]
+        return np.full(n_at, np.inf)
+    if n_at == 0:
+        return np.zeros(0)
+    sp = np.asarray(spacing, np.float64)
+    other = np.argwhere(is_surfel_other)
+    query = np.argwhere(at)
+    _, nearest = cKDTree(other * sp).query(query * sp, k=1, workers=-1)
+    offsets = (other[nearest] - query).T.astype(np.float64)
+    offsets *= sp[:, None]
     return np.sqrt(np.add.reduce(offsets * offsets, axis=0))
 
 

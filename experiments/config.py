@@ -44,6 +44,7 @@ class DataConfig:
     val_fraction: float = MISSING
     sampling: str = MISSING
     num_workers: int = MISSING
+    cache_workers: int = MISSING   # processes building missing harmonized cache entries
     on_error: str = MISSING   # fail | skip: what a bad case file does
     policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
     find_duplicates: bool = MISSING  # fingerprint labelled scans; one scan under two names is one patient

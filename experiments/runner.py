@@ -72,7 +72,7 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
         sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
         policies=OmegaConf.to_container(d.policies), find_duplicates=d.find_duplicates,
-        test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, **split)
+        test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers, **split)
 
 
 def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:

@@ -18,7 +18,8 @@ import yaml
 SWEEP_DIR = Path(__file__).resolve().parent
 PLACEHOLDERS = ("$sources", "$[sources]")
 # Overrides that do not change what a run computes: they never enter its folder name.
-NOT_HASHED = ("paths.runs", "paths.cache", "wandb.", "trainer.threads", "data.num_workers", "run.overwrite")
+NOT_HASHED = ("paths.runs", "paths.cache", "wandb.", "trainer.threads", "data.num_workers", "data.cache_workers",
+              "run.overwrite")
 
 
 class SweepError(ValueError):

@@ -82,3 +82,28 @@ def test_foreground_sample_independent_of_storage_location(tmp_path, phantom_roo
     assert a.meta["key"] != b.meta["key"]
     assert a.meta["voxels"]["lung_left"] > FG_SAMPLES_PER_CLASS
     np.testing.assert_array_equal(a.foreground(), b.foreground())
+
+
+def test_parallel_build_equals_serial_and_keeps_going_past_a_bad_case(tmp_path, phantom_root):
+    import dataclasses
+
+    adapter = SOURCES["mosmed"](phantom_root / "mosmed")
+    cases = [c for c in adapter.discover() if c.labelled][:3]
+    items = [(c, adapter.policy(c)) for c in cases]
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    items.append((dataclasses.replace(cases[0], case_id="broken", image=broken), items[0][1]))
+    cfg = HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0))
+    serial = CaseCache(tmp_path / "serial").get_many(items, cfg, workers=1, progress=False)
+    parallel_cache = CaseCache(tmp_path / "parallel")
+    parallel = parallel_cache.get_many(items, cfg, workers=2, progress=False)
+    assert (parallel_cache.hits, parallel_cache.misses) == (0, 4)
+    for a, b in zip(serial[:3], parallel[:3]):  # same entries, in the caller's order
+        assert a.meta["case"] == b.meta["case"] and a.path.name == b.path.name
+        np.testing.assert_array_equal(a.image(), b.image())
+        np.testing.assert_array_equal(a.label(), b.label())
+    for bad in (serial[3], parallel[3]):  # the unreadable file comes back as its error, naming the file
+        assert isinstance(bad, Exception) and "broken.nii.gz" in str(bad)
+    again = CaseCache(tmp_path / "parallel")
+    again.get_many(items[:3], cfg, workers=2, progress=False)
+    assert (again.hits, again.misses) == (3, 0)
