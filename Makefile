@@ -10,6 +10,7 @@ REPORT ?= reports/latest
 PRESET ?= smoke
 BACKEND ?= local
 SWEEP ?= selection
+QUICK ?=
 # torch is pinned to the CPU wheel this workplace keeps on disk; a looser range would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
@@ -58,8 +59,8 @@ sweep: install ## any sweep in sweeps/: make sweep SWEEP=selection (LOSO with tr
 report: install ## tables and plots over every finished run under $(RUNS), into $(REPORT)
 	$(PY) -m experiments.report $(RUNS) --out $(REPORT)
 
-bench: install ## benchmarks: scoring a 512x512x300 mask pair, ours vs DeepMind surface-distance vs MONAI
-	$(PY) -m benchmarks.bench_metrics
+bench: install ## all benchmarks in one run -> bench/results.{json,md} (QUICK=1: a few minutes on 2 cores)
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick) --out bench
 
 clean: ## remove caches, runs and the venv
 	rm -rf $(VENV) .cache runs reports wandb *.egg-info .pytest_cache .ruff_cache

@@ -376,20 +376,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    shape, spacing = tuple(args.shape), tuple(args.spacing)
+def run(shape: tuple[int, ...], spacing: tuple[float, ...], repeats: int) -> dict:
+    """Every scenario x library, each in a fresh process; the result dict main() writes."""
     t_start = time.perf_counter()
     env = environment()
     subvox = monai_uses_subvoxels()
     print("bench_metrics: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print(f"shape {list(shape)}, spacing {list(spacing)} mm, repeats {args.repeats} (median; a library whose first "
+    print(f"shape {list(shape)}, spacing {list(spacing)} mm, repeats {repeats} (median; a library whose first "
           f"run exceeds {SLOW_S:g} s runs once), NSD tolerances {list(TOLERANCES_MM)} mm, HD{PERCENTILE:g}")
     print(f"MONAI compute_surface_dice: use_subvoxels={'True (DeepMind surfels)' if subvox else 'not available'}; "
           "MONAI HD95/ASD use boundary voxels, unweighted (not surfel areas): small differences are by design")
     result = {"benchmark": "evaluation.metrics vs surface_distance vs monai on one full-size mask pair",
               "environment": env,
-              "settings": {"shape": list(shape), "spacing_mm": list(spacing), "repeats": args.repeats,
+              "settings": {"shape": list(shape), "spacing_mm": list(spacing), "repeats": repeats,
                            "slow_s": SLOW_S, "tolerances_mm": list(TOLERANCES_MM), "percentile": PERCENTILE,
                            "monai_use_subvoxels": subvox},
               "notes": {"ours": "surface_distances once; nsd at both tolerances, hausdorff 95, asd; dice, iou, "
@@ -411,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "union_bbox": _bbox_shape(pred | ref), "results": {}}
             del pred, ref
             for lib in LIBRARIES:
-                res = _in_fresh_process(lib, pred_path, ref_path, spacing, args.repeats, SLOW_S)
+                res = _in_fresh_process(lib, pred_path, ref_path, spacing, repeats, SLOW_S)
                 sc["results"][lib] = res
                 print(f"  {name:<10} {lib:<16} median {res['median_s']:.3f} s over {res['runs']} run(s)", flush=True)
             ours = sc["results"]["ours"]
@@ -422,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["scenarios"][name] = sc
             print_table(name, sc)
     result["total_wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(tuple(args.shape), tuple(args.spacing), args.repeats)
     write_json_atomic(args.out, result)
     print(f"\ntotal wall time {result['total_wall_s']:.1f} s; results written to {args.out}")
     return 0

@@ -17,6 +17,9 @@ from datamodules.label_policy import OPACITY
 
 def crop_with_pad(arr: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value: float) -> np.ndarray:
     """arr[start:start+size] with out-of-volume parts filled by pad_value (volumes smaller than a patch)."""
+    if all(s >= 0 and s + n <= dim for s, n, dim in zip(start, size, arr.shape)):
+        # inside the volume: one copy straight from the (memory-mapped) array, no fill pass
+        return np.array(arr[tuple(slice(s, s + n) for s, n in zip(start, size))])
     out = np.full(tuple(size), pad_value, dtype=arr.dtype)
     src, dst = [], []
     for s, n, dim in zip(start, size, arr.shape):
@@ -58,6 +61,11 @@ class PatchDataset(Dataset):
         self.sampling = sampling
         self.pad_value = pad_value
         self._fg = [c.foreground() for c in self.cases]
+        # lesion rows of each foreground sample, computed once instead of per patch
+        self._lesion = [fg[np.isin(fg[:, 0], OPACITY)] for fg in self._fg]
+        # memory maps opened lazily, once per process (each loader worker opens its own: the pages are
+        # shared through the page cache, and no array is pickled to the workers)
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         by_source: dict[str, list[int]] = {}
         for i, c in enumerate(self.cases):
             by_source.setdefault(c.meta["source"], []).append(i)
@@ -65,6 +73,10 @@ class PatchDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def __getstate__(self) -> dict:
+        # a pickled memmap would carry its whole array to a spawned worker: send paths, reopen there
+        return {**self.__dict__, "_maps": {}}
 
     def _pick_case(self, rng: np.random.Generator) -> int:
         if self.sampling == "source_balanced":
@@ -78,9 +90,10 @@ class PatchDataset(Dataset):
         # ranks draw different patches, so N ranks see N times the patches, not N copies of one.
         rng = np.random.default_rng([int(torch.randint(0, 2**62, (1,)).item()), int(index)])
         ci = self._pick_case(rng)
-        case, fg = self.cases[ci], self._fg[ci]
-        image, label = case.image(), case.label()
-        lesion = fg[np.isin(fg[:, 0], OPACITY)]  # typed (GGO, consolidation) or untyped opacity
+        case, lesion = self.cases[ci], self._lesion[ci]  # lesion: typed (GGO, consolidation) or untyped opacity
+        if ci not in self._maps:
+            self._maps[ci] = (case.image(), case.label())
+        image, label = self._maps[ci]
         if len(lesion) and rng.random() < self.fg_fraction:
             center = lesion[rng.integers(len(lesion)), 1:]
         else:
@@ -90,7 +103,8 @@ class PatchDataset(Dataset):
         lab = crop_with_pad(label, start, self.patch_size, 0)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img))[None],
-            "label": torch.from_numpy(lab.astype(np.int64))[None],
+            # uint8, not int64: 8x less to copy and to send from loader workers; the module widens it
+            "label": torch.from_numpy(lab)[None],
             "annotated": torch.tensor(case.meta["annotated"], dtype=torch.bool),
             "source_id": self.source_ids[case.meta["source"]],
             "source": case.meta["source"],

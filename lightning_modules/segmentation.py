@@ -139,7 +139,7 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         check_batch_sources(batch["source"], self.test_sources)
         logits = self(batch["image"])
-        loss = self.loss_fn(logits, batch["label"], batch["annotated"])
+        loss = self.loss_fn(logits, batch["label"].long(), batch["annotated"])  # patches arrive as uint8
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
         return loss
 

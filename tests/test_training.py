@@ -50,7 +50,7 @@ def test_a_few_steps_lower_the_loss(dm):
     losses = []
     for _ in range(12):
         opt.zero_grad()
-        loss = module.loss_fn(module(batch["image"]), batch["label"], batch["annotated"])
+        loss = module.loss_fn(module(batch["image"]), batch["label"].long(), batch["annotated"])
         loss.backward()
         opt.step()
         losses.append(loss.item())
