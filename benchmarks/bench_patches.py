@@ -111,6 +111,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.synthetic import QUICK_SHAPE, SHAPE, SPACING, write_case
+from experiments.tracking import write_json
 
 DEFAULT_OUT = Path("benchmarks/results/patches.json")
 PATCH = (96, 96, 96)
@@ -694,20 +695,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -728,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         result = run(args.workdir, quick=args.quick, repeats=args.repeats)
     result["total_s"] = time.perf_counter() - t0
-    write_json_atomic(result, args.out)
+    write_json(args.out, result)
     print()
     print(format_table(result))
     print(f"total {result['total_s']:.0f} s; wrote {args.out}")
