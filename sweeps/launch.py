@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -32,22 +33,35 @@ PRESETS = {"smoke": "smoke", "demo": "demo", "full": "default"}
 BACKENDS = ("local", "wandb", "slurm")
 
 
-def sweep_runs(spec: dict, preset: str, runs_root: Path, extra: list[str]) -> tuple[Path, list[str], list[dict]]:
-    """(sweep folder, fixed overrides, runs): each run's overrides, folder and whether it is done."""
+@dataclass
+class Sweep:
+    """A sweep resolved against its preset: folder, overrides every run gets, sources, runs."""
+    dir: Path
+    fixed: list[str]        # preset, extra overrides, runs folder and W&B group
+    sources: list[str]      # the preset's data.sources, which the `$sources` placeholders expand to
+    project: str            # W&B project
+    runs: list[dict]        # each run's overrides, folder, `done` and `started`
+
+    @property
+    def group(self) -> str:
+        return self.dir.name  # `<sweep>-<preset>`: the W&B group of its runs and of its report
+
+
+def sweep_runs(spec: dict, preset: str, runs_root: Path, extra: list[str]) -> Sweep:
+    """The sweep's runs, each with its overrides, folder and whether it is done."""
     sweep_dir = (runs_root / f"{spec['name']}-{preset}").resolve()
     fixed = [f"experiment={PRESETS[preset]}", *extra]
     # the preset decides the sources; the sweep grid over them is resolved once, here
     base = load_config([o for o in fixed if not o.startswith("protocol=")])
     sources = list(base.data.sources)
-    fixed.append(f"paths.runs={sweep_dir}")
-    fixed.append(f"wandb.group={spec['name']}-{preset}")
+    fixed += [f"paths.runs={sweep_dir}", f"wandb.group={sweep_dir.name}"]
     runs = []
     for overrides in expand(spec, sources):
         full = fixed + overrides
         _protocol, _cfg, _plan, run_dir = plan_run(full)
         runs.append({"overrides": full, "run_dir": str(run_dir), "done": (run_dir / "done").exists(),
                      "started": run_dir.exists()})
-    return sweep_dir, fixed, runs
+    return Sweep(sweep_dir, fixed, sources, base.wandb.project, runs)
 
 
 def run_env() -> dict[str, str]:
@@ -77,19 +91,20 @@ def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
     return failed
 
 
-def _run_wandb(spec: dict, sources: list[str], fixed: list[str], sweep_dir: Path, project: str) -> None:
+def _run_wandb(spec: dict, sweep: Sweep) -> None:
     import wandb
 
-    config = wandb_spec(spec, sources, fixed)
-    atomic_write_text(sweep_dir / "wandb_sweep.yaml", yaml.safe_dump(config, sort_keys=False))
+    config = wandb_spec(spec, sweep.sources, sweep.fixed)
+    resolved = sweep.dir / "wandb_sweep.yaml"
+    atomic_write_text(resolved, yaml.safe_dump(config, sort_keys=False))
     if os.environ.get("WANDB_MODE", "offline") in ("offline", "disabled"):
         raise SystemExit(f"BACKEND=wandb needs W&B online (WANDB_MODE=online and `wandb login`); the resolved "
-                         f"sweep is in {sweep_dir / 'wandb_sweep.yaml'} for `wandb sweep` elsewhere")
-    sweep_id = wandb.sweep(config, project=project)
-    print(f"[sweep] W&B sweep {sweep_id}: more machines join with `wandb agent <entity>/{project}/{sweep_id}` "
-          f"(run from the repository root, with {sweep_dir} on a shared filesystem)", flush=True)
-    subprocess.run(["wandb", "agent", f"{project}/{sweep_id}"] if "/" not in sweep_id else ["wandb", "agent", sweep_id],
-                   check=True, env=run_env())
+                         f"sweep is in {resolved} for `wandb sweep` elsewhere")
+    sweep_id = wandb.sweep(config, project=sweep.project)
+    print(f"[sweep] W&B sweep {sweep_id}: more machines join with `wandb agent <entity>/{sweep.project}/{sweep_id}` "
+          f"(run from the repository root, with {sweep.dir} on a shared filesystem)", flush=True)
+    target = sweep_id if "/" in sweep_id else f"{sweep.project}/{sweep_id}"
+    subprocess.run(["wandb", "agent", target], check=True, env=run_env())
 
 
 def _run_slurm(runs: list[dict], sweep_dir: Path, params: list[str], cluster: str | None) -> list[dict]:
@@ -135,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         spec = load_sweep(args.sweep)
-        sweep_dir, fixed, runs = sweep_runs(spec, args.preset, Path(args.runs), args.overrides)
+        sweep = sweep_runs(spec, args.preset, Path(args.runs), args.overrides)
     except (SweepError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    sweep_dir, runs = sweep.dir, sweep.runs
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(
         {k: v for k, v in spec.items() if not k.startswith("_")}, sort_keys=False))
@@ -156,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.backend == "slurm":
         failed = _run_slurm(runs, sweep_dir, args.slurm, args.slurm_cluster)
     else:
-        sources = list(load_config([o for o in fixed if not o.startswith(("paths.", "wandb."))]).data.sources)
-        _run_wandb(spec, sources, fixed, sweep_dir, load_config(fixed).wandb.project)
+        _run_wandb(spec, sweep)
         for r in runs:
             r["done"] = (Path(r["run_dir"]) / "done").exists()
     write_json(sweep_dir / "runs.json", {"sweep": spec["name"], "preset": args.preset, "backend": args.backend,
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.summary import summarize_sweep  # matplotlib and the report only at the end
 
     summary = summarize_sweep(sweep_dir, (spec.get("covid_dg") or {}).get("report"),
-                              wandb_group=f"{spec['name']}-{args.preset}")
+                              wandb_group=sweep.group)
     print(f"[sweep] all {len(runs)} runs finished; report {summary['report']}", flush=True)
     for name in ("transfer_matrix.csv", "transfer_matrix.png", "loso_table.csv"):
         if (sweep_dir / name).exists():

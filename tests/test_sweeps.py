@@ -52,17 +52,18 @@ def test_folder_hash_ignores_where_and_how_but_not_what():
 
 def test_runs_land_in_stable_folders_named_by_label_and_hash(tmp_path):
     spec = load_sweep("loso")
-    sweep_dir, fixed, runs = sweep_runs(spec, "smoke", tmp_path, [])
+    sweep = sweep_runs(spec, "smoke", tmp_path, [])
+    sweep_dir, runs = sweep.dir, sweep.runs
     assert sweep_dir == (tmp_path / "loso-smoke").resolve()
     assert [r["run_dir"].split("/")[-1].split("-")[0] for r in runs] == SOURCES
     assert all(r["run_dir"].startswith(str(sweep_dir / "loso")) and not r["done"] for r in runs)
-    again = sweep_runs(spec, "smoke", tmp_path, [])[2]
+    again = sweep_runs(spec, "smoke", tmp_path, []).runs
     assert [r["run_dir"] for r in again] == [r["run_dir"] for r in runs]
     # a finished run is seen as finished
     from pathlib import Path
     Path(runs[1]["run_dir"]).mkdir(parents=True)
     (Path(runs[1]["run_dir"]) / "done").write_text("x")
-    assert [r["done"] for r in sweep_runs(spec, "smoke", tmp_path, [])[2]] == [False, True, False]
+    assert [r["done"] for r in sweep_runs(spec, "smoke", tmp_path, []).runs] == [False, True, False]
     _protocol, cfg, plan, run_dir = plan_run(runs[0]["overrides"])
     assert cfg.experiment == "smoke" and cfg.wandb.group == "loso-smoke" and plan.split == {"holdout": "covid19_20"}
 
