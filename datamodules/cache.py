@@ -82,16 +82,21 @@ def sample_foreground(label: np.ndarray, seed: int, per_class: int = FG_SAMPLES_
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
-def _build_entry(root: str, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig):
-    """Pool worker: build one entry; a per-case error comes back as the exception, not a crash."""
+def _build_or_error(cache: CaseCache, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig):
+    """Build one entry; a per-case error comes back as the exception (the caller re-raises or records it)."""
+    try:
+        return cache.build(case, policy, cfg)
+    except Exception as exc:
+        return exc
+
+
+def _build_in_worker(root: str, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig):
+    """Pool worker: one case per core, so torch's intra-op threads would only oversubscribe."""
     import torch
 
-    torch.set_num_threads(1)  # one case per core: intra-op threads would only oversubscribe
-    try:
-        entry = CaseCache(root).get(case, policy, cfg)
-        return entry.path, entry.meta
-    except Exception as exc:  # returned to the parent, which re-raises or records it like a serial build
-        return exc
+    torch.set_num_threads(1)
+    result = _build_or_error(CaseCache(root), case, policy, cfg)
+    return result if isinstance(result, Exception) else (result.path, result.meta)
 
 
 class CaseCache:
@@ -121,15 +126,15 @@ class CaseCache:
         bar = tqdm(total=len(todo), desc="harmonizing", unit="case", disable=not progress, mininterval=2.0)
         if workers <= 1 or len(todo) == 1:
             for i in todo:
-                result = _build_entry(str(self.root), items[i][0], items[i][1], cfg)
-                out[i] = result if isinstance(result, Exception) else CachedCase(*result)
+                out[i] = _build_or_error(self, items[i][0], items[i][1], cfg)
                 bar.update()
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(_build_entry, str(self.root), items[i][0], items[i][1], cfg): i for i in todo}
+                futures = {pool.submit(_build_in_worker, str(self.root), items[i][0], items[i][1], cfg): i
+                           for i in todo}
                 for fut in as_completed(futures):
                     result = fut.result()
                     out[futures[fut]] = result if isinstance(result, Exception) else CachedCase(*result)
@@ -141,13 +146,18 @@ class CaseCache:
         return self.root / case.source / f"{case.case_id}-{key[:16]}"
 
     def get(self, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> CachedCase:
+        found = self.lookup(case, policy, cfg)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        return self.build(case, policy, cfg)
+
+    def build(self, case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> CachedCase:
+        """Harmonize the case and write its entry atomically (no lookup, no counting)."""
         key = cache_key(case, policy, cfg)
         final = self.entry_dir(case, key)
         meta_path = final / "meta.json"
-        if meta_path.exists():
-            self.hits += 1
-            return CachedCase(final, json.loads(meta_path.read_text()))
-        self.misses += 1
         result = harmonize_case(case, policy, cfg)
         meta = dict(result.meta, key=key, image_file=str(case.image), label_file=str(case.label) if case.label else None)
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"

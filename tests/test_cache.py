@@ -94,7 +94,11 @@ def test_parallel_build_equals_serial_and_keeps_going_past_a_bad_case(tmp_path, 
     broken.write_bytes(b"not a nifti file")
     items.append((dataclasses.replace(cases[0], case_id="broken", image=broken), items[0][1]))
     cfg = HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0))
+    import torch
+
+    threads = torch.get_num_threads()
     serial = CaseCache(tmp_path / "serial").get_many(items, cfg, workers=1, progress=False)
+    assert torch.get_num_threads() == threads  # a serial build runs in the training process: leave its threads
     parallel_cache = CaseCache(tmp_path / "parallel")
     parallel = parallel_cache.get_many(items, cfg, workers=2, progress=False)
     assert (parallel_cache.hits, parallel_cache.misses) == (0, 4)
