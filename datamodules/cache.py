@@ -26,7 +26,8 @@ from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case
 from datamodules.label_policy import BACKGROUND, IGNORE, LabelPolicy
 
-CACHE_VERSION = 5  # 2: fg subsample seeded by case identity; 3: meta records the 8-bit window; 4/5: 6/8 classes
+CACHE_VERSION = 6  # 2: fg subsample seeded by case identity; 3: meta records the 8-bit window; 4/5: 6/8 classes;
+# 6: resampled from the stored array (an axis whose size does not change keeps its spacing)
 FG_SAMPLES_PER_CLASS = 4096
 
 

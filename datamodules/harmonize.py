@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from datamodules.cases import Case
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import CLASSES, LabelPolicy
+from datamodules.resample import plan_grid, resample_linear, resample_nearest
 
 # Accepted disagreement between an image's and its mask's affine (mm / direction cosines). Converters
 # round headers differently; anything beyond this means the mask belongs to another geometry.
@@ -205,22 +206,49 @@ def load_original(case: Case, policy: LabelPolicy | None) -> tuple[np.ndarray, n
     return hu, label, affine
 
 
+def _hu_tensor(encoding: str, window) -> "callable":
+    """Stored values -> HU clipped to the scanner range, on torch tensors (elementwise, so the resampler
+    applies it to the planes it gathers instead of the whole volume); the same formulas as
+    `decode_intensity`, whose range check `harmonize_case` runs on the full stored array first."""
+    if encoding == "hu":
+        return lambda t: t.float().clamp_(HU_MIN, HU_MAX)
+    w0, w1 = window
+    step = float(np.float32((w1 - w0) / 255.0))
+    return lambda t: t.float().mul_(step).add_(float(w0)).clamp_(HU_MIN, HU_MAX)
+
+
 def harmonize_case(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> Harmonized:
-    hu, label, affine = load_original(case, policy)
-    original = {"shape": list(hu.shape), "affine": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
-    hu, can_affine = to_canonical(hu, affine)
+    """One case from its stored files to the harmonized grid (see the module docstring for the chain).
+
+    The geometry is that of reorienting to RAS, flipping, clipping and `resample` in sequence, but
+    computed by `datamodules.resample` straight from the stored array (one axis at a time, in memory
+    order), which never makes a full-size reordered or float copy of the volume.
+    """
+    image, affine = read_volume(case.image)
+    where = str(case.image)
+    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+        raise VolumeError(f"{where}: image contains NaN or inf voxels")
+    decode_intensity(image[:1, :1, :1], case.encoding, case.window, where)  # unknown encoding, no window
+    if case.encoding == "uint8_window":  # the range check on the whole stored array, not only on samples
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0 or hi > 255:
+            raise VolumeError(f"{where}: declared 8-bit windowed, but values span {lo:g}..{hi:g} (expected 0..255)")
+    label = None
+    if case.label is not None:
+        if policy is None:
+            raise ValueError(f"{case.key}: labelled case without a label policy")
+        raw, lab_affine = read_volume(case.label)
+        raw = align_mask(raw, lab_affine, image.shape, affine, case.label, case.image)
+        label = policy.remap(raw, where=str(case.label))
+        del raw
+    original = {"shape": list(image.shape), "affine": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
+    plan = plan_grid(image.shape, affine, cfg.target_spacing, case.flip_axes)
+    hu = resample_linear(image, plan, _hu_tensor(case.encoding, case.window))
+    del image
     if label is not None:
-        label, _ = to_canonical(label, affine)
-    for ax in case.flip_axes:  # stored mirrored relative to the header: flip data, keep the affine
-        hu = np.flip(hu, axis=ax)
-        if label is not None:
-            label = np.flip(label, axis=ax)
-    hu = np.clip(hu, HU_MIN, HU_MAX)
-    hu, new_affine = resample(hu, can_affine, cfg.target_spacing, is_label=False)
-    if label is not None:
-        label, _ = resample(np.ascontiguousarray(label), can_affine, cfg.target_spacing, is_label=True)
-        label = np.ascontiguousarray(label, dtype=np.uint8)
+        label = np.ascontiguousarray(resample_nearest(label, plan), dtype=np.uint8)
     image_n = np.ascontiguousarray(window_normalize(hu, cfg))
+    new_affine, can_affine = plan.affine, plan.canonical_affine
     annotated = policy.annotated_vector().tolist() if (policy and label is not None) else [False] * len(CLASSES)
     meta = {
         "source": case.source, "case": case.case_id, "patient": case.patient_id,

@@ -112,6 +112,15 @@ class LabelPolicy:
                 vec[CLASS_INDEX[parent]] = True
         return vec
 
+    def _dtype_lut(self, dtype: np.dtype) -> np.ndarray:
+        """Lookup table indexed by the unsigned bit pattern of a <= 16-bit integer dtype (255: unknown)."""
+        bits = np.arange(2 ** (8 * dtype.itemsize), dtype=np.int64)
+        codes = bits - 2 ** (8 * dtype.itemsize) * (bits >= 2 ** (8 * dtype.itemsize - 1)) if dtype.kind == "i" else bits
+        lut = np.full(bits.size, 255, np.uint8)
+        ok = (codes >= CODE_MIN) & (codes <= CODE_MAX)
+        lut[ok] = self._lut[codes[ok] - CODE_MIN]
+        return lut
+
     def remap(self, raw: np.ndarray, where: str = "<array>") -> np.ndarray:
         """Raw mask -> uint8 common-class indices. Unknown codes raise, naming `where` and the codes."""
         arr = np.asarray(raw)
@@ -123,6 +132,16 @@ class LabelPolicy:
                 bad = np.unique(arr[np.abs(arr - rounded) > self.float_tolerance])[:5]
                 raise LabelError(f"{where}: non-integer mask values {bad.tolist()} (policy {self.name!r})")
             arr = rounded
+        if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
+            # small integer masks (what the downloads hold): one table lookup indexed by the stored bits,
+            # no int64 copy of the volume; a code outside the policy maps to 255 and is reported below
+            arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+            out = self._dtype_lut(arr.dtype)[arr.view(f"u{arr.dtype.itemsize}")]
+            if (out == 255).any():
+                bad = sorted(int(c) for c in np.unique(arr[out == 255]))
+                raise LabelError(f"{where}: mask codes {bad[:5]} not declared by policy {self.name!r} "
+                                 f"(declared: {sorted(self.code_map)})")
+            return out
         arr = arr.astype(np.int64, copy=False)
         lo, hi = int(arr.min(initial=0)), int(arr.max(initial=0))
         if lo < CODE_MIN or hi > CODE_MAX:
