@@ -11,9 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import fingerprint
+from datamodules.augment import WHERE, Augmenter
 from datamodules.cache import CachedCase, CaseCache
 from datamodules.cases import Case
-from datamodules.datasets import PatchDataset, VolumeDataset
+from datamodules.datasets import PatchDataset, VolumeDataset, patch_loader
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError
 from datamodules.label_policy import LabelError
@@ -75,7 +76,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  num_workers: int = 0, seed: int = 0, on_error: str = "fail", policies: dict[str, str] | None = None,
                  find_duplicates: bool = True, test_fraction: float = 0.2, fixed_test_part: bool = False,
                  train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = (),
-                 cache_workers: int = 1):
+                 cache_workers: int = 1, augment: dict | None = None):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -99,6 +100,11 @@ class MultiSourceDataModule(pl.LightningDataModule):
         # runner sets True for oracle model selection: the test cases become a second validation loader
         self.oracle = False
         self.cache_workers = cache_workers  # processes building missing cache entries
+        # augment.where == loader: the patch dataset augments after cropping (device: the module does)
+        augment = dict(augment or {})
+        if augment.get("where", "none") not in WHERE:
+            raise ValueError(f"augment.where must be one of {WHERE}, got {augment.get('where')!r}")
+        self.augmenter = Augmenter(augment.get("ops")) if augment.get("where") == "loader" else None
         # transfer_split's in-domain / few-shot / model-selection options (see its docstring)
         self.split_options = {"test_fraction": test_fraction, "fixed_test_part": fixed_test_part,
                               "train_cases": dict(train_cases or {}), "val_sources": tuple(val_sources)}
@@ -184,9 +190,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = PatchDataset(self.cached["train"], self.source_ids, self.patch_size, self.samples_per_epoch,
-                          self.fg_fraction, self.sampling)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=True)
+                          self.fg_fraction, self.sampling, augment=self.augmenter)
+        return patch_loader(ds, self.batch_size, self.num_workers, drop_last=True)
 
     def _volume_loader(self, role: str) -> DataLoader:
         # A private generator: starting a DataLoader iterator draws a base seed from its generator (the

@@ -6,11 +6,13 @@ and loader workers share the page cache instead of holding copies.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import prod
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
+from datamodules.augment import Augmenter
 from datamodules.cache import CachedCase
 from datamodules.label_policy import OPACITY
 
@@ -28,6 +30,43 @@ def crop_with_pad(arr: np.ndarray, start: Sequence[int], size: Sequence[int], pa
         dst.append(slice(a - s, b - s))
     out[tuple(dst)] = arr[tuple(src)]
     return out
+
+
+def crop_into(out: np.ndarray, arr: np.ndarray, start: Sequence[int], pad_value: float) -> None:
+    """Write arr[start:start+out.shape] into `out` (a batch slot), out-of-volume parts set to pad_value:
+    the one copy a patch costs, from the memory map straight into the buffer the training step reads."""
+    size = out.shape
+    if all(s >= 0 and s + n <= dim for s, n, dim in zip(start, size, arr.shape)):
+        np.copyto(out, arr[tuple(slice(s, s + n) for s, n in zip(start, size))])
+        return
+    out.fill(pad_value)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, arr.shape):
+        a, b = max(s, 0), min(s + n, dim)
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[tuple(dst)] = arr[tuple(src)]
+
+
+def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor; in a loader worker its storage is shared memory from the start, so
+    handing the batch to the training process moves no bytes (torch would otherwise copy a private
+    tensor into shared memory when sending it). The same allocation torch's `default_collate` makes
+    for its stacked output."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(prod(shape), device="cpu")
+    return proto.new(storage).resize_(*shape)
+
+
+class PatchBatch(dict):
+    """A batch `PatchDataset.__getitems__` already assembled (`collate_patches` passes it through)."""
+
+
+def collate_patches(batch):
+    """DataLoader `collate_fn` for `PatchDataset`: a `PatchBatch` is final, per-sample dicts are stacked."""
+    return dict(batch) if isinstance(batch, PatchBatch) else default_collate(batch)
 
 
 def patch_start(center: Sequence[int], size: Sequence[int], shape: Sequence[int]) -> list[int]:
@@ -48,7 +87,8 @@ class PatchDataset(Dataset):
     """
 
     def __init__(self, cases: Sequence[CachedCase], source_ids: dict[str, int], patch_size: Sequence[int],
-                 length: int, fg_fraction: float = 0.5, sampling: str = "uniform", pad_value: float = 0.0):
+                 length: int, fg_fraction: float = 0.5, sampling: str = "uniform", pad_value: float = 0.0,
+                 augment: Augmenter | None = None, loader_buffers: int = 5):
         if not cases:
             raise ValueError("PatchDataset needs at least one training case")
         if sampling not in ("uniform", "source_balanced"):
@@ -60,6 +100,11 @@ class PatchDataset(Dataset):
         self.fg_fraction = float(fg_fraction)
         self.sampling = sampling
         self.pad_value = pad_value
+        self.augment = augment if augment else None  # augment.where: loader -- applied after the crop
+        # Batches a loader worker cycles through (see `_batch_buffers`); 0: fresh shared memory per batch
+        self.loader_buffers = int(loader_buffers)
+        self._pools: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._pool_next = 0
         self._fg = [c.foreground() for c in self.cases]
         # lesion rows of each foreground sample, computed once instead of per patch
         self._lesion = [fg[np.isin(fg[:, 0], OPACITY)] for fg in self._fg]
@@ -76,7 +121,7 @@ class PatchDataset(Dataset):
 
     def __getstate__(self) -> dict:
         # a pickled memmap would carry its whole array to a spawned worker: send paths, reopen there
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": {}, "_pools": {}, "_pool_next": 0}
 
     def _pick_case(self, rng: np.random.Generator) -> int:
         if self.sampling == "source_balanced":
@@ -84,33 +129,121 @@ class PatchDataset(Dataset):
             return group[rng.integers(len(group))]
         return int(rng.integers(len(self.cases)))
 
-    def __getitem__(self, index: int) -> dict:
-        # torch's generator is seeded per worker by Lightning's seed_everything(workers=True). Under DDP
-        # every rank has the same seed; the index (DistributedSampler gives each rank its own) makes the
-        # ranks draw different patches, so N ranks see N times the patches, not N copies of one.
+    def _draw(self, index: int) -> tuple[int, list[int]]:
+        """(case index, patch start) of sample `index`.
+
+        torch's generator is seeded per worker by Lightning's seed_everything(workers=True). Under DDP
+        every rank has the same seed; the index (DistributedSampler gives each rank its own) makes the
+        ranks draw different patches, so N ranks see N times the patches, not N copies of one."""
         rng = np.random.default_rng([int(torch.randint(0, 2**62, (1,)).item()), int(index)])
         ci = self._pick_case(rng)
-        case, lesion = self.cases[ci], self._lesion[ci]  # lesion: typed (GGO, consolidation) or untyped opacity
-        if ci not in self._maps:
-            self._maps[ci] = (case.image(), case.label())
-        image, label = self._maps[ci]
+        lesion = self._lesion[ci]  # typed (GGO, consolidation) or untyped opacity voxels
+        shape = self._arrays(ci)[0].shape
         if len(lesion) and rng.random() < self.fg_fraction:
             center = lesion[rng.integers(len(lesion)), 1:]
         else:
-            center = [rng.integers(d) for d in image.shape]
-        start = patch_start(center, self.patch_size, image.shape)
-        img = crop_with_pad(image, start, self.patch_size, self.pad_value)
-        lab = crop_with_pad(label, start, self.patch_size, 0)
+            center = [rng.integers(d) for d in shape]
+        return ci, patch_start(center, self.patch_size, shape)
+
+    def _arrays(self, ci: int) -> tuple[np.ndarray, np.ndarray]:
+        if ci not in self._maps:
+            self._maps[ci] = (self.cases[ci].image(), self.cases[ci].label())
+        return self._maps[ci]
+
+    def _info(self, ci: int) -> tuple:
+        meta = self.cases[ci].meta
+        return meta["annotated"], self.source_ids[meta["source"]], meta["source"], meta["case"], str(self.cases[ci].path)
+
+    def __getitem__(self, index: int) -> dict:
+        ci, start = self._draw(index)
+        image, label = self._arrays(ci)
+        annotated, source_id, source, case, path = self._info(ci)
+        img = torch.from_numpy(crop_with_pad(image, start, self.patch_size, self.pad_value))[None]
+        # uint8, not int64: 8x less to copy and to send from loader workers; the module widens it
+        lab = torch.from_numpy(crop_with_pad(label, start, self.patch_size, 0))[None]
+        if self.augment:
+            img, lab = self._augmented(img[None], lab[None])
+            img, lab = img[0], lab[0]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
-            # uint8, not int64: 8x less to copy and to send from loader workers; the module widens it
-            "label": torch.from_numpy(lab)[None],
-            "annotated": torch.tensor(case.meta["annotated"], dtype=torch.bool),
-            "source_id": self.source_ids[case.meta["source"]],
-            "source": case.meta["source"],
-            "case": case.meta["case"],
-            "meta_path": str(case.path),  # the cache entry: evaluation in original geometry reads its meta
+            "image": img,
+            "label": lab,
+            "annotated": torch.tensor(annotated, dtype=torch.bool),
+            "source_id": source_id,
+            "source": source,
+            "case": case,
+            "meta_path": path,  # the cache entry: evaluation in original geometry reads its meta
         }
+
+    def _augmented(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # a generator seeded from the worker-seeded torch stream: the same patches get the same
+        # augmentation in a rerun, whatever else draws from the global generator
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        return self.augment(image, label, gen)
+
+    def __getitems__(self, indices: Sequence[int]) -> PatchBatch:
+        """A whole batch, the same samples as `[self[i] for i in indices]` collated, but every patch is
+        cropped straight into the batch tensor (in shared memory inside a loader worker): one copy per
+        patch instead of crop + stack + a copy into shared memory."""
+        draws = [self._draw(i) for i in indices]
+        n = len(draws)
+        buf = self._batch_buffers(n)
+        image, label = buf["image"], buf["label"]
+        image_np, label_np = image.numpy(), label.numpy()
+        infos = []
+        for b, (ci, start) in enumerate(draws):
+            img, lab = self._arrays(ci)
+            crop_into(image_np[b, 0], img, start, self.pad_value)
+            crop_into(label_np[b, 0], lab, start, 0)
+            infos.append(self._info(ci))
+        buf["annotated"].copy_(torch.tensor([i[0] for i in infos], dtype=torch.bool))
+        buf["source_id"].copy_(torch.tensor([i[1] for i in infos], dtype=torch.int64))
+        if self.augment:  # back into the same buffers: what is sent stays in shared memory
+            aug_image, aug_label = self._augmented(image, label)
+            image.copy_(aug_image)
+            label.copy_(aug_label)
+        return PatchBatch(buf, source=[i[2] for i in infos], case=[i[3] for i in infos],
+                          meta_path=[i[4] for i in infos])
+
+    def _batch_buffers(self, n: int) -> dict[str, torch.Tensor]:
+        """The tensors batch n's samples are written into.
+
+        In a loader worker, creating a fresh shared-memory segment per batch (what `default_collate`
+        does) costs more than cropping it: ~5 ms to create and ~5 ms of page faults to first fill a
+        7 MB segment, against <1 ms to crop two 96^3 patches into memory already mapped. So each worker
+        cycles through `loader_buffers` segments made once; the training process maps each once too
+        (torch caches a received storage by its shared-memory file while it is alive). A batch is
+        therefore rewritten `loader_buffers` batches of that worker later. With one worker (the worst
+        case) the batches alive are: the one being written, the other task outstanding (prefetch_factor
+        2), Lightning's one-batch look-ahead and the step in progress -- 4; `patch_loader` sets
+        prefetch_factor + 3. Code that keeps batches longer must clone them. Outside a worker (no
+        workers), every batch is fresh memory.
+        """
+        shapes = {"image": ((n, 1, *self.patch_size), torch.float32), "label": ((n, 1, *self.patch_size), torch.uint8),
+                  "annotated": ((n, len(self.cases[0].meta["annotated"])), torch.bool),
+                  "source_id": ((n,), torch.int64)}
+        if get_worker_info() is None or self.loader_buffers <= 0:
+            return {k: shared_empty(shape, dtype) for k, (shape, dtype) in shapes.items()}
+        if torch.multiprocessing.get_sharing_strategy() != "file_system":
+            # In this worker process only (the sender decides how a tensor travels; the training process
+            # rebuilds whatever arrives): torch's default passes every tensor's file descriptor through a
+            # socket round trip per batch, which measured slower than the crop itself; by file name, the
+            # training process finds a buffer it already maps in torch's storage cache.
+            torch.multiprocessing.set_sharing_strategy("file_system")
+        pool = self._pools.setdefault(n, [])
+        if len(pool) < self.loader_buffers:
+            pool.append({k: shared_empty(shape, dtype) for k, (shape, dtype) in shapes.items()})
+            return pool[-1]
+        self._pool_next = (self._pool_next + 1) % len(pool)
+        return pool[self._pool_next]
+
+
+def patch_loader(dataset: PatchDataset, batch_size: int, num_workers: int = 0, **kwargs) -> DataLoader:
+    """The training loader over a `PatchDataset` (the datamodule and `make bench` use this one): batches
+    assembled by `__getitems__`, workers kept alive between epochs."""
+    if num_workers > 0:
+        dataset.loader_buffers = int(kwargs.get("prefetch_factor") or 2) + 3  # see _batch_buffers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, collate_fn=collate_patches, **kwargs)
 
 
 class VolumeDataset(Dataset):

@@ -126,6 +126,13 @@ class SelectionConfig:
 
 
 @dataclass
+class AugmentConfig:
+    where: str = "none"  # none | loader | device (datamodules/augment.py)
+    # op name -> its parameters, applied in this order (ops are a registry: names are data)
+    ops: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class FewshotConfig:
     source: str = MISSING          # the source whose listed cases train and whose other cases test
     fold: int = MISSING
@@ -156,6 +163,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -192,6 +200,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     OmegaConf.set_struct(cfg.evaluation.classes, False)  # class names are data: YAML may add any
     OmegaConf.set_struct(cfg.data.policies, False)
     OmegaConf.set_struct(cfg.data.train_cases, False)
+    OmegaConf.set_struct(cfg.augment.ops, False)
     cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"))
     for kind in ("experiment", "preset"):
         name = chosen[kind]

@@ -72,7 +72,8 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
         sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
         policies=OmegaConf.to_container(d.policies), find_duplicates=d.find_duplicates,
-        test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers, **split)
+        test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers,
+        augment=OmegaConf.to_container(cfg.augment), **split)
 
 
 def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:
@@ -84,7 +85,7 @@ def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> Segmentat
                               optim=OmegaConf.to_container(cfg.optim), inference=inference,
                               evaluation=OmegaConf.to_container(cfg.evaluation), test_sources=list(test_sources),
                               spatial_dims=m.spatial_dims, harmonizer=harmonizer_config(cfg).as_dict(),
-                              trained_classes=list(trained_classes))
+                              trained_classes=list(trained_classes), augment=OmegaConf.to_container(cfg.augment))
 
 
 class EpochSummary(pl.Callback):

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 
+from datamodules.augment import Augmenter
 from datamodules.harmonize import load_original, restore_to_original
 from datamodules.io import spacing_of, write_volume
 from datamodules.label_policy import CLASS_INDEX, CLASSES, IGNORE, ancestors
@@ -119,7 +120,7 @@ def gather_rows(rows: list[dict]) -> list[dict]:
 class SegmentationModule(pl.LightningModule):
     def __init__(self, network: dict, loss: dict, optim: dict, inference: dict, evaluation: dict,
                  test_sources: Sequence[str] = (), spatial_dims: int = 3, harmonizer: dict | None = None,
-                 trained_classes: Sequence[str] = ()):
+                 trained_classes: Sequence[str] = (), augment: dict | None = None):
         # harmonizer and trained_classes are recorded for `experiments.predict`: a checkpoint alone must
         # say how to prepare an input and which output channels were ever supervised.
         super().__init__()
@@ -132,9 +133,19 @@ class SegmentationModule(pl.LightningModule):
         self.last_rows: dict[str, list[dict]] = {}
         # Set by the runner before testing: where test predictions and references are written as NIfTI.
         self.prediction_dir: Path | None = None
+        # augment.where == device: training batches are augmented after the transfer, i.e. on the GPU
+        # when training on one (the loader then only crops); loader-side augmentation is the dataset's
+        augment = dict(augment or {})
+        self.augmenter = Augmenter(augment.get("ops")) if augment.get("where") == "device" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augmenter and self._trainer is not None and self._trainer.training:
+            batch = dict(batch)
+            batch["image"], batch["label"] = self.augmenter(batch["image"], batch["label"])
+        return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         check_batch_sources(batch["source"], self.test_sources)

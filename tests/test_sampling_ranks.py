@@ -42,3 +42,66 @@ def test_ranks_draw_different_patches_each_balanced_over_sources(tmp_path):
     uniform = PatchDataset(cases, {"big": 0, "small": 1}, (8, 8, 4), length=800, sampling="uniform")
     share = Counter(s for s, _, _ in _rank_draws(uniform, 1, 2, 400))["small"] / 400
     assert share < 0.2  # uniform over cases: about 1 in 10
+
+
+def test_batched_fetch_equals_collated_samples(tmp_path):
+    """`__getitems__` crops straight into the batch tensor; it must give exactly the samples (and the
+    RNG stream) of per-sample fetching + default_collate, padding included (a 20x20x8 volume, 8x8x12
+    patches: 2 slices of padding at each end in z)."""
+    from torch.utils.data import default_collate
+
+    from datamodules.datasets import collate_patches
+
+    cases = [_case(tmp_path, "big", i, 100.0 * i) for i in range(3)] + [_case(tmp_path, "small", 0, -50.0)]
+    ds = PatchDataset(cases, {"big": 0, "small": 1}, (8, 8, 12), length=64, fg_fraction=0.5, pad_value=-7.0)
+    torch.manual_seed(3)
+    single = default_collate([ds[i] for i in (5, 6, 7, 8)])
+    torch.manual_seed(3)
+    batched = collate_patches(ds.__getitems__([5, 6, 7, 8]))
+    assert set(single) == set(batched)
+    for key in ("image", "label", "annotated", "source_id"):
+        assert single[key].dtype == batched[key].dtype and single[key].shape == batched[key].shape, key
+        assert torch.equal(single[key], batched[key]), key
+    for key in ("source", "case", "meta_path"):
+        assert single[key] == batched[key]
+    assert batched["image"].shape == (4, 1, 8, 8, 12) and batched["label"].dtype == torch.uint8
+    # 8 stored slices centred in 12: 2 slices of padding on each side
+    z = batched["image"][:, 0]
+    assert (z[..., :2] == -7.0).all() and (z[..., 10:] == -7.0).all() and (z[..., 2:10] != -7.0).all()
+    # through a DataLoader with a worker: the same keys, shapes and dtypes arrive in the training process
+    from datamodules.datasets import patch_loader
+
+    batch = next(iter(patch_loader(ds, 4, num_workers=1)))
+    assert batch["image"].shape == (4, 1, 8, 8, 12) and batch["source_id"].dtype == torch.int64
+    assert len(batch["case"]) == 4
+
+
+def test_worker_buffers_hold_each_batch_while_it_is_in_use(tmp_path):
+    """Loader workers cycle through a few shared-memory batches. A batch must stay intact for the step
+    that uses it and Lightning's one-batch look-ahead: every case's volume is a constant (its number),
+    so a batch whose buffer was rewritten too early would disagree with its own `case` list."""
+    from datamodules.datasets import patch_loader
+
+    cases = []
+    for i in range(5):
+        d = tmp_path / f"c{i}"
+        d.mkdir()
+        np.save(d / "image.npy", np.full((12, 12, 6), float(i), np.float32))
+        np.save(d / "label.npy", np.full((12, 12, 6), i, np.uint8))
+        np.save(d / "fg.npy", np.zeros((0, 4), np.int64))
+        cases.append(CachedCase(d, {"source": "s", "case": f"c{i}", "annotated": [True] * 8}))
+    ds = PatchDataset(cases, {"s": 0}, (8, 8, 4), length=240)
+
+    def consistent(batch):
+        want = torch.tensor([float(c[1:]) for c in batch["case"]])
+        return bool((batch["image"].flatten(1) == want[:, None]).all()
+                    and (batch["label"].flatten(1).float() == want[:, None]).all())
+
+    for workers in (1, 2):
+        torch.manual_seed(0)
+        held = []
+        for batch in patch_loader(ds, 3, num_workers=workers):
+            held.append(batch)
+            assert all(consistent(b) for b in held), f"{workers} worker(s): a held batch was overwritten"
+            held = held[-2:]  # the step in progress and the look-ahead
+    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # only workers switched
