@@ -5,6 +5,7 @@ and loader workers share the page cache instead of holding copies.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from math import prod
 
@@ -104,7 +105,7 @@ class PatchDataset(Dataset):
         # Batches a loader worker cycles through (see `_batch_buffers`); 0: fresh shared memory per batch
         self.loader_buffers = int(loader_buffers)
         self._pools: dict[int, list[dict[str, torch.Tensor]]] = {}
-        self._pool_next = 0
+        self._pool_next: dict[int, int] = {}
         self._fg = [c.foreground() for c in self.cases]
         # lesion rows of each foreground sample, computed once instead of per patch
         self._lesion = [fg[np.isin(fg[:, 0], OPACITY)] for fg in self._fg]
@@ -121,7 +122,7 @@ class PatchDataset(Dataset):
 
     def __getstate__(self) -> dict:
         # a pickled memmap would carry its whole array to a spawned worker: send paths, reopen there
-        return {**self.__dict__, "_maps": {}, "_pools": {}, "_pool_next": 0}
+        return {**self.__dict__, "_maps": {}, "_pools": {}, "_pool_next": {}}
 
     def _pick_case(self, rng: np.random.Generator) -> int:
         if self.sampling == "source_balanced":
@@ -213,10 +214,11 @@ class PatchDataset(Dataset):
         cycles through `loader_buffers` segments made once; the training process maps each once too
         (torch caches a received storage by its shared-memory file while it is alive). A batch is
         therefore rewritten `loader_buffers` batches of that worker later. With one worker (the worst
-        case) the batches alive are: the one being written, the other task outstanding (prefetch_factor
-        2), Lightning's one-batch look-ahead and the step in progress -- 4; `patch_loader` sets
-        prefetch_factor + 3. Code that keeps batches longer must clone them. Outside a worker (no
-        workers), every batch is fresh memory.
+        case) the batches alive are: the tasks outstanding (prefetch_factor, 2), Lightning's one-batch
+        look-ahead and the step in progress -- 4; `patch_loader` sets prefetch_factor + 3, one spare (a
+        test holds three batches while drawing more and checks their content; it fails with one buffer
+        less). Code that keeps batches longer must clone them. Outside a worker (no workers), every
+        batch is fresh memory.
         """
         shapes = {"image": ((n, 1, *self.patch_size), torch.float32), "label": ((n, 1, *self.patch_size), torch.uint8),
                   "annotated": ((n, len(self.cases[0].meta["annotated"])), torch.bool),
@@ -230,20 +232,43 @@ class PatchDataset(Dataset):
             # training process finds a buffer it already maps in torch's storage cache.
             torch.multiprocessing.set_sharing_strategy("file_system")
         pool = self._pools.setdefault(n, [])
-        if len(pool) < self.loader_buffers:
+        count = self._pool_next.get(n, 0)
+        slot = count % self.loader_buffers  # this worker's batch j (of this size) goes to slot j mod K
+        self._pool_next[n] = count + 1
+        if slot == len(pool):
             pool.append({k: shared_empty(shape, dtype) for k, (shape, dtype) in shapes.items()})
-            return pool[-1]
-        self._pool_next = (self._pool_next + 1) % len(pool)
-        return pool[self._pool_next]
+        return pool[slot]
+
+
+class PatchLoader(DataLoader):
+    """A DataLoader that keeps the training process's mappings of the workers' batch buffers alive.
+
+    torch caches a received shared-memory storage by name only while some tensor still uses it; once
+    the training step drops a batch, the next batch in the same buffer is opened and mapped again, and
+    its pages faulted in again (measured: ~25 % of the throughput with 2 workers). Holding the last
+    `num_workers x loader_buffers` batches' tensors costs no memory (the pages exist in the worker
+    anyway) and turns every later receive into a cache hit. The held tensors are never read: their
+    buffers are rewritten by the workers as usual.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 or not isinstance(self.dataset, PatchDataset):
+            yield from super().__iter__()
+            return
+        held = deque(maxlen=self.num_workers * max(self.dataset.loader_buffers, 1))
+        for batch in super().__iter__():
+            held.append(tuple(v for v in batch.values() if isinstance(v, torch.Tensor)))
+            yield batch
 
 
 def patch_loader(dataset: PatchDataset, batch_size: int, num_workers: int = 0, **kwargs) -> DataLoader:
     """The training loader over a `PatchDataset` (the datamodule and `make bench` use this one): batches
-    assembled by `__getitems__`, workers kept alive between epochs."""
+    assembled by `__getitems__` in per-worker buffers (`_batch_buffers`), workers kept between epochs."""
     if num_workers > 0:
-        dataset.loader_buffers = int(kwargs.get("prefetch_factor") or 2) + 3  # see _batch_buffers
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, collate_fn=collate_patches, **kwargs)
+        # the outstanding tasks + Lightning's look-ahead + the step in progress + one spare
+        dataset.loader_buffers = int(kwargs.get("prefetch_factor") or 2) + 3
+    return PatchLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                       persistent_workers=num_workers > 0, collate_fn=collate_patches, **kwargs)
 
 
 class VolumeDataset(Dataset):

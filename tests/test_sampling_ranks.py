@@ -103,5 +103,5 @@ def test_worker_buffers_hold_each_batch_while_it_is_in_use(tmp_path):
         for batch in patch_loader(ds, 3, num_workers=workers):
             held.append(batch)
             assert all(consistent(b) for b in held), f"{workers} worker(s): a held batch was overwritten"
-            held = held[-2:]  # the step in progress and the look-ahead
+            held = held[-2:]  # the step in progress and Lightning's look-ahead; a third is checked above
     assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # only workers switched
