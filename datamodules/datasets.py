@@ -20,16 +20,8 @@ from datamodules.label_policy import OPACITY
 
 def crop_with_pad(arr: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value: float) -> np.ndarray:
     """arr[start:start+size] with out-of-volume parts filled by pad_value (volumes smaller than a patch)."""
-    if all(s >= 0 and s + n <= dim for s, n, dim in zip(start, size, arr.shape)):
-        # inside the volume: one copy straight from the (memory-mapped) array, no fill pass
-        return np.array(arr[tuple(slice(s, s + n) for s, n in zip(start, size))])
-    out = np.full(tuple(size), pad_value, dtype=arr.dtype)
-    src, dst = [], []
-    for s, n, dim in zip(start, size, arr.shape):
-        a, b = max(s, 0), min(s + n, dim)
-        src.append(slice(a, b))
-        dst.append(slice(a - s, b - s))
-    out[tuple(dst)] = arr[tuple(src)]
+    out = np.empty(tuple(size), dtype=arr.dtype)
+    crop_into(out, arr, start, pad_value)
     return out
 
 

@@ -79,12 +79,16 @@ def decode_intensity(array: np.ndarray, encoding: str, window: tuple[float, floa
     if encoding == "uint8_window":
         if window is None:
             raise ValueError(f"{where}: uint8_window encoding needs a window")
-        lo, hi = float(np.min(arr)), float(np.max(arr))
-        if lo < 0 or hi > 255:
-            raise VolumeError(f"{where}: declared 8-bit windowed, but values span {lo:g}..{hi:g} (expected 0..255)")
+        check_uint8_range(arr, where)
         w0, w1 = window
         return (w0 + arr.astype(np.float32) * np.float32((w1 - w0) / 255.0)).astype(np.float32)
     raise ValueError(f"{where}: unknown intensity encoding {encoding!r}")
+
+
+def check_uint8_range(arr: np.ndarray, where: str) -> None:
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if lo < 0 or hi > 255:
+        raise VolumeError(f"{where}: declared 8-bit windowed, but values span {lo:g}..{hi:g} (expected 0..255)")
 
 
 def resample(array: np.ndarray, affine: np.ndarray, target_spacing, is_label: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -196,14 +200,18 @@ def load_original(case: Case, policy: LabelPolicy | None) -> tuple[np.ndarray, n
         raise VolumeError(f"{where}: image contains NaN or inf voxels")
     hu = decode_intensity(image, case.encoding, case.window, where)
     del image
-    label = None
-    if case.label is not None:
-        if policy is None:
-            raise ValueError(f"{case.key}: labelled case without a label policy")
-        raw, lab_affine = read_volume(case.label)
-        raw = align_mask(raw, lab_affine, hu.shape, affine, case.label, case.image)
-        label = policy.remap(raw, where=str(case.label))
-    return hu, label, affine
+    return hu, read_label(case, policy, hu.shape, affine), affine
+
+
+def read_label(case: Case, policy: LabelPolicy | None, image_shape, image_affine: np.ndarray) -> np.ndarray | None:
+    """The case's mask on its image's stored grid, in common classes (uint8); None for unlabelled cases."""
+    if case.label is None:
+        return None
+    if policy is None:
+        raise ValueError(f"{case.key}: labelled case without a label policy")
+    raw, lab_affine = read_volume(case.label)
+    raw = align_mask(raw, lab_affine, image_shape, image_affine, case.label, case.image)
+    return policy.remap(raw, where=str(case.label))
 
 
 def _hu_tensor(encoding: str, window) -> "callable":
@@ -230,17 +238,8 @@ def harmonize_case(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig
         raise VolumeError(f"{where}: image contains NaN or inf voxels")
     decode_intensity(image[:1, :1, :1], case.encoding, case.window, where)  # unknown encoding, no window
     if case.encoding == "uint8_window":  # the range check on the whole stored array, not only on samples
-        lo, hi = float(image.min()), float(image.max())
-        if lo < 0 or hi > 255:
-            raise VolumeError(f"{where}: declared 8-bit windowed, but values span {lo:g}..{hi:g} (expected 0..255)")
-    label = None
-    if case.label is not None:
-        if policy is None:
-            raise ValueError(f"{case.key}: labelled case without a label policy")
-        raw, lab_affine = read_volume(case.label)
-        raw = align_mask(raw, lab_affine, image.shape, affine, case.label, case.image)
-        label = policy.remap(raw, where=str(case.label))
-        del raw
+        check_uint8_range(image, where)
+    label = read_label(case, policy, image.shape, affine)
     original = {"shape": list(image.shape), "affine": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
     plan = plan_grid(image.shape, affine, cfg.target_spacing, case.flip_axes)
     hu = resample_linear(image, plan, _hu_tensor(case.encoding, case.window))
