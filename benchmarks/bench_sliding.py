@@ -21,7 +21,7 @@ def run(workdir: Path, quick: bool = False, repeats: int | None = None, device: 
     from datamodules.cases import Case
     from datamodules.harmonize import HarmonizerConfig, harmonize_case
     from datamodules.label_policy import CLASSES
-    from experiments.config import load_config
+    from experiments.config import load_config, selected_args
     from lightning_modules.networks import build_network
 
     cfg = load_config([])
@@ -31,8 +31,9 @@ def run(workdir: Path, quick: bool = False, repeats: int | None = None, device: 
     harm = harmonize_case(Case("bench", "ct", "ct", image=image), None,
                           HarmonizerConfig(tuple(d.target_spacing), tuple(d.window), d.normalize, d.mean, d.std))
     m = cfg.model
-    net = build_network(m.name, m.spatial_dims, 1, len(CLASSES), channels=list(m.channels), strides=list(m.strides),
-                        num_res_units=m.num_res_units, norm=m.norm, dropout=m.dropout).to(device).eval()
+    args = selected_args(cfg, "networks", m.name)
+    net = build_network(m.name, m.spatial_dims, 1, len(CLASSES), patch_size=tuple(d.patch_size),
+                        spacing=tuple(d.target_spacing), context_slices=m.context_slices, **args).to(device).eval()
     x = torch.from_numpy(harm.image)[None, None].to(device)
     inf, roi = cfg.inference, tuple(d.patch_size)
 
@@ -52,5 +53,5 @@ def run(workdir: Path, quick: bool = False, repeats: int | None = None, device: 
         times.append(time.perf_counter() - t)
     return {"sliding_window_s": statistics.median(times), "runs": len(times), "volume": list(harm.image.shape),
             "roi": list(roi), "overlap": inf.overlap, "sw_batch_size": inf.sw_batch_size, "mode": inf.mode,
-            "network": {"name": m.name, "channels": list(m.channels)}, "output": list(out.shape), "device": device,
+            "network": {"name": m.name, **args}, "output": list(out.shape), "device": device,
             "threads": torch.get_num_threads()}

@@ -47,6 +47,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @register("flip")
 def flip(image, label, params, gen):
+    """Mirror along each axis with probability p; mirroring R-L swaps the left and right lung labels."""
     p, axes = float(params.get("p", 0.5)), [int(a) for a in params.get("axes", (0, 1, 2))]
     spatial = image.dim() - 2
     for ax in axes:
@@ -69,6 +70,7 @@ def flip(image, label, params, gen):
 
 @register("intensity")
 def intensity(image, label, params, gen):
+    """Per-patch intensity scale 1 +- scale and shift +- shift (normalized units)."""
     scale, shift = float(params.get("scale", 0.1)), float(params.get("shift", 0.1))
     n = image.shape[0]
     a = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * scale
@@ -78,6 +80,7 @@ def intensity(image, label, params, gen):
 
 @register("noise")
 def noise(image, label, params, gen):
+    """Gaussian noise with a per-patch standard deviation drawn from [0, std]."""
     std = float(params.get("std", 0.0))
     if std <= 0:
         return image, label

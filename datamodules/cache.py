@@ -70,6 +70,22 @@ class CachedCase:
         return f"{self.meta['source']}/{self.meta['case']}"
 
 
+def class_counts(cases: list[CachedCase], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per case: voxel count of each class (IGNORE left out) [N, C] and which classes its source annotates
+    [N, C]: what frequency-weighted losses (seed 004, seed 000) turn into training-set class frequencies."""
+    counts = np.zeros((len(cases), n_classes), np.int64)
+    annotated = np.zeros((len(cases), n_classes), bool)
+    for i, c in enumerate(cases):
+        label = c.label()
+        if label is None:
+            continue
+        hist = np.bincount(np.asarray(label).reshape(-1), minlength=256)
+        counts[i] = hist[:n_classes]
+        flags = list(c.meta["annotated"])[:n_classes]
+        annotated[i, : len(flags)] = flags
+    return counts, annotated
+
+
 def sample_foreground(label: np.ndarray, seed: int, per_class: int = FG_SAMPLES_PER_CLASS) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rows = []

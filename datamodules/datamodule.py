@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import fingerprint
 from datamodules.augment import WHERE, Augmenter
-from datamodules.cache import CachedCase, CaseCache
+from datamodules.cache import CachedCase, CaseCache, class_counts
 from datamodules.cases import Case
 from datamodules.datasets import PatchDataset, VolumeDataset, patch_loader
 from datamodules.harmonize import HarmonizerConfig
@@ -187,6 +187,10 @@ class MultiSourceDataModule(pl.LightningDataModule):
             assert not bad, f"held-out cases reached {role}: {bad[:5]}"
         test_keys = {c.key for c in self.cached["test"]}
         assert not test_keys & {c.key for c in self.cached["train"] + self.cached["val"]}, "test case in train/val"
+
+    def class_counts(self, n_classes: int):
+        """Voxel counts per class and annotated classes of the training cases only (`cache.class_counts`)."""
+        return class_counts(self.cached["train"], n_classes)
 
     def train_dataloader(self) -> DataLoader:
         ds = PatchDataset(self.cached["train"], self.source_ids, self.patch_size, self.samples_per_epoch,

@@ -214,7 +214,7 @@ def read_label(case: Case, policy: LabelPolicy | None, image_shape, image_affine
     return policy.remap(raw, where=str(case.label))
 
 
-def _hu_tensor(encoding: str, window) -> "callable":
+def _hu_tensor(encoding: str, window) -> callable:
     """Stored values -> HU clipped to the scanner range, on torch tensors (elementwise, so the resampler
     applies it to the planes it gathers instead of the whole volume); the same formulas as
     `decode_intensity`, whose range check `harmonize_case` runs on the full stored array first."""

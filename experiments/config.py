@@ -58,20 +58,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
+    name: str = MISSING            # a key of `networks` (and of the NETWORKS registry)
     spatial_dims: int = MISSING
-    channels: list[int] = MISSING
-    strides: list[int] = MISSING
-    num_res_units: int = MISSING
-    norm: str = MISSING
-    dropout: float = MISSING
+    context_slices: int = MISSING  # 2.5D: neighbouring slices per side as channels (2D networks only)
 
 
 @dataclass
 class LossConfig:
-    name: str = MISSING
-    ce_weight: float = MISSING
-    dice_weight: float = MISSING
+    name: str = MISSING            # a key of `losses` (and of the LOSSES registry)
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING            # a key of `methods` (and of the METHODS registry)
 
 
 @dataclass
@@ -165,7 +164,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    # name -> arguments of every network / loss / method: names are data (registries), so these stay open
+    networks: dict[str, dict[str, Any]] = field(default_factory=dict)
     loss: LossConfig = field(default_factory=LossConfig)
+    losses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -201,6 +205,8 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     OmegaConf.set_struct(cfg.data.policies, False)
     OmegaConf.set_struct(cfg.data.train_cases, False)
     OmegaConf.set_struct(cfg.augment.ops, False)
+    for group in ("networks", "losses", "methods"):
+        OmegaConf.set_struct(cfg[group], False)
     cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"))
     for kind in ("experiment", "preset"):
         name = chosen[kind]
@@ -216,4 +222,15 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"config values missing: {missing}")
+    for key, group in (("model", "networks"), ("loss", "losses"), ("method", "methods")):
+        if cfg[key].name not in cfg[group]:
+            raise ValueError(f"{key}.name={cfg[key].name!r} has no arguments under `{group}` in the config; "
+                             f"configured: {sorted(cfg[group])} (python -m experiments.list shows what exists)")
     return cfg
+
+
+def selected_args(cfg: DictConfig, group: str, name: str) -> dict[str, Any]:
+    """The arguments of entry `name` of `networks` / `losses` / `methods`, without the sweep's `search` space."""
+    args = OmegaConf.to_container(cfg[group][name], resolve=True) or {}
+    args.pop("search", None)
+    return args

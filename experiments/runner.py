@@ -17,13 +17,16 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig, load_original
+from datamodules.label_policy import CLASSES
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
 from datamodules.sources.custom import register_custom_source
 from evaluation.metrics import METRIC_NAMES
 from experiments import selection
+from experiments.config import selected_args
 from experiments.selection import checkpoint_callbacks, chosen_checkpoint
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
-from lightning_modules.networks import required_divisor
+from lightning_modules.methods import METHODS
+from lightning_modules.networks import build_network
 from lightning_modules.segmentation import SegmentationModule, eval_classes
 
 PHANTOM_BANNER = ("*** PHANTOM DATA: paths.data_root is unset, so the sources are SYNTHETIC phantoms written in "
@@ -55,13 +58,24 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"evaluation.space must be original or harmonized, got {cfg.evaluation.space!r}")
     if "lesion" not in cfg.evaluation.classes:
         raise ValueError("evaluation.classes must define 'lesion' (the primary class metric keys refer to)")
-    div = required_divisor(cfg.model.strides)
-    # a 2D network sees the patch slice by slice: only the in-plane sizes meet its strides
-    bad = [p for p in list(cfg.data.patch_size)[: cfg.model.spatial_dims] if p % div]
-    if bad:
-        raise ValueError(f"data.patch_size {list(cfg.data.patch_size)} must be multiples of {div} "
-                         f"(product of model.strides {list(cfg.model.strides)}) in its first "
-                         f"{cfg.model.spatial_dims} axes")
+    check_network(cfg)
+
+
+def check_network(cfg: DictConfig) -> None:
+    """Build the configured network once before any data is touched: a patch size it cannot take, a
+    dimensionality it does not support or a wrong argument stops the run here, naming the keys."""
+    m = cfg.model
+    try:
+        build_network(m.name, m.spatial_dims, 1, len(CLASSES), patch_size=tuple(cfg.data.patch_size),
+                      spacing=tuple(cfg.data.target_spacing), context_slices=int(m.context_slices),
+                      **selected_args(cfg, "networks", m.name))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model.name={m.name} ({m.spatial_dims}D) with data.patch_size={list(cfg.data.patch_size)} "
+                         f"and networks.{m.name}={selected_args(cfg, 'networks', m.name)}: {e}") from None
+
+
+def method_config(cfg: DictConfig) -> dict:
+    return {"name": cfg.method.name, "seed": int(cfg.run.seed), **selected_args(cfg, "methods", cfg.method.name)}
 
 
 def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDataModule:
@@ -70,22 +84,24 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         data_root=data_root, cache_dir=Path(cfg.paths.cache) / "harmonized", sources=list(d.sources),
         harmonizer=harmonizer_config(cfg), patch_size=list(d.patch_size), batch_size=d.batch_size,
         samples_per_epoch=d.samples_per_epoch, fg_fraction=d.fg_fraction, val_fraction=d.val_fraction,
-        sampling=d.sampling, num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
+        # a method may change the sampling (source_balanced); everything else is the config's
+        sampling=METHODS.lookup(cfg.method.name).data_overrides().get("sampling", d.sampling),
+        num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
         policies=OmegaConf.to_container(d.policies), find_duplicates=d.find_duplicates,
         test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers,
         augment=OmegaConf.to_container(cfg.augment), **split)
 
 
-def build_module(cfg: DictConfig, test_sources, trained_classes=()) -> SegmentationModule:
+def build_module(cfg: DictConfig, test_sources, trained_classes=(), train_sources=()) -> SegmentationModule:
     m = cfg.model
-    network = {"name": m.name, "channels": list(m.channels), "strides": list(m.strides),
-               "num_res_units": m.num_res_units, "norm": m.norm, "dropout": m.dropout}
+    network = {"name": m.name, "context_slices": int(m.context_slices), **selected_args(cfg, "networks", m.name)}
     inference = dict(OmegaConf.to_container(cfg.inference), roi_size=list(cfg.data.patch_size))
-    return SegmentationModule(network=network, loss=OmegaConf.to_container(cfg.loss),
-                              optim=OmegaConf.to_container(cfg.optim), inference=inference,
+    loss = {"name": cfg.loss.name, **selected_args(cfg, "losses", cfg.loss.name)}
+    return SegmentationModule(network=network, loss=loss, optim=OmegaConf.to_container(cfg.optim), inference=inference,
                               evaluation=OmegaConf.to_container(cfg.evaluation), test_sources=list(test_sources),
                               spatial_dims=m.spatial_dims, harmonizer=harmonizer_config(cfg).as_dict(),
-                              trained_classes=list(trained_classes), augment=OmegaConf.to_container(cfg.augment))
+                              trained_classes=list(trained_classes), augment=OmegaConf.to_container(cfg.augment),
+                              method=method_config(cfg), train_sources=list(train_sources))
 
 
 class EpochSummary(pl.Callback):
@@ -114,7 +130,8 @@ class EpochSummary(pl.Callback):
 
 def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list, has_val: bool) -> pl.Trainer:
     t = cfg.trainer
-    return pl.Trainer(max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+    # test-time methods (bn_adapt, tent) need gradients in the test loop: no_grad there instead of inference mode
+    return pl.Trainer(inference_mode=not METHODS.lookup(cfg.method.name).test_time, max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
                       precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
                       log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
                       callbacks=[*callbacks, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
@@ -306,7 +323,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
                          f"{sorted(cfg.evaluation.classes)} under their label policy (data.policies picks another, "
                          "e.g. msd_lung: tumour_as_lesion)")
     trained = sorted({n for c in dm.cached["train"] for n, a in zip(c.meta["classes"], c.meta["annotated"]) if a})
-    module = build_module(cfg, dm.split.held_out, trained)
+    module = build_module(cfg, dm.split.held_out, trained, dm.split.train_sources)
     wandb_logger = make_wandb_logger(cfg, run_dir, name, kind, run_tags(cfg, kind, dm.split, phantom))
     loggers = [pl.loggers.CSVLogger(str(run_dir), name="csv", version="")]
     if wandb_logger is not None:
@@ -323,7 +340,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     metrics["data"] = "phantom" if phantom else "real"
     write_results(run_dir, metrics, val_rows, test_rows, {
         "kind": kind, "name": name, "data": metrics["data"], "data_root": str(data_root),
-        "experiment": cfg.experiment, "preset": cfg.preset, "seed": int(cfg.run.seed),
+        "experiment": cfg.experiment, "preset": cfg.preset, "seed": int(cfg.run.seed), **variant(cfg),
         **({"task": cfg.fewshot.task, "fold": int(cfg.fewshot.fold)} if kind == "fewshot" else {}),
         "config_hash": config_hash(cfg), "eval_space": cfg.evaluation.space,
         "best_checkpoint": sel["checkpoints"][names[0]]["path"], "selection": sel,
@@ -349,10 +366,17 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     return metrics
 
 
+def variant(cfg: DictConfig) -> dict:
+    """What the run trained, by registry name: the report keeps runs of different methods, networks or losses
+    apart (run.json; older runs without these keys read as the defaults)."""
+    return {"method": cfg.method.name, "network": f"{cfg.model.name}{cfg.model.spatial_dims}d"
+            + (f"+{cfg.model.context_slices}" if cfg.model.context_slices else ""), "loss": cfg.loss.name}
+
+
 def run_tags(cfg: DictConfig, kind: str, split, phantom: bool) -> list[str]:
     """W&B tags: filter a dashboard by protocol, data, held-out/test/train source, model and selection."""
     tags = [kind, "phantom" if phantom else "real", f"model:{cfg.model.name}{cfg.model.spatial_dims}d",
-            "method:erm", f"selection:{cfg.selection.method}", f"experiment:{cfg.experiment}"]
+            f"method:{cfg.method.name}", f"loss:{cfg.loss.name}", f"selection:{cfg.selection.method}", f"experiment:{cfg.experiment}"]
     tags += [f"holdout:{s}" for s in split.held_out] + [f"train:{s}" for s in split.train_sources]
     tags += [f"test:{s}" for s in split.test_sources]
     if cfg.preset:

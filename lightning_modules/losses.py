@@ -6,17 +6,27 @@ probabilities of background and every unannotated class are summed into one merg
 as anything" class, and the loss is computed on that reduced distribution. A MosMed voxel labelled 0
 is thus explained by "background or lung", and no gradient pushes lung probability down there.
 MONAI's DiceCELoss has no notion of per-sample annotated classes, hence our own.
+
+Every loss here reads the network only through `merged_log_probs`, and the target only through
+`prepare_target` (IGNORE voxels out, unannotated target classes an error). Per-class weights are
+indexed by the *target* class, which is always annotated: a merged channel (background + lungs of a
+lesion-only source) is weighted as the annotated class it stands for (background).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from datamodules.label_policy import BACKGROUND, CLASS_INDEX, CLASSES, IGNORE, ancestors
+from datamodules.label_policy import BACKGROUND, CLASS_INDEX, CLASSES, IGNORE, LESION, OPACITY, PARENT, ancestors
 from datamodules.registry import Registry
 
 LOSSES = Registry("loss")
 register_loss = LOSSES.register
+LUNGS = (CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"])
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:
@@ -64,6 +74,96 @@ def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Ten
     return torch.log(q.clamp_min(1e-30))
 
 
+def prepare_target(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor):
+    """(target [B, *spatial] long with IGNORE set to background, valid [B, *spatial] bool).
+
+    Raises if a valid voxel holds a class its sample's source does not annotate: such a label would be
+    scored against a merged channel that also holds other classes, silently.
+    """
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:] or annotated.shape != logits.shape[:2]:
+        raise ValueError(f"shapes do not match: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
+                         f"annotated {tuple(annotated.shape)}")
+    target = target.long()
+    valid = target != IGNORE
+    target = target.masked_fill(~valid, BACKGROUND)
+    if not torch.gather(annotated, 1, target.flatten(1)).all():
+        raise ValueError("target holds a class the sample's source does not annotate")
+    return target, valid
+
+
+def group_probability(logq: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """[B, *spatial]: merged probability of a class group (channels beyond C skipped). Summing merged
+    channels is exact: a class merged into a group member is counted once, through that member."""
+    idx = [k for k in classes if k < logq.shape[1]]
+    return logq[:, idx].exp().sum(1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def class_frequencies(counts: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """[C] float: fraction of voxels of class c among the voxels of the cases that annotate c.
+
+    counts: [N, C] voxel counts per case (IGNORE excluded); annotated: [N, C] bool. A parent counts its
+    children's voxels (lesion = lesion + GGO + consolidation), since in a typed source every opacity is a
+    lesion. NaN where no case annotates c. This is what `set_class_frequencies` expects.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64).clone()
+    annotated = torch.as_tensor(annotated, dtype=torch.bool)
+    totals = counts.sum(1, keepdim=True)  # before parents absorb children, or those voxels count twice
+    for child, parent in PARENT.items():
+        ci, pi = CLASS_INDEX[child], CLASS_INDEX[parent]
+        if max(ci, pi) < counts.shape[1]:
+            counts[:, pi] += counts[:, ci]
+    a = annotated.to(counts.dtype)
+    return ((counts * a).sum(0) / (a * totals).sum(0)).float()
+
+
+class FrequencyWeighted(nn.Module):
+    """Base of losses weighted by training-set class frequencies (`set_class_frequencies`)."""
+
+    needs_frequencies = True
+
+    def __init__(self):
+        super().__init__()
+        # Not persistent: frequencies come from the training set at fit time (set again on resume), and a
+        # checkpoint must load into a fresh module built from its hyperparameters, which has none.
+        self.register_buffer("class_freq", None, persistent=False)
+
+    def set_class_frequencies(self, freq: torch.Tensor) -> None:
+        freq = torch.as_tensor(freq, dtype=torch.float32).flatten()
+        known = freq[~torch.isnan(freq)]
+        if not bool(((known >= 0) & (known <= 1)).all()):
+            raise ValueError(f"class frequencies must lie in [0, 1] (NaN = never annotated), got {freq.tolist()}")
+        self.class_freq = freq
+
+    def frequencies(self, n_classes: int, device: torch.device) -> torch.Tensor:
+        if self.class_freq is None:
+            raise RuntimeError(f"{type(self).__name__} needs the training set's class frequencies: call "
+                               "loss.set_class_frequencies(freq) (e.g. losses.class_frequencies(counts, "
+                               "annotated)) before training")
+        if self.class_freq.numel() < n_classes:
+            raise ValueError(f"{self.class_freq.numel()} class frequencies for {n_classes} channels")
+        return self.class_freq[:n_classes].to(device)
+
+
+def inverse_frequency_weights(freq: torch.Tensor) -> torch.Tensor:
+    """w_c = 1 / f_c scaled to mean 1 over the classes seen in training (f_c > 0). A class never seen
+    (0 or NaN) can only be a target at validation; it gets the largest weight, the rarest class's."""
+    seen = freq > 0
+    if not seen.any():
+        raise ValueError("no class has a positive training frequency")
+    w = torch.zeros_like(freq)
+    w[seen] = 1.0 / freq[seen]
+    w = w / w[seen].mean()
+    w[~seen] = w[seen].max()
+    return w
+
+
 @register_loss("dice_ce")
 class PartialDiceCELoss(nn.Module):
     """`ce_weight * CE + dice_weight * (1 - soft Dice)` on the marginalized distribution.
@@ -72,23 +172,18 @@ class PartialDiceCELoss(nn.Module):
     batch Dice: stable when a patch holds no lesion), averaged over classes annotated by any sample.
     """
 
+    needs_frequencies = False
+
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5):
         super().__init__()
         self.ce_weight, self.dice_weight, self.smooth = ce_weight, dice_weight, smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-        if target.dim() == logits.dim():
-            target = target[:, 0]
-        target = target.long()
         # IGNORE voxels (policy "ignore") take part in neither term: zero weight in CE, out of the Dice sums.
-        valid = target != IGNORE
-        target = target.masked_fill(~valid, 0)
-        bad = ~torch.gather(annotated, 1, target.flatten(1)).all(dim=1)
-        if bad.any():
-            raise ValueError("target holds a class the sample's source does not annotate")
+        target, valid = prepare_target(target, logits, annotated)
         logq = merged_log_probs(logits, annotated)
         w_vox = valid.float()
-        ce = -(torch.gather(logq, 1, target[:, None])[:, 0] * w_vox).sum() / w_vox.sum().clamp(min=1.0)
+        ce = masked_mean(-torch.gather(logq, 1, target[:, None])[:, 0], valid)
         q = logq.exp() * w_vox[:, None]
         onehot = torch.zeros_like(q).scatter_(1, target[:, None], 1.0) * w_vox[:, None]
         dims = tuple(range(2, logits.dim()))
@@ -101,3 +196,169 @@ class PartialDiceCELoss(nn.Module):
         classes = use.any(0)
         dice = dice_c[classes].mean() if classes.any() else logits.new_tensor(1.0)
         return self.ce_weight * ce + self.dice_weight * (1.0 - dice)
+
+
+@register_loss("weighted_ce")
+class WeightedCELoss(FrequencyWeighted):
+    """Class-weighted CE on the marginalized distribution (Lizzi et al.), inverse-frequency weights by default.
+
+    L = sum_v w[t_v] * -log q[t_v] / sum_v w[t_v] over valid voxels (torch's weighted-CE reduction, so
+    the scale of w cancels). The seed names "a weighted cross-entropy" without its weights; we take
+    `inverse_frequency_weights` of `set_class_frequencies`, unless `weights` (one per channel) is given.
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        super().__init__()
+        self.weights = None if weights is None else torch.tensor([float(w) for w in weights])
+        self.needs_frequencies = weights is None  # explicit weights: frequencies are not used
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        target, valid = prepare_target(target, logits, annotated)
+        c = logits.shape[1]
+        if self.weights is not None:
+            if self.weights.numel() != c:
+                raise ValueError(f"weighted_ce: {self.weights.numel()} weights for {c} channels")
+            w = self.weights.to(logits.device)
+        else:
+            w = inverse_frequency_weights(self.frequencies(c, logits.device))
+        logq = merged_log_probs(logits, annotated)
+        nll = -torch.gather(logq, 1, target[:, None])[:, 0]
+        w_vox = w[target] * valid
+        return (w_vox * nll).sum() / w_vox.sum().clamp_min(1e-12)
+
+
+@register_loss("lung_jaccard")
+class LungJaccardLoss(nn.Module):
+    """Soft Jaccard of the opacity (lesion + GGO + consolidation) inside the lung mask (Chaganti et al.).
+
+    L = 1 - (p.y + s) / (sum p + sum y - p.y + s), one batch-wide Jaccard, p = merged opacity
+    probability, y = target in {lesion, GGO, consolidation}. Region: valid voxels of samples that annotate
+    lesion, restricted to the reference lung + opacity voxels when the source annotates both lungs; a
+    source without lungs has no lung mask, so all its valid voxels count. On its own this trains only
+    opacity vs rest (as in the seed, whose network had 2 outputs); `ce_weight` > 0 adds the marginal CE
+    so that lungs and typed opacities are learned too.
+    """
+
+    needs_frequencies = False
+
+    def __init__(self, smooth: float = 1.0, ce_weight: float = 0.0):
+        super().__init__()
+        self.smooth, self.ce_weight = smooth, ce_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        target, valid = prepare_target(target, logits, annotated)
+        c = logits.shape[1]
+        logq = merged_log_probs(logits, annotated)
+        opacity = [k for k in OPACITY if k < c]
+        lungs = [k for k in LUNGS if k < c]
+        p = group_probability(logq, opacity)
+        y = torch.isin(target, torch.tensor(opacity, device=target.device))
+        in_lung = torch.isin(target, torch.tensor(lungs + opacity, device=target.device))
+        bshape = (-1,) + (1,) * (target.dim() - 1)
+        has_lungs = (annotated[:, lungs].all(1) if len(lungs) == 2 else torch.zeros_like(annotated[:, 0]))
+        region = valid & annotated[:, LESION].reshape(bshape) & (in_lung | ~has_lungs.reshape(bshape))
+        m, yf = region.float(), y.float()
+        inter = (p * yf * m).sum()
+        union = (p * m).sum() + (yf * m).sum() - inter
+        if region.any():
+            jaccard = 1.0 - (inter + self.smooth) / (union + self.smooth)
+        else:  # no sample annotates lesion: nothing to learn, but keep the graph for DDP
+            jaccard = 0.0 * p.sum()
+        if self.ce_weight:
+            jaccard = jaccard + self.ce_weight * masked_mean(-torch.gather(logq, 1, target[:, None])[:, 0], valid)
+        return jaccard
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: float = 3.0) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, *spatial] (1 to 3 spatial dims), per channel, zero padded.
+    sigma in voxels, one for all dims or one per dim; 0 leaves that dim alone."""
+    nd = x.dim() - 2
+    sig = [float(sigma)] * nd if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+    if len(sig) != nd:
+        raise ValueError(f"sigma {sigma} for {nd} spatial dims")
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    c = x.shape[1]
+    for d, s in enumerate(sig):
+        if s <= 0:
+            continue
+        r = max(1, math.ceil(truncate * s))
+        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+        k = torch.exp(-0.5 * (t / s) ** 2)
+        shape = [1, 1] + [1] * nd
+        shape[2 + d] = 2 * r + 1
+        kernel = (k / k.sum()).reshape(shape).repeat(c, *[1] * (nd + 1))
+        pad = [0] * nd
+        pad[d] = r
+        x = conv(x, kernel, padding=tuple(pad), groups=c)
+    return x
+
+
+@register_loss("soft_kl")
+class SoftKLLoss(FrequencyWeighted):
+    """Class-weighted KL(soft target || prediction) on the marginalized distribution (Lensink et al.).
+
+    L = sum_v sum_k w_k y_k (log y_k - log q_k) / #valid, w_k = 1 - f_k (`set_class_frequencies`; NaN,
+    a class never annotated, weighs 1; a merged channel weighs as its annotated class). A hard target
+    becomes soft by a Gaussian blur (sigma voxels) of its one-hot, normalized over valid voxels so IGNORE
+    neither leaks in nor dilutes: interiors stay hard, boundaries become mixtures, the seed's
+    location-dependent, spatially correlated noise.
+    sigma = 0 gives hard labels (weighted CE). A float target [B, C, *spatial] is taken as the
+    probabilistic label itself (not blurred); voxels whose probabilities sum to 0 are unlabelled.
+    """
+
+    def __init__(self, sigma: float | Sequence[float] = 1.0, truncate: float = 3.0, weighted: bool = True):
+        super().__init__()
+        self.sigma, self.truncate, self.weighted = sigma, truncate, weighted
+        self.needs_frequencies = weighted
+
+    def soft_target(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor):
+        """(y [B, C, *spatial] on annotated channels only, valid [B, *spatial])."""
+        if target.is_floating_point() and target.shape == logits.shape and logits.shape[1] > 1:
+            y = target.float()
+            if bool((y < 0).any()):
+                raise ValueError("soft_kl: negative target probabilities")
+            bshape = annotated.shape + (1,) * (y.dim() - 2)
+            if bool((y * ~annotated.reshape(bshape) > 1e-6).any()):
+                raise ValueError("target holds a class the sample's source does not annotate")
+            return y, y.sum(1) > 0
+        target, valid = prepare_target(target, logits, annotated)
+        v = valid.float()[:, None]
+        onehot = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, target[:, None], 1.0) * v
+        num, den = gaussian_smooth(onehot, self.sigma, self.truncate), gaussian_smooth(v, self.sigma, self.truncate)
+        return num / den.clamp_min(1e-12) * v, valid
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        y, valid = self.soft_target(logits, target, annotated)
+        logq = merged_log_probs(logits, annotated)
+        kl = torch.xlogy(y, y) - y * logq  # [B, C, *spatial]; 0 log 0 = 0 on channels without mass
+        if self.weighted:
+            w = 1.0 - torch.nan_to_num(self.frequencies(logits.shape[1], logits.device), nan=0.0)
+            kl = kl * w.reshape((1, -1) + (1,) * (kl.dim() - 2))
+        return masked_mean(kl.sum(1), valid)
+
+
+@register_loss("focal")
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al.) on the marginalized distribution: -alpha[t] (1 - q_t)^gamma log q_t.
+
+    Mean over valid voxels. `alpha` (one per channel, None = 1) is indexed by the target class, so a
+    merged channel takes its annotated class's alpha; gamma = 0 with no alpha is the marginal CE.
+    """
+
+    needs_frequencies = False
+
+    def __init__(self, gamma: float = 2.0, alpha: Sequence[float] | None = None):
+        super().__init__()
+        self.gamma = gamma
+        self.alpha = None if alpha is None else torch.tensor([float(a) for a in alpha])
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        target, valid = prepare_target(target, logits, annotated)
+        logq_t = torch.gather(merged_log_probs(logits, annotated), 1, target[:, None])[:, 0]
+        # (1 - q)^gamma through -expm1(log q): exact near q = 1, where the focal term matters most
+        loss = -logq_t * (-torch.expm1(logq_t)).clamp_min(0.0) ** self.gamma
+        if self.alpha is not None:
+            if self.alpha.numel() != logits.shape[1]:
+                raise ValueError(f"focal: {self.alpha.numel()} alpha values for {logits.shape[1]} channels")
+            loss = loss * self.alpha.to(logits.device)[target]
+        return masked_mean(loss, valid)

@@ -35,7 +35,8 @@ from datamodules.sources import case_from_meta, policy_named
 from datamodules.splits import check_batch_sources
 from evaluation.metrics import METRIC_NAMES
 from evaluation.scoring import EvalClass, attach_severity, describe, score_case
-from lightning_modules.losses import build_loss
+from lightning_modules.losses import build_loss, class_frequencies
+from lightning_modules.methods import build_method
 from lightning_modules.networks import build_network
 
 
@@ -117,16 +118,27 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["source"], r["case"]))
 
 
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights for the main output and n-1 deeper heads: 1/2^i, normalized to sum to one."""
+    w = [0.5 ** i for i in range(n)]
+    return [x / sum(w) for x in w]
+
+
 class SegmentationModule(pl.LightningModule):
     def __init__(self, network: dict, loss: dict, optim: dict, inference: dict, evaluation: dict,
                  test_sources: Sequence[str] = (), spatial_dims: int = 3, harmonizer: dict | None = None,
-                 trained_classes: Sequence[str] = (), augment: dict | None = None):
+                 trained_classes: Sequence[str] = (), augment: dict | None = None, method: dict | None = None,
+                 train_sources: Sequence[str] = ()):
         # harmonizer and trained_classes are recorded for `experiments.predict`: a checkpoint alone must
         # say how to prepare an input and which output channels were ever supervised.
         super().__init__()
         self.save_hyperparameters()
-        net_kwargs = {k: v for k, v in network.items() if k != "name"}
-        self.net = build_network(network["name"], spatial_dims, in_channels=1, out_channels=len(CLASSES), **net_kwargs)
+        net_kwargs = {k: v for k, v in network.items() if k not in ("name", "context_slices")}
+        spacing = (harmonizer or {}).get("target_spacing") or [1.0, 1.0, 1.0]
+        self.net = build_network(network["name"], spatial_dims, 1, len(CLASSES),
+                                 patch_size=tuple(int(s) for s in inference["roi_size"][:spatial_dims]),
+                                 spacing=tuple(float(s) for s in spacing[:spatial_dims]),
+                                 context_slices=int(network.get("context_slices", 0)), **net_kwargs)
         self.loss_fn = build_loss(loss["name"], **{k: v for k, v in loss.items() if k != "name"})
         self.test_sources = list(test_sources)
         self.rows: dict[str, list[dict]] = {"val": [], "oracle": [], "test": []}
@@ -137,22 +149,73 @@ class SegmentationModule(pl.LightningModule):
         # when training on one (the loader then only crops); loader-side augmentation is the dataset's
         augment = dict(augment or {})
         self.augmenter = Augmenter(augment.get("ops")) if augment.get("where") == "device" else None
+        method = dict(method or {"name": "erm"})
+        self.method = build_method(method.pop("name"), **method)
+        self.method.attach(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.augmenter and self._trainer is not None and self._trainer.training:
+        if self._trainer is not None and self._trainer.training:
             batch = dict(batch)
-            batch["image"], batch["label"] = self.augmenter(batch["image"], batch["label"])
+            if self.augmenter:
+                batch["image"], batch["label"] = self.augmenter(batch["image"], batch["label"])
+            batch = self.method.transform_batch(batch, self)
         return batch
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def on_fit_start(self) -> None:
+        # frequency-weighted losses (weighted_ce, soft_kl) get the training split's class frequencies, on
+        # every start (they are not stored in checkpoints: a resumed run recomputes the same values)
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(self.loss_fn, "needs_frequencies", False) and dm is not None:
+            self.loss_fn.set_class_frequencies(class_frequencies(*dm.class_counts(len(CLASSES))))
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        """Segmentation loss over every output head (deep supervision, nnU-Net weights), on the slices whose
+        2.5D context is complete, plus the method's own term."""
         check_batch_sources(batch["source"], self.test_sources)
-        logits = self(batch["image"])
-        loss = self.loss_fn(logits, batch["label"].long(), batch["annotated"])  # patches arrive as uint8
+        label = batch["label"].long()  # patches arrive as uint8
+        heads = self.net.heads(batch["image"])
+        m = self.net.margin
+        if m:
+            if label.shape[-1] <= 2 * m:
+                raise ValueError(f"patch depth {label.shape[-1]} leaves no slice with {m} neighbours on each side "
+                                 "(model.context_slices): make data.patch_size[2] larger")
+            heads = [h[..., m:-m] for h in heads]
+            label = label[..., m:-m]
+        loss = sum(w * self.loss_fn(h, label, batch["annotated"])
+                   for w, h in zip(deep_supervision_weights(len(heads)), heads))
+        extra = self.method.extra_loss(batch, self)
+        if extra is not None:
+            self.log("train/method_loss", extra, on_step=False, on_epoch=True, batch_size=label.shape[0])
+            loss = loss + extra
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
         return loss
+
+    def on_test_start(self) -> None:
+        """Test-time methods adapt on the test images before the first case is scored. They get images only:
+        labels never leave the loader's batches. (The runner disables inference mode for them.)"""
+        if not self.method.test_time:
+            return
+        loaders = self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        seen = []
+
+        def images():
+            for loader in loaders:
+                for b in loader:
+                    seen.append(1)
+                    yield b["image"].to(self.device)
+
+        with torch.enable_grad():
+            self.method.adapt(self, images())
+        if self.trainer.is_global_zero:
+            print(f"[method {(self.hparams.method or {}).get('name', 'erm')}] adapted on {len(seen)} unlabelled test volume(s)", flush=True)
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits; channels of classes no training source annotated are -inf.
@@ -162,7 +225,12 @@ class SegmentationModule(pl.LightningModule):
         predicts no lungs rather than noise.
         """
         inf = self.hparams.inference
-        logits = sliding_window_inference(image, roi_size=tuple(inf["roi_size"]), sw_batch_size=inf["sw_batch_size"],
+        roi = tuple(inf["roi_size"])
+        if self.hparams.spatial_dims == 2:
+            # slice-wise networks see whole slabs along z (-1: the full depth), so every slice has its true
+            # 2.5D neighbours and no window seam crosses the slice axis
+            roi = (*roi[:2], -1)
+        logits = sliding_window_inference(image, roi_size=roi, sw_batch_size=inf["sw_batch_size"],
                                           predictor=self, overlap=inf["overlap"], mode=inf["mode"])
         trained = self.hparams.get("trained_classes") or ()
         if trained:

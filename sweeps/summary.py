@@ -2,7 +2,9 @@
 
 - `transfer_matrix`: `transfer_matrix.csv` (train source x test source, mean Dice of the lesion class
   over seeds; `<test>_std` and `<test>_n_cases` beside), `transfer_matrix.png` and `transfer_matrix.md`;
-- `loso_table`: `loso_table.csv` / `.md`: one row per held-out source, Dice / NSD / HD95 mean ± std.
+- `loso_table`: `loso_table.csv` / `.md`: one row per held-out source, Dice / NSD / HD95 mean ± std;
+- `methods_table`: `methods_table.csv` / `.md`: held-out source x DG method, lesion Dice mean ± std over
+  seeds and the difference from erm.
 Everything says PHANTOM DATA when a run used phantom sources.
 """
 from __future__ import annotations
@@ -72,7 +74,48 @@ def _loso_table(tables: dict, out: Path, phantom: bool) -> dict:
     return {"rows": [f["holdout"] for f in flat]}
 
 
-SUMMARIES = {"transfer_matrix": _transfer_matrix, "loso_table": _loso_table}
+def _methods_table(tables: dict, out: Path, phantom: bool) -> dict:
+    """Held-out lesion Dice per (held-out source, method), mean ± std over seeds, and each method's difference
+    from erm on the same held-out source (the same patients); the last row averages the held-out sources."""
+    method_of = {c.label: c.first.method for c in tables["_configs"]}
+    cells: dict[tuple[str, str], dict] = {}
+    for r in tables["results"]:
+        if r["kind"] == "loso" and r["class"] == "lesion" and r["test_source"] != "mean" and r["config"] in method_of:
+            cells[(r["test_source"], method_of[r["config"]])] = r["metrics"].get("dice")
+    holdouts = sorted({h for h, _ in cells})
+    methods = sorted({m for _, m in cells}, key=lambda m: (m != "erm", m))
+    if not cells:
+        raise ValueError("no LOSO lesion results in the sweep's runs")
+    flat, shown = [], []
+    for h in [*holdouts, "mean"]:
+        row, cols = {"holdout": h}, [h]
+        for m in methods:
+            if h == "mean":  # every held-out source weighs the same
+                vals = [cells[(x, m)]["mean"] for x in holdouts if cells.get((x, m))]
+                mean = sum(vals) / len(vals) if len(vals) == len(holdouts) else math.nan
+                base = [cells[(x, "erm")]["mean"] for x in holdouts if cells.get((x, "erm"))]
+                erm = sum(base) / len(base) if len(base) == len(holdouts) else math.nan
+                cell = {"mean": mean, "std": math.nan}
+            else:
+                cell = cells.get((h, m))
+                erm = cells[(h, "erm")]["mean"] if cells.get((h, "erm")) else math.nan
+            value = cell["mean"] if cell else math.nan
+            row[m], row[f"{m}_std"] = value, cell.get("std", math.nan) if cell else math.nan
+            row[f"{m}_n_seeds"] = cell.get("n_seeds", 0) if cell else 0
+            row[f"{m}_vs_erm"] = value - erm
+            delta = "" if m == "erm" or not math.isfinite(value - erm) else f" ({value - erm:+.3f})"
+            cols.append((_pm(cell) if cell and math.isfinite(value) else "n/a") + delta)
+        flat.append(row)
+        shown.append(cols)
+    write_csv(out / "methods_table.csv", flat, first=["holdout", *methods])
+    mark = f"**{PHANTOM_MARK}**\n\n" if phantom else ""
+    atomic_write_text(out / "methods_table.md", f"{mark}# DG methods: held-out lesion Dice (LOSO)\n\nmean ± std over "
+                      "seeds; in brackets the difference from erm on the same held-out source and seeds.\n\n"
+                      + to_markdown(["held-out source", *methods], shown) + "\n")
+    return {"rows": [*holdouts, "mean"], "columns": methods}
+
+
+SUMMARIES = {"transfer_matrix": _transfer_matrix, "loso_table": _loso_table, "methods_table": _methods_table}
 
 
 def summarize_sweep(sweep_dir: Path, kind: str | None, n_boot: int = 1000, wandb_group: str | None = None) -> dict:

@@ -73,8 +73,15 @@ def test_config_errors_are_clear():
         load_config(["data.bogus=1"])
     cfg = load_config(["experiment=smoke", "data.patch_size=[50,48,16]"])
     from experiments.runner import validate_config
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match=r"model.name=unet \(3D\) with data.patch_size=\[50, 48, 16\].*"
+                                         r"must be a multiple of \(8, 8, 8\).*next valid: \(56, 48, 16\)"):
         validate_config(cfg)
+    with pytest.raises(ValueError, match=r"context_slices=2 \(2.5D\) needs spatial_dims=2"):
+        validate_config(load_config(["experiment=smoke", "model.context_slices=2"]))
+    with pytest.raises(ValueError, match=r"'anisotropic_unet' supports spatial_dims \(3,\), got 2"):
+        validate_config(load_config(["experiment=smoke", "model.name=anisotropic_unet", "model.spatial_dims=2"]))
+    with pytest.raises(ValueError, match=r"method.name='nope' has no arguments under `methods`"):
+        load_config(["method.name=nope"])
 
 
 def test_presets_merge_in_order():

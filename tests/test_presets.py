@@ -29,7 +29,8 @@ def args(tmp_path, phantom_root):
 
 def test_every_preset_loads_and_names_only_known_keys():
     assert set(presets("preset")) >= {"seed003_task1", "seed003_task2_lung", "seed003_task2_infection",
-                                      "seed003_task3_lung", "seed003_task3_infection", "seed004", "seed000_2d"}
+                                      "seed003_task3_lung", "seed003_task3_infection", "seed004", "seed000_2d",
+                                      "seed001"}
     for name in presets("preset"):
         cfg = load_config([f"preset={name}", "experiment=smoke"])
         assert cfg.preset == name and cfg.experiment == "smoke"
@@ -73,6 +74,7 @@ def test_seed004_train_covid19_20_test_mosmed_and_ctseg(tmp_path, args):
     transfer_main(["--train", "covid19_20", "--test", "mosmed,ctseg", "preset=seed004", *args])
     info, rows = _run(tmp_path / "transfer")
     assert info["preset"] == "seed004" and info["test_sources"] == ["mosmed", "ctseg"]
+    assert info["loss"] == "weighted_ce" and info["method"] == "erm"  # the paper's loss, frequencies from training
     assert {r["source"] for r in rows} == {"mosmed", "ctseg"}
     assert not [r for r in info["split"] if r["source"] != "covid19_20" and r["role"] != "test"]
 
@@ -83,7 +85,14 @@ def test_seed000_2d_slices_with_grouped_opacity_classes(tmp_path, args):
     (run_dir,) = list((tmp_path / "loso").iterdir())
     import torch
     state = torch.load(next((run_dir / "checkpoints").glob("last.ckpt")), map_location="cpu", weights_only=False)
-    assert state["hyper_parameters"]["spatial_dims"] == 2
+    assert state["hyper_parameters"]["spatial_dims"] == 2 and info["loss"] == "soft_kl" and info["network"] == "unet2d"
     assert any(k.startswith("net.net.") for k in state["state_dict"])  # the 2D UNet inside SliceWise
     assert {"ggo", "consolidation"} <= set(state["hyper_parameters"]["trained_classes"])  # MedSeg's typed classes
     assert {r["source"] for r in rows} == {"ctseg"} and {"lesion", "lung"} == {r["class"] for r in rows}
+
+
+def test_seed001_anisotropic_network_with_the_lung_jaccard_loss(tmp_path, args):
+    loso_main(["--holdout", "mosmed", "preset=seed001", *args])
+    info, rows = _run(tmp_path / "loso")
+    assert info["network"] == "anisotropic_unet3d" and info["loss"] == "lung_jaccard"
+    assert {r["source"] for r in rows} == {"mosmed"} and {r["class"] for r in rows} == {"lesion"}

@@ -26,9 +26,11 @@ def test_project_registries_answer_with_known_names():
     with pytest.raises(KeyError, match=r"unknown source 'medsegx'; registered: \['covid19_20', .*'ctseg', .*'mosmed'.*\]"):
         get_source("medsegx")
     with pytest.raises(KeyError, match="unknown network 'unetx'"):
-        build_network("unetx", 3, 1, 4)
+        build_network("unetx", 3, 1, 4, patch_size=(16, 16, 16), spacing=(1.0, 1.0, 1.0))
     with pytest.raises(KeyError, match="unknown loss 'focalx'"):
         build_loss("focalx")
-    net = build_network("unet", 2, 1, 4, channels=(4, 8), strides=(2,), num_res_units=0)
+    net = build_network("unet", 2, 1, 4, patch_size=(16, 16), spacing=(1.0, 1.0), channels=(4, 8), strides=(2,),
+                        num_res_units=0)
     import torch
-    assert net(torch.zeros(1, 1, 16, 16)).shape == (1, 4, 16, 16)  # dimensionality is a parameter
+    # dimensionality is a parameter: a 2D network runs slice by slice on the same 3D tensors
+    assert net(torch.zeros(1, 1, 16, 16, 3)).shape == (1, 4, 16, 16, 3)

@@ -17,6 +17,9 @@ from omegaconf import OmegaConf
 
 from evaluation.reporting.common import DEFAULT_SPACE, METRICS, ReportError, warn
 
+# run.json's registry names of what trained; runs written before they were recorded read as these
+VARIANT_DEFAULTS = {"method": "erm", "network": "unet3d", "loss": "dice_ce"}
+
 
 @dataclass
 class RunRecord:
@@ -35,6 +38,10 @@ class RunRecord:
     cases: list[dict]  # test rows: source, case, class, floats per metric/severity column (NaN = undefined)
     columns: tuple[str, ...] = ()  # METRICS present in per_case.csv
     info: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return str(self.info.get("method", VARIANT_DEFAULTS["method"]))
 
     @property
     def key(self) -> tuple:
@@ -159,7 +166,9 @@ def read_run(run_dir: Path) -> RunRecord:
         warn(f"{run_dir}: no experiment in run.json or config.yaml; grouped as 'unknown'")
         experiment = "unknown"
     # a protocol preset and a few-shot task are part of what was run: never averaged across
-    experiment = "/".join(str(x) for x in (experiment, info.get("preset"), info.get("task")) if x)
+    # ...and so is what trained, where it is not the default: runs of two DG methods are two configurations
+    variant = [f"{k}={info[k]}" for k, default in VARIANT_DEFAULTS.items() if info.get(k, default) != default]
+    experiment = "/".join(str(x) for x in (experiment, info.get("preset"), info.get("task"), *variant) if x)
     data, mdata = info.get("data"), metrics.get("data")
     if data and mdata and data != mdata:
         raise ReportError(f"{run_dir}: run.json says data={data!r} but metrics.json says {mdata!r}")

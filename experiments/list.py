@@ -1,0 +1,92 @@
+"""Everything an experiment can select, read from the registries: `python -m experiments.list [--json]`.
+
+Sources (`data.sources`), networks (`model.name`), losses (`loss.name`), DG methods (`method.name`),
+augmentations (`augment.ops`), scale and protocol presets (`experiment=`, `preset=`) and sweeps
+(`make sweep SWEEP=`), each with a one-line description: the first line of its docstring or YAML comment.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+from experiments.config import CONFIG_DIR
+
+
+def _first_line(obj) -> str:
+    """First docstring line of the object itself (not one inherited from a base class), else its module's."""
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    if not (doc or "").strip():
+        doc = sys.modules[obj.__module__].__doc__ or ""
+    return inspect.cleandoc(doc).splitlines()[0].strip() if doc.strip() else ""
+
+
+def _yaml_comment(path: Path) -> str:
+    """The first sentence of a YAML file's leading comment (presets and sweeps describe themselves there)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = text.find(". ")
+    return text[: end + 1] if end >= 0 else text
+
+
+def catalogue() -> dict[str, list[dict]]:
+    """{kind: [{name, description, ...}]} for every registry and preset folder, sorted by name."""
+    from datamodules.augment import AUGMENTS
+    from datamodules.sources import SOURCES
+    from lightning_modules.losses import LOSSES
+    from lightning_modules.methods import METHODS
+    from lightning_modules.networks import NETWORKS
+    from sweeps.expand import SWEEP_DIR
+
+    out = {
+        "sources": [{"name": n, "description": _first_line(SOURCES[n]),
+                     "policies": sorted(getattr(SOURCES[n], "POLICIES", {}))} for n in sorted(SOURCES)],
+        "networks": [{"name": n, "description": _first_line(NETWORKS[n]),
+                      "spatial_dims": list(getattr(NETWORKS[n], "dims", (2, 3)))} for n in sorted(NETWORKS)],
+        "losses": [{"name": n, "description": _first_line(LOSSES[n]),
+                    "needs_frequencies": bool(getattr(LOSSES[n], "needs_frequencies", False))} for n in sorted(LOSSES)],
+        "methods": [{"name": n, "description": _first_line(METHODS[n]), "test_time": METHODS[n].test_time,
+                     "arguments": sorted(METHODS[n].defaults())} for n in sorted(METHODS)],
+        "augmentations": [{"name": n, "description": _first_line(AUGMENTS[n])} for n in sorted(AUGMENTS)],
+        "experiments": [{"name": p.stem, "description": _yaml_comment(p)}
+                        for p in sorted((CONFIG_DIR / "experiment").glob("*.yaml"))],
+        "presets": [{"name": p.stem, "description": _yaml_comment(p)}
+                    for p in sorted((CONFIG_DIR / "preset").glob("*.yaml"))],
+        "sweeps": [{"name": p.stem, "description": _yaml_comment(p)} for p in sorted(SWEEP_DIR.glob("*.yaml"))],
+    }
+    return out
+
+
+def render(cat: dict[str, list[dict]]) -> str:
+    lines = []
+    for kind, entries in cat.items():
+        lines.append(f"{kind}:")
+        width = max((len(e["name"]) for e in entries), default=0)
+        for e in entries:
+            extra = ""
+            if kind == "networks":
+                extra = f" [{'/'.join(f'{d}D' for d in e['spatial_dims'])}]"
+            elif kind == "methods" and e["test_time"]:
+                extra = " [test time]"
+            lines.append(f"  {e['name']:<{width}}  {e['description']}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.list", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="machine-readable: {kind: [{name, description, ...}]}")
+    args = parser.parse_args(argv)
+    cat = catalogue()
+    print(json.dumps(cat, indent=1) if args.json else render(cat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
