@@ -88,9 +88,11 @@ class SourceBalanced(Method):
 def _thick_slices(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Simulated thick-slice acquisition: average `factor` slices along z, then back to the grid (linear).
     MONAI's RandSimulateLowResolution zooms every axis alike; slice thickness is the shift CT sources show."""
-    z = x.shape[-1]
+    factor = min(int(factor), x.shape[-1])
+    if factor < 2:
+        return x
     low = F.avg_pool3d(x[None], kernel_size=(1, 1, factor), stride=(1, 1, factor), ceil_mode=True)
-    return F.interpolate(low, size=x.shape[-3:], mode="trilinear", align_corners=False)[0] if z > 1 else x
+    return F.interpolate(low, size=x.shape[-3:], mode="trilinear", align_corners=False)[0]
 
 
 @register_method("bigaug")

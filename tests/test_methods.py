@@ -189,3 +189,12 @@ def test_gradient_reversal_and_dann_domain_head():
 def test_source_balanced_changes_the_sampling_only():
     assert METHODS["source_balanced"].data_overrides() == {"sampling": "source_balanced"}
     assert METHODS["erm"].data_overrides() == {}
+
+
+def test_thick_slices_average_neighbouring_slices_and_return_to_the_grid():
+    from lightning_modules.methods import _thick_slices
+
+    x = torch.tensor([0.0, 2.0, 4.0, 6.0]).view(1, 1, 1, 4).expand(1, 2, 2, 4).clone()
+    # pairs averaged to (1, 5), then linear back onto 4 slices (half-voxel centres, edges clamped)
+    assert _thick_slices(x, 2)[0, 0, 0].tolist() == pytest.approx([1.0, 2.0, 4.0, 5.0])
+    assert torch.equal(_thick_slices(x[..., :1], 4), x[..., :1])  # one slice: nothing to thicken
