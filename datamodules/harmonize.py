@@ -12,6 +12,7 @@ and it is several times faster on CPU (issue 6 benchmarks it).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -214,7 +215,7 @@ def read_label(case: Case, policy: LabelPolicy | None, image_shape, image_affine
     return policy.remap(raw, where=str(case.label))
 
 
-def _hu_tensor(encoding: str, window) -> callable:
+def _hu_tensor(encoding: str, window) -> Callable[[torch.Tensor], torch.Tensor]:
     """Stored values -> HU clipped to the scanner range, on torch tensors (elementwise, so the resampler
     applies it to the planes it gathers instead of the whole volume); the same formulas as
     `decode_intensity`, whose range check `harmonize_case` runs on the full stored array first."""

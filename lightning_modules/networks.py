@@ -80,7 +80,7 @@ def plan_dynunet(patch_size: Sequence[int], spacing: Sequence[float], max_levels
 
 
 # ---------------------------------------------------------------------------------------------- builders
-# Defaults are only fallbacks; the numbers used in experiments live in the model YAMLs.
+# Defaults are only fallbacks; the numbers experiments use live in experiments/configs (`networks:`).
 
 @register_network("unet")
 def unet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
