@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     dm.setup("test")
     module = SegmentationModule.load_from_checkpoint(ckpt, map_location="cpu")
     t = cfg.trainer
-    trainer = pl.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
+    # test-time methods (bn_adapt, tent) adapt with gradients inside the test loop: no inference mode for them
+    trainer = pl.Trainer(inference_mode=not module.method.test_time, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(args.out))
     metrics, rows = test_checkpoint(trainer, module, dm, None)

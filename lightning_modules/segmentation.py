@@ -202,7 +202,10 @@ class SegmentationModule(pl.LightningModule):
         labels never leave the loader's batches. (The runner disables inference mode for them.)"""
         if not self.method.test_time:
             return
-        loaders = self.trainer.test_dataloaders
+        # Every DDP rank adapts on ALL test volumes (the datamodule's plain loader, not the rank's shard):
+        # the ranks keep one model, and the table is the same for any number of processes.
+        dm = getattr(self.trainer, "datamodule", None)
+        loaders = [dm.test_dataloader()] if dm is not None else self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         seen = []
 
