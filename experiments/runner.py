@@ -131,8 +131,8 @@ class EpochSummary(pl.Callback):
 def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list, has_val: bool) -> pl.Trainer:
     t = cfg.trainer
     # test-time methods (bn_adapt, tent) need gradients in the test loop: no_grad there instead of inference mode
-    return pl.Trainer(inference_mode=not METHODS.lookup(cfg.method.name).test_time, max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-                      precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
+    return pl.Trainer(inference_mode=not METHODS.lookup(cfg.method.name).test_time, max_epochs=t.max_epochs,
+                      accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
                       log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
                       callbacks=[*callbacks, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
                       limit_val_batches=None if has_val else 0,
@@ -375,8 +375,9 @@ def variant(cfg: DictConfig) -> dict:
 
 def run_tags(cfg: DictConfig, kind: str, split, phantom: bool) -> list[str]:
     """W&B tags: filter a dashboard by protocol, data, held-out/test/train source, model and selection."""
-    tags = [kind, "phantom" if phantom else "real", f"model:{cfg.model.name}{cfg.model.spatial_dims}d",
-            f"method:{cfg.method.name}", f"loss:{cfg.loss.name}", f"selection:{cfg.selection.method}", f"experiment:{cfg.experiment}"]
+    v = variant(cfg)
+    tags = [kind, "phantom" if phantom else "real", f"model:{v['network']}", f"method:{v['method']}",
+            f"loss:{v['loss']}", f"selection:{cfg.selection.method}", f"experiment:{cfg.experiment}"]
     tags += [f"holdout:{s}" for s in split.held_out] + [f"train:{s}" for s in split.train_sources]
     tags += [f"test:{s}" for s in split.test_sources]
     if cfg.preset:

@@ -271,7 +271,10 @@ class LungJaccardLoss(nn.Module):
 
 def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: float = 3.0) -> torch.Tensor:
     """Separable Gaussian blur of [B, C, *spatial] (1 to 3 spatial dims), per channel, zero padded.
-    sigma in voxels, one for all dims or one per dim; 0 leaves that dim alone."""
+    sigma in voxels, one for all dims or one per dim; 0 leaves that dim alone.
+
+    Not MONAI's GaussianFilter: it returns NaN for a zero sigma (a dim left alone), and its truncated
+    sampled kernel does not sum to one (0.9997 at sigma 1), so a blurred one-hot label would lose mass."""
     nd = x.dim() - 2
     sig = [float(sigma)] * nd if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
     if len(sig) != nd:
