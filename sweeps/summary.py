@@ -82,23 +82,20 @@ def _methods_table(tables: dict, out: Path, phantom: bool) -> dict:
     for r in tables["results"]:
         if r["kind"] == "loso" and r["class"] == "lesion" and r["test_source"] != "mean" and r["config"] in method_of:
             cells[(r["test_source"], method_of[r["config"]])] = r["metrics"].get("dice")
-    holdouts = sorted({h for h, _ in cells})
-    methods = sorted({m for _, m in cells}, key=lambda m: (m != "erm", m))
     if not cells:
         raise ValueError("no LOSO lesion results in the sweep's runs")
+    holdouts = sorted({h for h, _ in cells})
+    methods = sorted({m for _, m in cells}, key=lambda m: (m != "erm", m))
+    for m in methods:  # the mean row: every held-out source weighs the same; undefined unless all are there
+        vals = [cells[(h, m)]["mean"] for h in holdouts if cells.get((h, m))]
+        cells[("mean", m)] = {"mean": sum(vals) / len(vals) if len(vals) == len(holdouts) else math.nan,
+                              "std": math.nan}
     flat, shown = [], []
     for h in [*holdouts, "mean"]:
+        erm = cells[(h, "erm")]["mean"] if cells.get((h, "erm")) else math.nan
         row, cols = {"holdout": h}, [h]
         for m in methods:
-            if h == "mean":  # every held-out source weighs the same
-                vals = [cells[(x, m)]["mean"] for x in holdouts if cells.get((x, m))]
-                mean = sum(vals) / len(vals) if len(vals) == len(holdouts) else math.nan
-                base = [cells[(x, "erm")]["mean"] for x in holdouts if cells.get((x, "erm"))]
-                erm = sum(base) / len(base) if len(base) == len(holdouts) else math.nan
-                cell = {"mean": mean, "std": math.nan}
-            else:
-                cell = cells.get((h, m))
-                erm = cells[(h, "erm")]["mean"] if cells.get((h, "erm")) else math.nan
+            cell = cells.get((h, m))
             value = cell["mean"] if cell else math.nan
             row[m], row[f"{m}_std"] = value, cell.get("std", math.nan) if cell else math.nan
             row[f"{m}_n_seeds"] = cell.get("n_seeds", 0) if cell else 0
