@@ -19,17 +19,17 @@ from benchmarks.synthetic import QUICK_SHAPE, SHAPE, write_case
 
 def run(workdir: Path, quick: bool = False, repeats: int | None = None, device: str = "cpu") -> dict:
     from datamodules.cases import Case
-    from datamodules.harmonize import HarmonizerConfig, harmonize_case
+    from datamodules.harmonize import harmonize_case
     from datamodules.label_policy import CLASSES
     from experiments.config import load_config, selected_args
+    from experiments.runner import harmonizer_config
     from lightning_modules.networks import build_network
 
     cfg = load_config([])
     shape = QUICK_SHAPE if quick else SHAPE
     image, _ = write_case(workdir / "synthetic" / ("quick" if quick else "full"), shape=shape)
     d = cfg.data
-    harm = harmonize_case(Case("bench", "ct", "ct", image=image), None,
-                          HarmonizerConfig(tuple(d.target_spacing), tuple(d.window), d.normalize, d.mean, d.std))
+    harm = harmonize_case(Case("bench", "ct", "ct", image=image), None, harmonizer_config(cfg))
     m = cfg.model
     args = selected_args(cfg, "networks", m.name)
     net = build_network(m.name, m.spatial_dims, 1, len(CLASSES), patch_size=tuple(d.patch_size),

@@ -4,9 +4,9 @@ One folder per case and key: `image.npy` (float32), `label.npy` (uint8, labelled
 `fg.npy` (int32 rows `class, x, y, z`: a seeded subsample of foreground voxels for patch sampling)
 and `meta.json`. Arrays are plain `.npy`, so loaders memory-map them and read only the patch they
 need. The key hashes the input files (resolved path, size, mtime) with everything that changes the
-output (harmonizer config, decoding, flips, label policy, CACHE_VERSION), so a changed config or a
-replaced file never reuses stale arrays. A folder is written under a temporary name and renamed
-into place: a crash leaves no half-written entry.
+output (harmonizer and alignment config, decoding, declared image flips, label policy, CACHE_VERSION),
+so a changed config or a replaced file never reuses stale arrays. A folder is written under a
+temporary name and renamed into place: a crash leaves no half-written entry.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case
 from datamodules.label_policy import BACKGROUND, IGNORE, LabelPolicy
 
-CACHE_VERSION = 6  # 2: fg subsample seeded by case identity; 3: meta records the 8-bit window; 4/5: 6/8 classes;
-# 6: resampled from the stored array (an axis whose size does not change keeps its spacing)
+CACHE_VERSION = 7  # 2: fg subsample seeded by case identity; 3: meta records the 8-bit window; 4/5: 6/8 classes;
+# 6: resampled from the stored array (an axis whose size does not change keeps its spacing); 7: image-only
+# flips decided by the measured alignment (meta `alignment`), ablation switches in the harmonizer config
 FG_SAMPLES_PER_CLASS = 4096
 
 
@@ -41,7 +42,7 @@ def cache_key(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> 
         "version": CACHE_VERSION,
         "image": file_fingerprint(case.image),
         "label": file_fingerprint(case.label) if case.label else None,
-        "encoding": case.encoding, "window": case.window, "flip_axes": list(case.flip_axes),
+        "encoding": case.encoding, "window": case.window, "image_flips": list(case.image_flips),
         "policy": [policy.name, sorted(policy.code_map.items()), list(policy.annotated)] if policy else None,
         "harmonizer": cfg.as_dict(),
     }

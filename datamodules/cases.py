@@ -12,7 +12,9 @@ class Case:
 
     `policy` names the source's label policy for this case's mask (a source may ship several mask
     kinds); `encoding` names the intensity decoding the harmonizer applies (`hu` or `uint8_window`);
-    `flip_axes` are voxel axes stored mirrored relative to the header, to undo after reorientation.
+    `image_flips` are the canonical axes (`R-L`, `A-P`, `S-I`) along which the source *declares* the
+    image mirrored relative to its masks. A declaration only: the harmonizer measures every labelled
+    case (`datamodules.alignment`) and refuses one the data contradict.
     """
 
     source: str
@@ -23,7 +25,7 @@ class Case:
     policy: str | None = None
     encoding: str = "hu"
     window: tuple[float, float] | None = None
-    flip_axes: tuple[int, ...] = ()
+    image_flips: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -34,16 +34,19 @@ class DataError(ValueError):
 
 
 def discover_sources(data_root: str | Path, sources: Sequence[str], on_error: str = "fail",
-                     policies: dict[str, str] | None = None) -> tuple[list[Case], dict]:
+                     policies: dict[str, str] | None = None,
+                     image_flips: dict[str, dict] | None = None) -> tuple[list[Case], dict]:
     """Run each source's adapter on `data_root/<source>`; return all cases and the adapters by name.
 
-    Per-case problems the adapters found stop here with on_error=fail, and are printed with skip.
+    `image_flips`: per source, the user's image-flip declarations (`data.image_flips`), which replace
+    the source's own for the case ids they match. Per-case problems the adapters found stop here with
+    on_error=fail, and are printed with skip.
     """
     adapters, cases, problems = {}, [], []
     for name in sources:
         adapter = get_source(name)(Path(data_root) / name, policy=(policies or {}).get(name))
         adapters[name] = adapter
-        found = adapter.discover()
+        found = adapter.with_flip_overrides(adapter.discover(), (image_flips or {}).get(name))
         problems += adapter.problems
         if not any(c.labelled for c in found):
             raise FileNotFoundError(f"{name}: no labelled case found under {adapter.root}")
@@ -74,6 +77,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  patch_size: Sequence[int] = (64, 64, 16), batch_size: int = 2, samples_per_epoch: int = 64,
                  fg_fraction: float = 0.5, val_fraction: float = 0.2, sampling: str = "uniform",
                  num_workers: int = 0, seed: int = 0, on_error: str = "fail", policies: dict[str, str] | None = None,
+                 image_flips: dict[str, dict] | None = None,
                  find_duplicates: bool = True, test_fraction: float = 0.2, fixed_test_part: bool = False,
                  train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = (),
                  cache_workers: int = 1, augment: dict | None = None):
@@ -94,6 +98,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.cached: dict[str, list[CachedCase]] = {}
         self.on_error = on_error
         self.policies = dict(policies or {})
+        self.image_flips = dict(image_flips or {})
         self.find_duplicates = find_duplicates
         self.duplicates: list = []  # fingerprint.DuplicateGroup of the labelled cases
         self.skipped: list[str] = []  # problems of cases left out under on_error=skip
@@ -110,7 +115,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
                               "train_cases": dict(train_cases or {}), "val_sources": tuple(val_sources)}
 
     def make_split(self) -> Split:
-        cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error, self.policies)
+        cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error, self.policies,
+                                                self.image_flips)
         self.skipped += [str(p) for a in self.adapters.values() for p in a.problems]
         if self.find_duplicates:
             cases = self._merge_duplicates(cases)

@@ -5,17 +5,21 @@ COVID-19-CT-Seg's radiopaedia cases, reference/datasets.md s.4), re-encoded (8-b
 dtype), reoriented, mirrored or resampled. A copy on both sides of a split is leakage, so `verify`
 reports duplicates and the splits group them as one patient (`splits.merge_duplicate_patients`).
 
-The fingerprint of a case is computed from what training sees, not from the file bytes:
-HU decode (`load_original`) -> RAS canonical + undo the declared mirror flips (as `harmonize_case`)
--> clip to the 8-bit window [-1250, 250] HU (the narrowest encoding a public copy uses, so an 8-bit
-copy and its HU original agree up to quantization, 2.9 HU) -> area-average onto a fixed coarse grid
-spanning the volume's own field of view (so voxel size, matrix and slice thickness drop out) ->
-high-pass + z-score (see HIGHPASS_CELLS). Two fingerprints match when their fields of view agree and
-the descriptors correlate at or above `THRESHOLD`.
+The fingerprint of a case is computed from the scan's content, not from the file bytes:
+HU decode (`load_original`) -> RAS canonical -> clip to the 8-bit window [-1250, 250] HU (the
+narrowest encoding a public copy uses, so an 8-bit copy and its HU original agree up to quantization,
+2.9 HU) -> area-average onto a fixed coarse grid spanning the volume's own field of view (so voxel
+size, matrix and slice thickness drop out) -> high-pass + z-score (see HIGHPASS_CELLS). Two
+fingerprints match when their fields of view agree and the descriptors correlate at or above
+`THRESHOLD` under one of the 8 mirrorings of the grid: a copy stored mirrored (as COVID-19-CT-Seg's
+radiopaedia images are believed to be) is still the same scan, whatever anyone declares about its
+flips. The grid spans the field of view symmetrically, so mirroring a descriptor is exactly the
+descriptor of the mirrored volume.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -31,7 +35,8 @@ from datamodules.harmonize import load_original, to_canonical
 from datamodules.io import spacing_of
 
 # Bump when the descriptor changes: cached fingerprints of another version are ignored.
-VERSION = 1
+# 2: no declared flips undone (similarity is mirror-invariant instead).
+VERSION = 2
 # Intensity window every copy is compared in: the 8-bit export window of COVID-19-CT-Seg radiopaedia
 # cases. Values outside it are lost in such a copy, so they must not count in the HU original either.
 CLIP_HU = (-1250.0, 250.0)
@@ -91,12 +96,10 @@ class DuplicateGroup:
 
 
 def canonical_hu(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """HU on the RAS-canonical grid with the declared mirror flips undone (as `harmonize_case`)."""
+    """HU on the RAS-canonical grid, as stored (no flips: `similarity` is mirror-invariant)."""
     # Image only: the mask is not part of the scan's identity and need not be read.
     hu, _, affine = load_original(replace(case, label=None, policy=None), None)
     hu, can_affine = to_canonical(hu, affine)
-    for ax in case.flip_axes:
-        hu = np.flip(hu, axis=ax)
     return np.ascontiguousarray(hu), can_affine
 
 
@@ -124,7 +127,7 @@ def _descriptor(cells: np.ndarray) -> np.ndarray:
 
 
 def fingerprint_array(hu: np.ndarray, affine: np.ndarray, key: str = "") -> Fingerprint:
-    """Fingerprint of a RAS-canonical HU volume (flips already undone) with its affine."""
+    """Fingerprint of a RAS-canonical HU volume with its affine."""
     extent = tuple(float(e) for e in np.asarray(hu.shape) * spacing_of(affine))
     cells = coarse_grid(np.clip(hu, *CLIP_HU))
     return Fingerprint(key, extent, _descriptor(cells))
@@ -140,11 +143,18 @@ def extents_match(a: Fingerprint, b: Fingerprint, rtol: float = EXTENT_RTOL) -> 
     return bool(np.all(np.abs(ea - eb) <= rtol * np.maximum(ea, eb)))
 
 
+# The 8 mirrorings of a canonical grid (subsets of its axes), identity first.
+MIRRORINGS = tuple(axes for r in range(4) for axes in itertools.combinations(range(3), r))
+
+
 def similarity(a: Fingerprint, b: Fingerprint) -> float:
-    """Pearson correlation of the descriptors; 0 when the fields of view differ (not one scan)."""
+    """Pearson correlation of the descriptors under the best of the 8 mirrorings; 0 when the fields of
+    view differ (not one scan)."""
     if not extents_match(a, b):
         return 0.0
-    return float(np.mean(a.descriptor.astype(np.float64) * b.descriptor.astype(np.float64)))
+    da = a.descriptor.astype(np.float64)
+    db = b.descriptor.astype(np.float64)
+    return max(float(np.mean(da * np.flip(db, axes))) for axes in MIRRORINGS)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -152,7 +162,7 @@ def _cache_name(case: Case) -> str:
     st = Path(case.image).stat()
     ident = json.dumps([VERSION, list(GRID), SUPERSAMPLE, HIGHPASS_CELLS, list(CLIP_HU),
                         str(Path(case.image).resolve()), st.st_size, st.st_mtime_ns, case.encoding,
-                        list(case.window) if case.window else None, list(case.flip_axes)])
+                        list(case.window) if case.window else None])
     return hashlib.sha256(ident.encode()).hexdigest()[:24] + ".npz"
 
 
@@ -179,13 +189,18 @@ def cached_fingerprint(case: Case, cache_dir: str | Path | None = None) -> Finge
 
 
 # ------------------------------------------------------------------------------------- grouping
-def similarity_matrix(fps: Sequence[Fingerprint]) -> np.ndarray:
-    """All pairwise `similarity` values at once (diagonal 1)."""
+def similarity_matrix(fps: Sequence[Fingerprint], gate: bool = True) -> np.ndarray:
+    """All pairwise `similarity` values at once (diagonal 1); `gate=False` correlates pairs whose fields
+    of view differ too (for measuring how distinct scans correlate)."""
     n = len(fps)
     if n == 0:
         return np.zeros((0, 0))
-    d = np.stack([f.descriptor.reshape(-1).astype(np.float64) for f in fps])
-    sim = d @ d.T / d.shape[1]
+    d = np.stack([f.descriptor.astype(np.float64) for f in fps])
+    flat = d.reshape(n, -1)
+    sim = np.max([flat @ np.flip(d, tuple(a + 1 for a in axes)).reshape(n, -1).T for axes in MIRRORINGS],
+                 axis=0) / flat.shape[1]
+    if not gate:
+        return sim
     ext = np.asarray([f.extent_mm for f in fps], dtype=np.float64)
     diff = np.abs(ext[:, None, :] - ext[None, :, :])
     ok = np.all(diff <= EXTENT_RTOL * np.maximum(ext[:, None, :], ext[None, :, :]), axis=2)

@@ -1,9 +1,13 @@
 """Harmonizer: every source's volumes into one geometry and intensity convention.
 
 Pure functions on arrays + affines, and `harmonize_case` chaining them for one `Case`:
-canonical orientation (RAS+) -> undo the source's stored mirror flips -> intensity decode to HU ->
-resample to the target spacing (image linear, labels nearest) -> HU window and normalization ->
-label remap into the common classes.
+label remap into the common classes -> image-mask alignment measured (`datamodules.alignment`: which
+mirroring of the image its masks fit; declared image flips confirmed or refused) -> canonical
+orientation (RAS+) with those image-only flips -> intensity decode to HU -> resample to the target
+spacing (image linear, labels nearest) -> HU window and normalization.
+
+`HarmonizerConfig.decode`, `.resample` and `normalize: none` switch single steps off for the
+harmonization ablation (sweeps/harmonization.yaml); the defaults run every step.
 
 Why our own resampler instead of MONAI `Spacing`: `torch.nn.functional.interpolate` with an explicit
 scale factor maps output voxel i to input coordinate (i + 0.5) * new/old - 0.5, i.e. it keeps the
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.alignment import AlignmentConfig, AlignmentError, flip_indices, measure_case
 from datamodules.cases import Case
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import CLASSES, LabelPolicy
@@ -33,17 +38,25 @@ DIRECTION_ATOL = 1e-3
 HU_MIN, HU_MAX = -1024.0, 3071.0
 
 
+NORMALIZE = ("minmax", "zscore", "none")
+
+
 @dataclass(frozen=True)
 class HarmonizerConfig:
     target_spacing: tuple[float, float, float] = (1.5, 1.5, 5.0)
     window: tuple[float, float] = (-1000.0, 300.0)
-    normalize: str = "minmax"  # minmax: window -> [0, 1]; zscore: (clip(hu) - mean) / std
+    normalize: str = "minmax"  # minmax: window -> [0, 1]; zscore: (clip(hu) - mean) / std; none: HU as they are
     mean: float = -500.0
     std: float = 500.0
+    # Ablation switches (every step on by default). decode=False reads stored values as HU, so 8-bit
+    # windowed exports reach the network undecoded; resample=False keeps each case's own voxel spacing.
+    decode: bool = True
+    resample: bool = True
+    alignment: AlignmentConfig = AlignmentConfig()
 
     def __post_init__(self) -> None:
-        if self.normalize not in ("minmax", "zscore"):
-            raise ValueError(f"harmonizer.normalize must be minmax or zscore, got {self.normalize!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"harmonizer.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             raise ValueError(f"harmonizer.target_spacing must be three positive mm values, got {self.target_spacing}")
         if self.window[0] >= self.window[1]:
@@ -53,7 +66,19 @@ class HarmonizerConfig:
         d = asdict(self)
         d["target_spacing"] = [float(s) for s in self.target_spacing]
         d["window"] = [float(w) for w in self.window]
+        d["alignment"] = self.alignment.as_dict()
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HarmonizerConfig:
+        """Inverse of `as_dict`; keys an older checkpoint or cache did not record keep their defaults."""
+        d = dict(d)
+        for k in ("target_spacing", "window"):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
+        if "alignment" in d:
+            d["alignment"] = AlignmentConfig(**d["alignment"])
+        return cls(**d)
 
 
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +144,8 @@ def resample(array: np.ndarray, affine: np.ndarray, target_spacing, is_label: bo
 
 
 def window_normalize(hu: np.ndarray, cfg: HarmonizerConfig) -> np.ndarray:
+    if cfg.normalize == "none":  # ablation: the network sees HU, unclipped and unscaled
+        return hu.astype(np.float32, copy=False)
     lo, hi = cfg.window
     clipped = np.clip(hu, lo, hi)
     if cfg.normalize == "minmax":
@@ -229,34 +256,44 @@ def _hu_tensor(encoding: str, window) -> Callable[[torch.Tensor], torch.Tensor]:
 def harmonize_case(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig) -> Harmonized:
     """One case from its stored files to the harmonized grid (see the module docstring for the chain).
 
-    The geometry is that of reorienting to RAS, flipping, clipping and `resample` in sequence, but
-    computed by `datamodules.resample` straight from the stored array (one axis at a time, in memory
-    order), which never makes a full-size reordered or float copy of the volume.
+    The geometry is that of reorienting to RAS, mirroring the image along its measured flips, clipping
+    and `resample` in sequence, but computed by `datamodules.resample` straight from the stored array
+    (one axis at a time, in memory order), which never makes a full-size reordered or float copy of the
+    volume. Image flips move the image only: the masks stay where their header puts them.
+    Raises `AlignmentError` (a `VolumeError`, so `data.on_error` applies) when the masks decisively fit
+    another mirroring of the image than the one declared for the case.
     """
     image, affine = read_volume(case.image)
     where = str(case.image)
     if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
         raise VolumeError(f"{where}: image contains NaN or inf voxels")
-    decode_intensity(image[:1, :1, :1], case.encoding, case.window, where)  # unknown encoding, no window
-    if case.encoding == "uint8_window":  # the range check on the whole stored array, not only on samples
+    encoding, window = (case.encoding, case.window) if cfg.decode else ("hu", None)
+    decode_intensity(image[:1, :1, :1], encoding, window, where)  # unknown encoding, no window
+    if encoding == "uint8_window":  # the range check on the whole stored array, not only on samples
         check_uint8_range(image, where)
     label = read_label(case, policy, image.shape, affine)
+    annotated = policy.annotated_vector() if (policy and label is not None) else np.zeros(len(CLASSES), bool)
+    align = measure_case(image, affine, label, annotated, encoding, window, case.image_flips, cfg.alignment)
+    if align.status == "mismatch":
+        raise AlignmentError(f"{where}: {align.describe(case.key)}")
     original = {"shape": list(image.shape), "affine": affine.tolist(), "axcodes": "".join(nib.aff2axcodes(affine))}
-    plan = plan_grid(image.shape, affine, cfg.target_spacing, case.flip_axes)
-    hu = resample_linear(image, plan, _hu_tensor(case.encoding, case.window))
+    spacing = cfg.target_spacing if cfg.resample else None
+    plan = plan_grid(image.shape, affine, spacing, flip_indices(align.flips))
+    hu = resample_linear(image, plan, _hu_tensor(encoding, window))
     del image
     if label is not None:
-        label = np.ascontiguousarray(resample_nearest(label, plan), dtype=np.uint8)
+        label_plan = plan_grid(original["shape"], affine, spacing) if align.flips else plan
+        label = np.ascontiguousarray(resample_nearest(label, label_plan), dtype=np.uint8)
     image_n = np.ascontiguousarray(window_normalize(hu, cfg))
     new_affine, can_affine = plan.affine, plan.canonical_affine
-    annotated = policy.annotated_vector().tolist() if (policy and label is not None) else [False] * len(CLASSES)
     meta = {
         "source": case.source, "case": case.case_id, "patient": case.patient_id,
         "shape": list(image_n.shape), "spacing": [float(s) for s in spacing_of(new_affine)],
         "affine": new_affine.tolist(), "canonical_affine": can_affine.tolist(), "original": original,
-        "flip_axes": list(case.flip_axes), "encoding": case.encoding,
+        "image_flips": list(align.flips), "declared_image_flips": list(case.image_flips),
+        "alignment": align.as_dict(), "encoding": case.encoding,
         "window": list(case.window) if case.window else None,
-        "policy": policy.name if (policy and label is not None) else None, "annotated": annotated,
+        "policy": policy.name if (policy and label is not None) else None, "annotated": annotated.tolist(),
         "classes": list(CLASSES), "harmonizer": cfg.as_dict(),
     }
     return Harmonized(image_n, label, new_affine, meta)
@@ -297,8 +334,9 @@ def restore_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarra
     """Class scores on the harmonized grid (C, X, Y, Z) -> label map (uint8) on the stored grid.
 
     Inverse of `harmonize_case`'s geometry: resample the scores (probabilities interpolate smoothly;
-    resampling an argmax would stair-step) back to the canonical grid, redo the stored flips, then
-    restore the stored axis order. Channels are resampled one at a time with a running argmax, so a
+    resampling an argmax would stair-step) back to the canonical grid, then restore the stored axis
+    order. Image flips are not undone: they moved the image onto its masks, so predictions already lie
+    where the stored masks do. Channels are resampled one at a time with a running argmax, so a
     512x512x300 volume never holds all class channels at full size.
     """
     orig_shape = tuple(meta["original"]["shape"])
@@ -322,8 +360,6 @@ def restore_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarra
                 best = torch.where(better, ch, best)
                 labels[better] = c
     out = labels.numpy()
-    for ax in meta.get("flip_axes", ()):
-        out = np.flip(out, axis=ax)
     back = _orientation_back(orig_affine)
     out = np.ascontiguousarray(nib.orientations.apply_orientation(out, back), dtype=np.uint8)
     # The restored grid must be the stored one: a mismatch here would score against a misaligned mask.

@@ -7,7 +7,7 @@ nearest interpolation are separable, so the same samples can be computed one axi
 from the stored array:
 
 * `plan_grid` computes, per canonical (R, A, S) axis, which stored axis it comes from and the stored
-  indices and weights of every output sample, with reorientation and the source's mirror flips folded
+  indices and weights of every output sample, with reorientation and any image mirror flips folded
   into the indices (a flipped axis reads index N-1-i);
 * `resample_linear` / `resample_nearest` apply them axis by axis in MEMORY order (the slowest-varying
   axis first, so the first pass copies whole planes), shrinking axes before growing ones, and decode
@@ -79,17 +79,18 @@ def _axis_sampling(n: int, scale: float, flip: bool, stored_axis: int) -> AxisSa
     return AxisSampling(stored_axis, n, m, lo, hi, w, near)
 
 
-def plan_grid(shape, affine: np.ndarray, target_spacing, flip_axes=()) -> GridPlan:
-    """Sampling of a stored volume (`shape`, `affine`) onto the RAS grid at `target_spacing` mm.
+def plan_grid(shape, affine: np.ndarray, target_spacing=None, flip_axes=()) -> GridPlan:
+    """Sampling of a stored volume (`shape`, `affine`) onto the RAS grid at `target_spacing` mm (None:
+    the volume's own spacing, i.e. reorientation only).
 
-    `flip_axes`: canonical axes whose stored data are mirrored relative to the header (the data are
-    flipped, the affine is kept, as `harmonize_case` documents).
+    `flip_axes`: canonical axes along which the stored data are mirrored while sampling (the data are
+    flipped, the affine is kept: `harmonize_case` mirrors an image onto its masks this way).
     """
     ornt = nib.orientations.io_orientation(affine)
     transform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(("R", "A", "S")))
     can_affine = affine @ nib.orientations.inv_ornt_aff(transform, shape)
     old = spacing_of(can_affine)
-    scale = old / np.asarray(target_spacing, dtype=np.float64)
+    scale = old / (old if target_spacing is None else np.asarray(target_spacing, dtype=np.float64))
     axes: list[AxisSampling | None] = [None, None, None]
     for stored_axis, (k, direction) in enumerate(transform):
         k = int(k)

@@ -3,11 +3,14 @@
     python -m datamodules.verify --root DIR [--sources a,b] [--json] [--no-duplicates]
 
 For each registered source (or `--sources`): whether `DIR/<source>/` holds its official layout, the
-cases, labelled cases and patients found, spacing and intensity summaries, the mask codes seen against
-those its label policy declares, and every problem with the file it concerns: corrupt or truncated
-files, image/mask shape or affine mismatch, undeclared mask codes, NaN/inf voxels, labelled cases
-without a mask, empty folders. Scans found twice (within or across sources, whatever their encoding,
-orientation or resampling) are listed (`datamodules.fingerprint`); training groups them as one patient.
+cases, labelled cases and patients found (patients with more than one scan are listed), spacing and
+intensity summaries, the mask codes seen against those its label policy declares, the image-mask
+alignment of every labelled case (`datamodules.alignment`: under which mirroring of the image its masks
+fit, against the flips the source declares), and every problem with the file it concerns: corrupt or
+truncated files, image/mask shape or affine mismatch, undeclared mask codes, NaN/inf voxels, labelled
+cases without a mask, images whose masks fit another mirroring than declared, empty folders. Scans found
+twice (within or across sources, whatever their encoding, orientation, mirroring or resampling) are
+listed (`datamodules.fingerprint`); training groups them as one patient.
 Exit status 1 when any problem was found, 0 otherwise (duplicates are reported, not errors).
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from datamodules.alignment import AlignmentConfig, measure_case, parse_flips, summarize
 from datamodules.cases import Case
 from datamodules.fingerprint import find_duplicates
 from datamodules.harmonize import align_mask, decode_intensity
@@ -34,8 +38,9 @@ def _problem(source: str, file: str, message: str) -> dict:
     return {"source": source, "file": file, "message": message}
 
 
-def check_case(case: Case, adapter) -> tuple[dict, list[dict]]:
-    """Read one case like training does; return its summary and its problems."""
+def check_case(case: Case, adapter, alignment: AlignmentConfig = AlignmentConfig()) -> tuple[dict, list[dict]]:
+    """Read one case like training does; return its summary (with its measured image-mask alignment,
+    `info["alignment"]`, for a labelled case whose files read cleanly) and its problems."""
     problems: list[dict] = []
     info: dict = {"case": case.case_id, "patient": case.patient_id, "labelled": case.labelled}
     try:
@@ -60,16 +65,26 @@ def check_case(case: Case, adapter) -> tuple[dict, list[dict]]:
         return info, problems + [_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1])]
     codes = sorted(int(v) for v in np.unique(raw))
     info["codes"] = codes
+    aligned = None
     try:
         aligned = align_mask(raw, lab_affine, stored.shape, affine, case.label, case.image)
         if aligned is not raw:
             info["mask_reoriented"] = True  # same world grid, other axis order: aligned by its header
     except VolumeError as exc:
         problems.append(_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1]))
+    policy = adapter.policy(case)
     try:
-        adapter.policy(case).remap(raw, where=str(case.label))
+        remapped = policy.remap(raw if aligned is None else aligned, where=str(case.label))
     except LabelError as exc:
         problems.append(_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1]))
+        return info, problems
+    if problems:  # nothing trustworthy to measure the alignment on
+        return info, problems
+    align = measure_case(stored, affine, remapped, policy.annotated_vector(), case.encoding, case.window,
+                         case.image_flips, alignment)
+    info["alignment"] = align.as_dict()
+    if align.status == "mismatch":
+        problems.append(_problem(case.source, str(case.image), align.describe(case.key)))
     return info, problems
 
 
@@ -77,15 +92,24 @@ def _range(values: list[float]) -> list[float] | None:
     return [round(min(values), 4), round(max(values), 4)] if values else None
 
 
-def verify_source(root: Path, name: str) -> dict:
+def patient_groups(cases: list[Case]) -> dict[str, list[str]]:
+    """Patient id -> its case ids (sorted), for every patient of these cases."""
+    out: dict[str, list[str]] = {}
+    for c in cases:
+        out.setdefault(c.patient_id, []).append(c.case_id)
+    return {p: sorted(ids) for p, ids in sorted(out.items())}
+
+
+def verify_source(root: Path, name: str, image_flips: dict | None = None,
+                  alignment: AlignmentConfig = AlignmentConfig()) -> dict:
     folder = root / name
-    out: dict = {"found": folder.is_dir(), "folder": str(folder), "cases": 0, "labelled": 0, "patients": 0,
-                 "problems": []}
+    out: dict = {"found": folder.is_dir(), "folder": str(folder), "cases": 0, "labelled": 0, "n_patients": 0,
+                 "patients": {}, "problems": []}
     if not folder.is_dir():
         return out
     try:
         adapter = get_source(name)(folder)
-        cases = adapter.discover()
+        cases = adapter.with_flip_overrides(adapter.discover(), image_flips)
     except DataLayoutError as exc:
         out["problems"].append(_problem(name, str(folder), str(exc)))
         return out
@@ -97,7 +121,7 @@ def verify_source(root: Path, name: str) -> dict:
         out["problems"].append(_problem(name, str(folder), "the layout is there but holds no case"))
     infos, readable = [], []
     for case in cases:
-        info, problems = check_case(case, adapter)
+        info, problems = check_case(case, adapter, alignment)
         infos.append(info)
         out["problems"] += problems
         if not problems:
@@ -105,8 +129,11 @@ def verify_source(root: Path, name: str) -> dict:
     out["readable_cases"] = readable
     declared = sorted({int(c) for p in adapter.POLICIES.values() for c in p.code_map})
     seen = Counter(c for i in infos for c in i.get("codes", []))
+    patients = patient_groups(cases)
+    alignment_by_case = {i["case"]: i["alignment"] for i in infos if "alignment" in i}
     out.update(
-        cases=len(cases), labelled=sum(c.labelled for c in cases), patients=len({c.patient_id for c in cases}),
+        cases=len(cases), labelled=sum(c.labelled for c in cases), n_patients=len(patients), patients=patients,
+        alignment=alignment_by_case,
         spacing_mm={ax: _range([i["spacing"][k] for i in infos if "spacing" in i]) for k, ax in enumerate("xyz")},
         axcodes=dict(Counter(i["axcodes"] for i in infos if "axcodes" in i)),
         dtypes=dict(Counter(i["dtype"] for i in infos if "dtype" in i)),
@@ -123,10 +150,11 @@ def find_duplicate_scans(cases: list[Case], cache_dir: Path | None = None) -> li
     return [{"cases": list(g.keys), "similarity": float(g.min_similarity)} for g in groups]
 
 
-def verify(root: Path, names: list[str], duplicates: bool = True, cache_dir: Path | None = None) -> dict:
+def verify(root: Path, names: list[str], duplicates: bool = True, cache_dir: Path | None = None,
+           image_flips: dict[str, dict] | None = None, alignment: AlignmentConfig = AlignmentConfig()) -> dict:
     report: dict = {"root": str(root), "sources": {}, "problems": [], "duplicates": []}
     for name in names:
-        report["sources"][name] = verify_source(root, name)
+        report["sources"][name] = verify_source(root, name, (image_flips or {}).get(name), alignment)
         report["problems"] += report["sources"][name]["problems"]
     if duplicates:  # only cases that read cleanly: a broken file is already a problem above
         readable = [c for s in report["sources"].values() for c in s.get("readable_cases", [])]
@@ -143,9 +171,20 @@ def print_report(report: dict) -> None:
             print(f"  {name:<12} not found ({s['folder']})")
             continue
         flat = f" + {s['slices_2d']['cases']} 2D-only slices" if s.get("slices_2d") else ""
-        print(f"  {name:<12} {s['cases']:>5} cases{flat} {s['labelled']:>5} labelled {s['patients']:>5} patients"
+        print(f"  {name:<12} {s['cases']:>5} cases{flat} {s['labelled']:>5} labelled {s['n_patients']:>5} patients"
               f"  spacing x {s.get('spacing_mm', {}).get('x')} z {s.get('spacing_mm', {}).get('z')} mm"
               f"  orientations {s.get('axcodes')}  codes seen {s.get('codes_seen')} declared {s.get('codes_declared')}")
+        for pid, ids in s["patients"].items():
+            if len(ids) > 1:
+                print(f"    patient {pid}: {len(ids)} scans ({', '.join(ids)}): always on one side of a split")
+        if s.get("alignment"):
+            counts = summarize(a["status"] for a in s["alignment"].values())
+            print("    image-mask alignment: " + ", ".join(f"{n} {st}" for st, n in counts.items()))
+            for cid, a in s["alignment"].items():
+                if a["status"] != "ok":
+                    best = "+".join(a["best"] or []) or "none"
+                    print(f"      {cid}: {a['status']}: image flips applied {a['flips'] or 'none'}, declared "
+                          f"{a['declared'] or 'none'}, best fit {best}, margin {a['margin']}")
     for d in report["duplicates"]:
         print(f"  duplicate scan: {', '.join(d['cases'])} (similarity >= {d['similarity']:.3f}); "
               "training groups them as one patient")
@@ -157,6 +196,19 @@ def print_report(report: dict) -> None:
         print("no problem found")
 
 
+def parse_flip_args(items: list[str]) -> dict[str, dict[str, str]]:
+    """['ctseg/radiopaedia_4_*=A-P'] -> {'ctseg': {'radiopaedia_4_*': 'A-P'}} (checked by the adapters)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, sep, axes = item.partition("=")
+        source, slash, pattern = target.partition("/")
+        if not sep or not slash or not source or not pattern:
+            raise ValueError(f"--image-flips {item!r}: expected SOURCE/GLOB=AXES, e.g. ctseg/radiopaedia_4_*=A-P")
+        parse_flips(axes, f"--image-flips {item!r}")
+        out.setdefault(source, {})[pattern] = axes
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datamodules.verify", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", required=True, type=Path, help="data root: one sub-folder per source")
@@ -165,6 +217,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-duplicates", action="store_true", help="skip the duplicate-scan search")
     ap.add_argument("--custom", action="append", default=[], help="custom source YAML (repeatable)")
     ap.add_argument("--cache", type=Path, default=None, help="folder for cached scan fingerprints")
+    ap.add_argument("--image-flips", action="append", default=[], metavar="SOURCE/GLOB=AXES",
+                    help="declare image flips as data.image_flips does, e.g. 'ctseg/radiopaedia_4_*=A-P' "
+                         "(AXES: comma-separated R-L, A-P, S-I, or none); repeatable")
     args = ap.parse_args(argv)
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder", file=sys.stderr)
@@ -176,7 +231,12 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown source(s) {unknown}; registered: {sorted(SOURCES)}", file=sys.stderr)
         return 2
-    report = verify(args.root, names, duplicates=not args.no_duplicates, cache_dir=args.cache)
+    try:
+        flips = parse_flip_args(args.image_flips)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = verify(args.root, names, duplicates=not args.no_duplicates, cache_dir=args.cache, image_flips=flips)
     if args.json:
         slim = {k: v for k, v in report.items() if k != "sources"}
         slim["sources"] = {n: {k: v for k, v in s.items() if k != "case_list"} for n, s in report["sources"].items()}

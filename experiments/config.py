@@ -29,6 +29,19 @@ class PhantomConfig:
 
 
 @dataclass
+class AlignmentSchema:
+    """datamodules.alignment.AlignmentConfig's fields (values in base.yaml)."""
+    grid_mm: float = MISSING
+    shell_mm: float = MISSING
+    margin: float = MISSING
+    min_lung_ml: float = MISSING
+    min_lesion_ml: float = MISSING
+    lesion_excess_hu: float = MISSING
+    lesion_max_hu: float = MISSING
+    field_closing_mm: float = MISSING
+
+
+@dataclass
 class DataConfig:
     sources: list[str] = MISSING
     holdout: str | None = None
@@ -37,6 +50,10 @@ class DataConfig:
     normalize: str = MISSING
     mean: float = MISSING
     std: float = MISSING
+    decode: bool = MISSING          # ablation switches of the harmonizer
+    resample: bool = MISSING
+    image_flips: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> {case glob: axes}
+    alignment: AlignmentSchema = field(default_factory=AlignmentSchema)
     patch_size: list[int] = MISSING
     batch_size: int = MISSING
     samples_per_epoch: int = MISSING
@@ -203,6 +220,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     OmegaConf.set_struct(cfg, True)
     OmegaConf.set_struct(cfg.evaluation.classes, False)  # class names are data: YAML may add any
     OmegaConf.set_struct(cfg.data.policies, False)
+    OmegaConf.set_struct(cfg.data.image_flips, False)
     OmegaConf.set_struct(cfg.data.train_cases, False)
     OmegaConf.set_struct(cfg.augment.ops, False)
     for group in ("networks", "losses", "methods"):

@@ -1,7 +1,7 @@
 """Segment new CT volumes with a trained checkpoint.
 
     python -m experiments.predict --ckpt PATH --input (file.nii[.gz] | folder | DICOM series folder) --out DIR
-        [--source NAME] [--encoding auto|hu|uint8_window] [--window LO,HI] [--flip-axes 0,2] [--device cpu]
+        [--source NAME] [--encoding auto|hu|uint8_window] [--window LO,HI] [--image-flips A-P,S-I] [--device cpu]
 
 Each input goes through the harmonizer the checkpoint was trained with (orientation, decoding,
 resampling, windowing), sliding-window inference, and back onto the input's own grid. Per case
@@ -15,8 +15,9 @@ and `predictions.csv` with one row per case.
 
 Intensities: `auto` reads 0..255 integer volumes as 8-bit windowed exports (COVID-19-CT-Seg's
 radiopaedia cases, window -1250..250 HU) and everything else as HU; it says which it chose.
-`--source ctseg` applies that source's per-case storage quirks (8-bit window, stored mirror flips)
-by case name, exactly as training did.
+`--source ctseg` applies that source's per-case storage quirks (8-bit window, declared image flips)
+by case name. An input without a mask cannot have its image flips measured (datamodules.alignment):
+the declared ones (or `--image-flips`) are applied unconfirmed, and the report says so.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datamodules.alignment import parse_flips
 from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, harmonize_case, load_original, restore_to_original
 from datamodules.io import VolumeError, dicom_series, read_dicom_series, read_volume, spacing_of, write_volume
@@ -172,11 +174,10 @@ def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefi
 
 
 def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = None, encoding: str = "auto",
-                window: tuple[float, float] = WINDOW_8BIT, flip_axes: tuple[int, ...] | None = None,
+                window: tuple[float, float] = WINDOW_8BIT, image_flips: tuple[str, ...] | None = None,
                 device: str = "cpu", overlays: int = 3) -> list[dict]:
     module = load_module(ckpt, device)
-    harmonizer = HarmonizerConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in module.hparams["harmonizer"].items()})
+    harmonizer = HarmonizerConfig.from_dict(module.hparams["harmonizer"])
     trained = set(module.hparams.get("trained_classes") or ["lesion"])
     lungs = {"lung_left", "lung_right"} <= trained
     adapter = get_source(source) if source else None
@@ -195,10 +196,10 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
             else:
                 stored, _ = read_volume(image_path)
                 enc, win = choose_decoding(stored, encoding, window, str(item.path))
-                decoding = {"encoding": enc, "window": win, "flip_axes": ()}
+                decoding = {"encoding": enc, "window": win, "image_flips": ()}
                 del stored
-            if flip_axes is not None:
-                decoding["flip_axes"] = tuple(flip_axes)
+            if image_flips is not None:
+                decoding["image_flips"] = tuple(image_flips)
             case = Case(source=source or "input", case_id=item.case_id, patient_id=item.case_id, image=image_path,
                         **decoding)
             labels = predict_case(module, case, harmonizer, device)
@@ -252,12 +253,14 @@ def main(argv=None) -> int:
     ap.add_argument("--source", default=None, help="apply this source's storage quirks by case name (e.g. ctseg)")
     ap.add_argument("--encoding", default="auto", choices=("auto", "hu", "uint8_window"))
     ap.add_argument("--window", default="-1250,250", help="HU window of 8-bit inputs (LO,HI)")
-    ap.add_argument("--flip-axes", default=None, help="voxel axes stored mirrored relative to the header, e.g. 0")
+    ap.add_argument("--image-flips", default=None,
+                    help="canonical axes along which the image is stored mirrored relative to where its masks "
+                         "would be (R-L, A-P, S-I), e.g. A-P; applied unconfirmed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--overlays", type=int, default=3, help="overlay PNGs per case (0: none)")
     args = ap.parse_args(argv)
     try:
-        flips = tuple(int(a) for a in args.flip_axes.split(",")) if args.flip_axes else None
+        flips = parse_flips(args.image_flips, "--image-flips") if args.image_flips is not None else None
         rows = run_predict(args.ckpt, args.input, args.out, args.source, args.encoding,
                            _pair(args.window, "--window"), flips, args.device, args.overlays)
     except (VolumeError, ValueError, FileNotFoundError) as exc:

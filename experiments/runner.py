@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from datamodules.alignment import AlignmentConfig
 from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig, load_original
 from datamodules.label_policy import CLASSES
@@ -50,7 +51,8 @@ def resolve_data_root(cfg: DictConfig) -> tuple[Path, bool]:
 
 def harmonizer_config(cfg: DictConfig) -> HarmonizerConfig:
     d = cfg.data
-    return HarmonizerConfig(tuple(d.target_spacing), tuple(d.window), d.normalize, d.mean, d.std)
+    return HarmonizerConfig(tuple(d.target_spacing), tuple(d.window), d.normalize, d.mean, d.std, bool(d.decode),
+                            bool(d.resample), AlignmentConfig(**OmegaConf.to_container(d.alignment)))
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -87,7 +89,8 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         # a method may change the sampling (source_balanced); everything else is the config's
         sampling=METHODS.lookup(cfg.method.name).data_overrides().get("sampling", d.sampling),
         num_workers=d.num_workers, seed=cfg.run.seed, on_error=d.on_error,
-        policies=OmegaConf.to_container(d.policies), find_duplicates=d.find_duplicates,
+        policies=OmegaConf.to_container(d.policies), image_flips=OmegaConf.to_container(d.image_flips),
+        find_duplicates=d.find_duplicates,
         test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers,
         augment=OmegaConf.to_container(cfg.augment), **split)
 

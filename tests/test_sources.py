@@ -20,7 +20,8 @@ def test_adapter_finds_exactly_the_written_cases(phantom_root, manifests, source
         assert c.labelled == written[c.case_id]["labelled"], c.case_id
         assert c.image.exists() and (c.label is None or c.label.exists())
         assert c.encoding == written[c.case_id]["encoding"]
-        assert list(c.flip_axes) == written[c.case_id]["flip_axes"]
+        assert list(c.image_flips) == written[c.case_id]["image_flips"]  # declared as planted (the
+        # detector's own check, independent of both, is tests/test_alignment.py)
 
 
 def test_covid19_20_layout_and_patients(phantom_root):
@@ -55,11 +56,11 @@ def test_mosmed_layout_categories_and_int16_las(phantom_root):
 
 def test_ctseg_quirks(phantom_root):
     cases = {c.case_id: c for c in SOURCES["ctseg"](phantom_root / "ctseg").discover()}
-    assert cases["radiopaedia_10_85902_1"].patient_id == cases["radiopaedia_10_85902_3"].patient_id
+    assert cases["radiopaedia_10_85902_1"].patient_id == cases["radiopaedia_10_85902_3"].patient_id == "radiopaedia_10"
     assert cases["coronacases_001"].patient_id == "coronacases_001"
-    assert cases["radiopaedia_7_85703_0"].flip_axes == (0, 2)
-    assert cases["radiopaedia_10_85902_1"].flip_axes == (0,)
-    assert cases["coronacases_001"].encoding == "hu" and cases["coronacases_001"].flip_axes == ()
+    assert cases["radiopaedia_7_85703_0"].image_flips == ("A-P", "S-I")
+    assert cases["radiopaedia_10_85902_1"].image_flips == ("A-P",)
+    assert cases["coronacases_001"].encoding == "hu" and cases["coronacases_001"].image_flips == ()
     assert all(c.policy == "lung_and_infection" for c in cases.values())
     arr, _ = read_volume(cases["radiopaedia_10_85902_1"].image)
     assert arr.dtype == np.uint8
@@ -133,7 +134,7 @@ def test_ctseg_kaggle_mirror_names_and_float_masks(tmp_path, phantom_root):
         exp[0, 0, 0] = 0
         assert np.array_equal(out, SOURCES["ctseg"].POLICIES["lung_and_infection"].remap(exp))
     rp = next(c for c in cases if c.case_id == "radiopaedia_7_85703_0")
-    assert rp.encoding == "uint8_window" and rp.flip_axes == (0, 2) and rp.patient_id == "radiopaedia_7_85703"
+    assert rp.encoding == "uint8_window" and rp.image_flips == ("A-P", "S-I") and rp.patient_id == "radiopaedia_7"
     # the Zenodo policy itself still refuses float residue: it would hide a wrong file
     with pytest.raises(LabelError, match="non-integer"):
         SOURCES["ctseg"].POLICIES["lung_and_infection"].remap(np.array([[[0.0, 0.3]]]))

@@ -159,11 +159,11 @@ def test_verify_lists_counts_and_the_planted_problem(phantom_root, manifests, ca
     assert rc == 0   # the planted RPI/RAI mask is aligned by its header, not a problem
     n = report["sources"]["nsclc"]
     rows = manifests["nsclc"]["cases"]
-    assert n["cases"] == len(rows) and n["patients"] == len(rows)
+    assert n["cases"] == len(rows) and n["n_patients"] == len(rows)
     assert n["labelled"] == sum(r["labelled"] for r in rows)
     assert n["codes_seen"] == {"0": n["labelled"], "1": n["labelled"]} and n["codes_declared"] == [0, 1]
     a = report["sources"]["covid19_ar"]
     ar_rows = manifests["covid19_ar"]["cases"]
     assert a["cases"] == len(ar_rows) and a["labelled"] == 0
-    assert a["patients"] == len({r["patient"] for r in ar_rows})
+    assert a["n_patients"] == len({r["patient"] for r in ar_rows})
     assert report["problems"] == []

@@ -34,7 +34,7 @@ def test_discover_returns_exactly_the_rp_volumes(medseg, rows):
         assert (c.image.parent.name, c.image.name) == ("rp_im", f"{n}.nii.gz")
         assert (c.label.parent.name, c.label.name) == ("rp_msk", f"{n}.nii.gz")
         assert c.meta["lung_mask"] == medseg / "rp_lung_msk" / f"{n}.nii.gz"
-        assert c.encoding == "hu" and c.window is None and c.flip_axes == ()
+        assert c.encoding == "hu" and c.window is None and c.image_flips == ()
         assert not c.meta["two_d"]
 
 

@@ -67,7 +67,7 @@ def test_verify_reports_every_planted_fault(faulty_root, phantom_root, capsys):
     assert set(report["sources"]) >= set(PHANTOM_SOURCES)
     for name in set(PHANTOM_SOURCES) - set(SOURCES3):  # untouched sources: same counts as the clean tree
         got, want = report["sources"][name], clean["sources"][name]
-        assert (got["cases"], got["labelled"], got["patients"]) == (want["cases"], want["labelled"], want["patients"])
+        assert (got["cases"], got["labelled"], got["n_patients"]) == (want["cases"], want["labelled"], want["n_patients"])
         assert got["cases"] > 0, name
     by_file = {}
     for p in report["problems"]:
@@ -80,9 +80,9 @@ def test_verify_reports_every_planted_fault(faulty_root, phantom_root, capsys):
     assert len(report["problems"]) == len(faults)
     s = report["sources"]
     # counts: the case without its mask is left out; every other file is still found and counted
-    assert (s["covid19_20"]["cases"], s["covid19_20"]["labelled"], s["covid19_20"]["patients"]) == (6, 5, 5)
+    assert (s["covid19_20"]["cases"], s["covid19_20"]["labelled"], s["covid19_20"]["n_patients"]) == (6, 5, 5)
     assert (s["mosmed"]["cases"], s["mosmed"]["labelled"]) == (8, 6)
-    assert (s["ctseg"]["cases"], s["ctseg"]["labelled"], s["ctseg"]["patients"]) == (7, 7, 6)
+    assert (s["ctseg"]["cases"], s["ctseg"]["labelled"], s["ctseg"]["n_patients"]) == (7, 7, 6)
     assert s["ctseg"]["codes_seen"]["7"] == 1 and 7 not in s["ctseg"]["codes_declared"]
 
 
@@ -142,7 +142,9 @@ def test_corrupt_gzip_names_the_file(tmp_path):
 
 
 def test_scan_planted_under_two_sources_is_found_and_kept_on_one_side(phantom_root, tmp_path, capsys):
-    """A MosMed study re-shipped as a COVID-19-CT-Seg radiopaedia case: 8-bit windowed, stored mirrored."""
+    """A MosMed study re-shipped as a COVID-19-CT-Seg radiopaedia case: 8-bit windowed, stored mirrored
+    (R-L, mask too), and its image mirrored along A-P relative to its mask, as that source is believed to
+    store radiopaedia images (declared, and confirmed by the alignment check)."""
     root = tmp_path / "data"
     for s in SOURCES3:
         shutil.copytree(phantom_root / s, root / s)
@@ -152,11 +154,14 @@ def test_scan_planted_under_two_sources_is_found_and_kept_on_one_side(phantom_ro
     lab, _ = read_volume(mask)
     copy_id = "radiopaedia_99_99999_0"
     v8 = np.round((np.clip(hu.astype(np.float64), -1250, 250) + 1250) * 255 / 1500).astype(np.uint8)
-    write_volume(root / "ctseg" / "COVID-19-CT-Seg_20cases" / f"{copy_id}.nii.gz", np.ascontiguousarray(v8[::-1]), affine)
+    assert nib.aff2axcodes(affine) == ("L", "A", "S")  # stored axis 1 runs along A-P
+    write_volume(root / "ctseg" / "COVID-19-CT-Seg_20cases" / f"{copy_id}.nii.gz",
+                 np.ascontiguousarray(v8[::-1, ::-1]), affine)
     write_volume(root / "ctseg" / "Infection_Mask" / f"{copy_id}.nii.gz", np.ascontiguousarray(lab[::-1]), affine)
 
     assert verify_main(["--root", str(root), "--sources", ",".join(SOURCES3), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["sources"]["ctseg"]["alignment"][copy_id]["status"] == "fixed"
     assert [sorted(d["cases"]) for d in report["duplicates"]] == [sorted([f"ctseg/{copy_id}", f"mosmed/{study.name[:-7]}"])]
 
     dm = MultiSourceDataModule(root, tmp_path / "h", SOURCES3, holdout="mosmed",

@@ -99,7 +99,7 @@ def _row(scan: Scan, arrays: dict, img: np.ndarray, aff: np.ndarray, files: dict
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     return {**scan.extra, "case": scan.case_id, "labelled": scan.labelled, "shape_ras": list(scan.shape),
             "spacing_ras": [round(s, 4) for s in scan.spacing], "axcodes": scan.axcodes, "encoding": scan.encoding,
-            "flip_axes": list(scan.flip_axes), "shape_stored": list(img.shape), "affine_stored": aff.tolist(),
+            "image_flips": [], "shape_stored": list(img.shape), "affine_stored": aff.tolist(),
             "series_folder": str(Path(*files["image"].parts[-4:])),
             "lesion_ml_truth": float((arrays["lesion_truth"] > 0).sum()) * voxel_ml,
             "lesion_ml_annotated": float((arrays["lesion_mask"] > 0).sum()) * voxel_ml,

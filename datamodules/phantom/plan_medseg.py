@@ -87,7 +87,7 @@ def write_medseg(scan: Scan, arrays: dict, profile: dict, files: dict[str, Path]
     voxel_ml = float(np.prod(scan.spacing)) / 1000.0
     return {**scan.extra, "case": scan.case_id, "labelled": True, "shape_ras": list(scan.shape),
             "spacing_ras": [round(s, 4) for s in scan.spacing], "axcodes": scan.axcodes, "encoding": scan.encoding,
-            "flip_axes": [], "ggo_voxels": int((codes == 1).sum()), "consolidation_voxels": int((codes == 2).sum()),
+            "image_flips": [], "ggo_voxels": int((codes == 1).sum()), "consolidation_voxels": int((codes == 2).sum()),
             "effusion_voxels": int(eff.sum()),
             "lesion_ml_truth": float((arrays["lesion_truth"] > 0).sum()) * voxel_ml,
             "lesion_ml_annotated": float(np.isin(codes, (1, 2)).sum()) * voxel_ml,
@@ -123,7 +123,7 @@ def _write_stack_slice(scan: Scan, arrays: dict, profile: dict, files: dict[str,
         if "lesion" in files:
             write_volume(files["lesion"], buf["mask"].astype(profile["mask_dtype"]), affine)
     return {**scan.extra, "case": scan.case_id, "labelled": scan.labelled, "two_d": True,
-            "shape_ras": list(grey.shape), "encoding": STACK_ENCODING, "flip_axes": [], "source_z_index": k,
+            "shape_ras": list(grey.shape), "encoding": STACK_ENCODING, "image_flips": [], "source_z_index": k,
             "codes": sorted(int(c) for c in np.unique(code)), "effusion_voxels": int(eff.sum()),
             "lung_voxels": int((lung > 0).sum())}
 

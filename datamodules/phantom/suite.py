@@ -55,7 +55,7 @@ class Scan:
     center: tuple[float, float, float]
     axcodes: str
     encoding: str = "hu"               # or uint8_window
-    flip_axes: tuple[int, ...] = ()    # mirrored in canonical voxel order before storing
+    image_flips: tuple[int, ...] = ()  # canonical axes along which the IMAGE (not its masks) is stored mirrored
     labelled: bool = True
     healthy: bool = False
     tumour: bool = False               # plant one solid non-COVID tumour (MSD, StructSeg GTV)
@@ -183,12 +183,13 @@ def write_case(scan: Scan, arrays: dict, profile: dict, files: dict[str, Path], 
     """Write image + masks for one case in the stored orientation, truth maps in RAS. Returns manifest row."""
     affine = arrays["affine"]
 
-    def stored(arr):
-        for ax in scan.flip_axes:
+    def stored(arr, flips=()):
+        for ax in flips:
             arr = np.flip(arr, axis=ax)
         return to_stored(np.ascontiguousarray(arr), affine, scan.axcodes)
 
-    img, aff_stored = stored(encode(arrays["hu"], scan.encoding, profile["image_dtype"], profile.get("window_8bit")))
+    img, aff_stored = stored(encode(arrays["hu"], scan.encoding, profile["image_dtype"], profile.get("window_8bit")),
+                             scan.image_flips)
     write_volume(files["image"], img, aff_stored)
     for kind, path in files.items():
         if kind == "image":
@@ -213,7 +214,7 @@ def write_case(scan: Scan, arrays: dict, profile: dict, files: dict[str, Path], 
         extra["tumour_ml"] = float(arrays["tumour"].sum()) * voxel_ml
     return {**extra, "case": scan.case_id, "labelled": scan.labelled, "shape_ras": list(scan.shape),
             "spacing_ras": [round(s, 4) for s in scan.spacing], "axcodes": scan.axcodes, "encoding": scan.encoding,
-            "flip_axes": list(scan.flip_axes),
+            "image_flips": [("R-L", "A-P", "S-I")[a] for a in scan.image_flips],
             "lesion_ml_truth": float((arrays["lesion_truth"] > 0).sum()) * voxel_ml,
             "lesion_ml_annotated": float((arrays["lesion_mask"] > 0).sum()) * voxel_ml,
             "lung_ml": float((arrays["lung"] > 0).sum()) * voxel_ml}
@@ -276,13 +277,13 @@ def plan_ctseg(profile, size_name, size, seed, out: Path):
         radiopaedia = cid.startswith("radiopaedia_")
         geo = profile["radiopaedia" if radiopaedia else "coronacases"]
         shape, spacing = scan_geometry(rng, geo, size, profile["short_axis_cases"].get(cid))
-        flips = ((0, 2) if cid in profile["z_mirrored_cases"] else (0,)) if radiopaedia else ()
+        flips = ((1, 2) if cid in profile["z_mirrored_cases"] else (1,)) if radiopaedia else ()
         files = {"image": out / "COVID-19-CT-Seg_20cases" / f"{cid}.nii.gz",
                  "lung": out / "Lung_Mask" / f"{cid}.nii.gz",
                  "lesion": out / "Infection_Mask" / f"{cid}.nii.gz",
                  "lung_and_infection": out / "Lung_and_Infection_Mask" / f"{cid}.nii.gz"}
         plans.append((Scan(cid, shape, spacing, _center(rng, profile), profile["axcodes"],
-                           encoding="uint8_window" if radiopaedia else "hu", flip_axes=flips), files, rng))
+                           encoding="uint8_window" if radiopaedia else "hu", image_flips=flips), files, rng))
     return plans
 
 

@@ -31,7 +31,7 @@ def case_from_meta(meta: dict) -> Case:
     return Case(source=meta["source"], case_id=meta["case"], patient_id=meta["patient"],
                 image=Path(meta["image_file"]), label=Path(meta["label_file"]) if meta.get("label_file") else None,
                 encoding=meta["encoding"], window=tuple(meta["window"]) if meta.get("window") else None,
-                flip_axes=tuple(meta.get("flip_axes", ())))
+                image_flips=tuple(meta.get("declared_image_flips", ())))
 
 
 __all__ = ["SOURCES", "CaseProblem", "DataLayoutError", "SourceAdapter", "case_from_meta", "get_source", "policy_named",

@@ -1,12 +1,14 @@
 """Adapter base class, the registry decorator and layout discovery shared by all sources."""
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+from datamodules.alignment import parse_flips
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
 from datamodules.registry import Registry
@@ -69,14 +71,18 @@ def walk_dirs(root: Path, max_depth: int = 3) -> Iterator[Path]:
 class SourceAdapter:
     """Finds the cases of one source under `root` (the folder holding the unpacked official download).
 
-    Subclasses declare `POLICIES` (label policies by name), `DEFAULT_POLICY`, `DESCRIPTION`, and
-    implement `discover()`.
+    Subclasses declare `POLICIES` (label policies by name), `DEFAULT_POLICY`, `DESCRIPTION`, optionally
+    `DECLARED_IMAGE_FLIPS`, and implement `discover()`.
     """
 
     name: ClassVar[str] = ""
     DESCRIPTION: ClassVar[str] = ""
     POLICIES: ClassVar[dict[str, LabelPolicy]] = {}
     DEFAULT_POLICY: ClassVar[str] = ""
+    # Case-id glob -> canonical axes along which the source is believed to store the IMAGE mirrored
+    # relative to its masks (first matching pattern wins). Data, not code: the harmonizer confirms each
+    # declaration on the user's files (datamodules.alignment) and `data.image_flips` overrides it.
+    DECLARED_IMAGE_FLIPS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, root: str | Path, policy: str | None = None):
         self.root = Path(root)
@@ -100,9 +106,28 @@ class SourceAdapter:
 
     @classmethod
     def decoding(cls, case_id: str) -> dict:
-        """How this source stores a case's voxels: `encoding`, `window`, `flip_axes` (Case fields).
+        """How this source stores a case's voxels: `encoding`, `window`, `image_flips` (Case fields).
         Plain HU, stored as the header says, unless a source overrides it per case."""
-        return {"encoding": "hu", "window": None, "flip_axes": ()}
+        return {"encoding": "hu", "window": None, "image_flips": cls.declared_flips(case_id)}
+
+    @classmethod
+    def declared_flips(cls, case_id: str, table: Mapping[str, object] | None = None) -> tuple[str, ...]:
+        """The image flips declared for `case_id`: the first pattern of `table` (default: the source's
+        `DECLARED_IMAGE_FLIPS`) that matches it, else none."""
+        for pattern, flips in (cls.DECLARED_IMAGE_FLIPS if table is None else table).items():
+            if fnmatch.fnmatchcase(case_id, pattern):
+                return parse_flips(flips, f"{cls.name}: image flips of {pattern!r}")
+        return ()
+
+    def with_flip_overrides(self, cases: list[Case], table: Mapping[str, object] | None) -> list[Case]:
+        """`cases` with the user's image-flip declarations (`data.image_flips.<source>`: case-id glob ->
+        axes, first match wins) replacing the source's own where a pattern matches."""
+        out = []
+        for c in cases:
+            match = next((k for k in (table or {}) if fnmatch.fnmatchcase(c.case_id, k)), None)
+            out.append(c if match is None else
+                       replace(c, image_flips=parse_flips(table[match], f"data.image_flips.{self.name}.{match}")))
+        return out
 
     def policy(self, case: Case) -> LabelPolicy:
         return self.POLICIES[case.policy or self.default_policy]

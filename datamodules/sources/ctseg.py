@@ -2,9 +2,14 @@
 
 Facts (reference/datasets.md, section 3): `COVID-19-CT-Seg_20cases/<id>.nii.gz`; `Lung_Mask` (1 left,
 2 right), `Infection_Mask` (1), `Lung_and_Infection_Mask` (1 left, 2 right, 3 infection). The ten
-`radiopaedia_*` cases are windowed to [-1250, 250] HU and stored as 0..255; their arrays are mirrored
-along the first in-plane axis relative to the header (and `radiopaedia_7_85703_0` along z too), which
-TRI undoes after canonical reorientation. `radiopaedia_10_85902_1` and `_3` are one patient.
+`radiopaedia_*` cases are windowed to [-1250, 250] HU and stored as 0..255. TRI's preparation script
+mirrors their *images only* along canonical A-P (and `radiopaedia_7_85703_0` along S-I too), leaving
+the masks as stored: this source declares those image flips (`DECLARED_IMAGE_FLIPS`), and the
+harmonizer confirms or refuses them per case on the user's files (`datamodules.alignment`).
+
+Patients: the number after `radiopaedia_` is the Radiopaedia case (`covid-19-pneumonia-<n>`); its other
+numbers are the study and the series. All scans of one case are one patient (`radiopaedia_10_85902_1`
+and `_3`; `radiopaedia_29_86490_1` and `radiopaedia_29_86491_1`, two studies of case 29).
 
 Which mask a case is read from: by default the richest folder that holds the case's file
 (`Lung_and_Infection_Mask`, else `Infection_Mask`, else `Lung_Mask`), so a user who unpacked only some
@@ -45,10 +50,10 @@ class CovidCTSeg(SourceAdapter):
     MIRROR_NAMES = (("_org_covid-19-pneumonia-", "_"), ("-dcm", ""), ("_org_", "_"))
     WINDOW_8BIT = (-1250.0, 250.0)
     EIGHT_BIT_RE = re.compile(r"^radiopaedia_")
-    FLIPS = {"radiopaedia_7_85703_0": (0, 2)}  # per case; other radiopaedia cases: (0,)
-    DEFAULT_RADIOPAEDIA_FLIP = (0,)
-    # radiopaedia_<article>_<case>_<series>: series of one Radiopaedia case come from one patient.
-    PATIENT_RE = re.compile(r"^(radiopaedia_\d+_\d+)_\d+$")
+    # TRI (neuro-ml/COVID-19-Triage scripts/prepare_medseg.py) flips these images, not their masks.
+    DECLARED_IMAGE_FLIPS = {"radiopaedia_7_85703_0": ("A-P", "S-I"), "radiopaedia_*": ("A-P",)}
+    # radiopaedia_<case>_<study>_<series>: every study and series of one Radiopaedia case is one patient.
+    PATIENT_RE = re.compile(r"^(radiopaedia_\d+)_\d+_\d+$")
     POLICIES = {
         "lung_and_infection": LabelPolicy(
             "ctseg/lung_and_infection", {0: "background", 1: "lung_left", 2: "lung_right", 3: "lesion"},
@@ -73,10 +78,10 @@ class CovidCTSeg(SourceAdapter):
 
     @classmethod
     def decoding(cls, case_id: str) -> dict:
-        if not cls.EIGHT_BIT_RE.match(case_id):
-            return {"encoding": "hu", "window": None, "flip_axes": ()}
-        return {"encoding": "uint8_window", "window": cls.WINDOW_8BIT,
-                "flip_axes": cls.FLIPS.get(case_id, cls.DEFAULT_RADIOPAEDIA_FLIP)}
+        out = super().decoding(case_id)
+        if cls.EIGHT_BIT_RE.match(case_id):
+            out.update(encoding="uint8_window", window=cls.WINDOW_8BIT)
+        return out
 
     @classmethod
     def case_id_of(cls, file_name: str) -> str:

@@ -100,8 +100,8 @@ class MedSeg(SourceAdapter):
     def decoding(cls, case_id: str) -> dict:
         if cls.STACK_RE.match(case_id):
             # Not HU and of unknown scale: an encoding no decoder accepts, so it can never pass as HU.
-            return {"encoding": "jpg-derived", "window": None, "flip_axes": ()}
-        return {"encoding": "hu", "window": None, "flip_axes": ()}   # rp volumes: HU assumed (UNCONFIRMED)
+            return {"encoding": "jpg-derived", "window": None, "image_flips": ()}
+        return {"encoding": "hu", "window": None, "image_flips": cls.declared_flips(case_id)}  # rp: HU assumed (UNCONFIRMED)
 
     def _layout(self) -> Path:
         return self.find_dir(lambda d: (d / "rp_im").is_dir() or _nifti(d, "tr_im") is not None,
