@@ -7,7 +7,7 @@ orientation (RAS+) with those image-only flips -> intensity decode to HU -> resa
 spacing (image linear, labels nearest) -> HU window and normalization.
 
 `HarmonizerConfig.decode`, `.resample` and `normalize: none` switch single steps off for the
-harmonization ablation (sweeps/harmonization.yaml); the defaults run every step.
+harmonization ablation (`data.harmonize_off`, sweeps/harmonization.yaml); the defaults run every step.
 
 Why our own resampler instead of MONAI `Spacing`: `torch.nn.functional.interpolate` with an explicit
 scale factor maps output voxel i to input coordinate (i + 0.5) * new/old - 0.5, i.e. it keeps the
@@ -39,6 +39,8 @@ HU_MIN, HU_MAX = -1024.0, 3071.0
 
 
 NORMALIZE = ("minmax", "zscore", "none")
+# Steps the harmonization ablation can switch off (data.harmonize_off; sweeps/harmonization.yaml).
+ABLATABLE_STEPS = ("decode", "resample", "normalize")
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,7 @@ class DataConfig:
     normalize: str = MISSING
     mean: float = MISSING
     std: float = MISSING
-    decode: bool = MISSING          # ablation switches of the harmonizer
-    resample: bool = MISSING
+    harmonize_off: list[str] = field(default_factory=list)  # ablation: harmonizer steps switched off
     image_flips: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> {case glob: axes}
     alignment: AlignmentSchema = field(default_factory=AlignmentSchema)
     patch_size: list[int] = MISSING

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from datamodules.alignment import AlignmentConfig
 from datamodules.datamodule import MultiSourceDataModule
-from datamodules.harmonize import HarmonizerConfig, load_original
+from datamodules.harmonize import ABLATABLE_STEPS, HarmonizerConfig, load_original
 from datamodules.label_policy import CLASSES
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
 from datamodules.sources.custom import register_custom_source
@@ -51,8 +51,13 @@ def resolve_data_root(cfg: DictConfig) -> tuple[Path, bool]:
 
 def harmonizer_config(cfg: DictConfig) -> HarmonizerConfig:
     d = cfg.data
-    return HarmonizerConfig(tuple(d.target_spacing), tuple(d.window), d.normalize, d.mean, d.std, bool(d.decode),
-                            bool(d.resample), AlignmentConfig(**OmegaConf.to_container(d.alignment)))
+    off = set(d.harmonize_off)
+    if off - set(ABLATABLE_STEPS):
+        raise ValueError(f"data.harmonize_off={list(d.harmonize_off)}: unknown step(s) {sorted(off - set(ABLATABLE_STEPS))};"
+                         f" allowed: {list(ABLATABLE_STEPS)}")
+    return HarmonizerConfig(tuple(d.target_spacing), tuple(d.window), "none" if "normalize" in off else d.normalize,
+                            d.mean, d.std, decode="decode" not in off, resample="resample" not in off,
+                            alignment=AlignmentConfig(**OmegaConf.to_container(d.alignment)))
 
 
 def validate_config(cfg: DictConfig) -> None:
