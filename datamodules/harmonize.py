@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from datamodules.alignment import AlignmentConfig, AlignmentError, flip_indices, measure_case
 from datamodules.cases import Case
 from datamodules.io import VolumeError, read_volume, spacing_of
-from datamodules.label_policy import CLASSES, LabelPolicy
+from datamodules.label_policy import CLASSES, LabelPolicy, decide_labels, labels_from_probs
 from datamodules.resample import plan_grid, resample_linear, resample_nearest
 
 # Accepted disagreement between an image's and its mask's affine (mm / direction cosines). Converters
@@ -333,12 +333,13 @@ def _resize_to(t: torch.Tensor, scale: np.ndarray, shape: tuple[int, ...]) -> to
 
 
 def restore_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarray:
-    """Class scores on the harmonized grid (C, X, Y, Z) -> label map (uint8) on the stored grid.
+    """Class probabilities on the harmonized grid (C, X, Y, Z) -> label map (uint8) on the stored grid.
 
     Inverse of `harmonize_case`'s geometry: resample the scores (probabilities interpolate smoothly;
-    resampling an argmax would stair-step) back to the canonical grid, then restore the stored axis
-    order. Image flips are not undone: they moved the image onto its masks, so predictions already lie
-    where the stored masks do. Channels are resampled one at a time with a running argmax, so a
+    resampling a label map would stair-step) back to the canonical grid, decide each voxel by class
+    group (`label_policy.decide_labels`), then restore the stored axis order. Image flips are not undone:
+    they moved the image onto its masks, so predictions already lie where the stored masks do. Channels
+    (group sums, then the members of a group that wins somewhere) are resampled one at a time, so a
     512x512x300 volume never holds all class channels at full size.
     """
     orig_shape = tuple(meta["original"]["shape"])
@@ -348,19 +349,15 @@ def restore_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarra
     scale = spacing_of(can_affine) / np.asarray(meta["spacing"], dtype=np.float64)
     scores = scores.detach().float().cpu()
     if np.allclose(scale, 1.0, rtol=1e-6, atol=0) and tuple(scores.shape[1:]) == can_shape:
-        labels = scores.argmax(0).to(torch.uint8)
+        labels = labels_from_probs(scores)
     else:
-        best = labels = None
-        for c in range(scores.shape[0]):
-            if c > 0 and not bool(scores[c].gt(0).any()):
-                continue  # a channel with zero probability everywhere (never trained) cannot win the argmax
-            ch = _resize_to(scores[c][None, None], scale, can_shape)
-            if best is None:
-                best, labels = ch, torch.zeros(can_shape, dtype=torch.uint8)
-            else:
-                better = ch > best
-                best = torch.where(better, ch, best)
-                labels[better] = c
+        def channel(idx):
+            # probabilities resample linearly, so a group's sum is resampled once, as one channel
+            if idx[0] > 0 and not bool(scores[list(idx)].gt(0).any()):
+                return None  # zero probability everywhere (never trained): cannot win
+            return _resize_to(scores[list(idx)].sum(0)[None, None], scale, can_shape)
+
+        labels = decide_labels(channel, scores.shape[0])
     out = labels.numpy()
     back = _orientation_back(orig_affine)
     out = np.ascontiguousarray(nib.orientations.apply_orientation(out, back), dtype=np.uint8)

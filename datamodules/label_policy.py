@@ -7,10 +7,11 @@ must never read those voxels as background; `annotated_vector()` is what they co
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 # Order is the channel order of every network output. Append new classes at the end only: cached
 # label maps and checkpoints store these indices.
@@ -33,6 +34,19 @@ LESION = CLASS_INDEX["lesion"]
 OPACITY = tuple(CLASS_INDEX[c] for c in ("lesion", "ggo", "consolidation"))
 
 
+# Classes that lie inside another class's region. Whole-lung masks (COVID-19-CT-Seg's Lung_Mask,
+# StructSeg's lungs, a custom lung-only source) delineate every opacity as lung: where a source annotates
+# the lungs but not the opacity, an opacity is unknown *inside* the lungs, and the partial-label loss merges
+# its probability into the lung the voxel is labelled with, not into background (losses.nested_moves).
+CONTAINERS: dict[str, tuple[str, ...]] = {c: ("lung_left", "lung_right") for c in ("lesion", "ggo", "consolidation")}
+# How a voxel's label is decided from class probabilities: the group with the largest summed probability
+# wins, then its most probable member (seed 000 combines the opacity groups' probabilities). A plain argmax
+# would lose an opacity whose probability is split between its types: (background 0.4, lesion 0.3, GGO 0.3)
+# is an opacity. Ties go to the earlier group and member, as argmax's do.
+DECISION_GROUPS: tuple[tuple[str, ...], ...] = (("background",), ("lung_left", "lung_right"),
+                                                ("lesion", "ggo", "consolidation"), ("effusion",), ("tumour",))
+
+
 def ancestors(name: str) -> list[str]:
     """Parent, grandparent, ... of a class (nearest first)."""
     out = []
@@ -40,6 +54,55 @@ def ancestors(name: str) -> list[str]:
         name = PARENT[name]
         out.append(name)
     return out
+def decide_labels(channel: Callable[[Sequence[int]], torch.Tensor | None], n_classes: int) -> torch.Tensor:
+    """Label map (uint8) from class probabilities, by `DECISION_GROUPS`.
+
+    `channel(indices)` returns the summed probability of those classes as a tensor of the output shape,
+    or None where it is zero everywhere (a class never trained); it is called once per group and once
+    per member of a group that wins somewhere, so a caller can produce channels lazily (resampled one at
+    a time by `harmonize.restore_to_original`)."""
+    groups = [[CLASS_INDEX[c] for c in g if CLASS_INDEX[c] < n_classes] for g in DECISION_GROUPS]
+    groups = [g for g in groups if g]
+    best = winner = None
+    for gi, members in enumerate(groups):
+        total = channel(members)
+        if total is None:
+            continue
+        if best is None:
+            best, winner = total, torch.full(total.shape, gi, dtype=torch.uint8, device=total.device)
+            continue
+        better = total > best
+        best = torch.where(better, total, best)
+        winner[better] = gi
+    labels = torch.zeros(winner.shape, dtype=torch.uint8, device=winner.device)
+    for gi, members in enumerate(groups):
+        won = winner == gi
+        if not bool(won.any()):
+            continue
+        if len(members) == 1:
+            labels[won] = members[0]
+            continue
+        top = None
+        for c in members:  # the group's most probable member, where the group won
+            p = channel([c])
+            if p is None:
+                continue
+            if top is None:
+                top = p
+                labels[won] = c
+            else:
+                better = won & (p > top)
+                top = torch.where(better, p, top)
+                labels[better] = c
+    return labels
+
+
+def labels_from_probs(probs: torch.Tensor) -> torch.Tensor:
+    """`decide_labels` on probabilities held in memory, [C, *spatial] -> [*spatial] uint8."""
+    probs = probs.detach()
+    return decide_labels(lambda idx: probs[list(idx)].sum(0), probs.shape[0])
+
+
 # A raw code mapped to "ignore" becomes IGNORE in the common label map: those voxels count neither for
 # nor against any class in the loss and the metrics (e.g. a tumour in a non-COVID source, which is
 # neither COVID lesion nor healthy tissue). It survives nearest-neighbour resampling like any label.

@@ -5,7 +5,10 @@ supervised multi-organ segmentation"): for a sample whose source annotates only 
 probabilities of background and every unannotated class are summed into one merged "not annotated
 as anything" class, and the loss is computed on that reduced distribution. A MosMed voxel labelled 0
 is thus explained by "background or lung", and no gradient pushes lung probability down there.
-MONAI's DiceCELoss has no notion of per-sample annotated classes, hence our own.
+An unannotated class nested inside an annotated one (an opacity inside the lungs of a lung-only
+source, `label_policy.CONTAINERS`) is merged into its container where the label says container, not
+into background: a COVID-19-CT-Seg Lung_Mask voxel is "lung or lesion", so lesion is never pushed down
+inside the lungs. MONAI's DiceCELoss has no notion of per-sample annotated classes, hence our own.
 
 Every loss here reads the network only through `merged_log_probs`, and the target only through
 `prepare_target` (IGNORE voxels out, unannotated target classes an error). Per-class weights are
@@ -21,7 +24,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datamodules.label_policy import BACKGROUND, CLASS_INDEX, CLASSES, IGNORE, LESION, OPACITY, PARENT, ancestors
+from datamodules.label_policy import (
+    BACKGROUND,
+    CLASS_INDEX,
+    CLASSES,
+    CONTAINERS,
+    IGNORE,
+    LESION,
+    OPACITY,
+    PARENT,
+    ancestors,
+)
 from datamodules.registry import Registry
 
 LOSSES = Registry("loss")
@@ -54,12 +67,33 @@ def merge_destinations(annotated: torch.Tensor) -> torch.Tensor:
     return dest
 
 
-def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+def nested_moves(annotated: torch.Tensor) -> torch.Tensor:
+    """[B, C, C] bool: moves[b, u, k] when, in sample b, class u is unannotated and `merge_destinations`
+    sends it to background (no annotated ancestor), but it lies inside annotated class k (`CONTAINERS`:
+    an opacity inside a lung of a lung-only source). At voxels labelled k, u's probability is k's."""
+    b, c = annotated.shape
+    moves = torch.zeros(b, c, c, dtype=torch.bool, device=annotated.device)
+    dest = merge_destinations(annotated)
+    for name, containers in CONTAINERS.items():
+        u = CLASS_INDEX[name]
+        if u >= c:
+            continue
+        for k in (CLASS_INDEX[n] for n in containers if CLASS_INDEX[n] < c):
+            moves[:, u, k] = (dest[:, u] == BACKGROUND) & annotated[:, k]
+    return moves
+
+
+def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities on the sample's annotated classes, each channel summing the classes merged
     into it (`merge_destinations`): background + unannotated unrelated classes, lesion + untyped
     children. Channels of unannotated classes hold log(~0); targets and the Dice never use them.
 
-    logits: [B, C, *spatial]; annotated: [B, C] bool (channel 0 = background, always True).
+    With the (prepared) `target`, an unannotated class nested in an annotated one (`nested_moves`) is
+    merged, at the voxels labelled with its container, into that container instead of background: in a
+    lung-only source a lesion voxel is lung, so lung + lesion is what the label says there.
+
+    logits: [B, C, *spatial]; annotated: [B, C] bool (channel 0 = background, always True);
+    target: [B, *spatial] long or None.
     """
     logp = torch.log_softmax(logits.float(), dim=1)
     dest = merge_destinations(annotated)
@@ -70,8 +104,19 @@ def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Ten
     # Probabilities underflow only below e^-87 in float32; the clamp caps such a voxel's CE at 69.
     assign = torch.nn.functional.one_hot(dest, logits.shape[1]).to(logp.dtype)  # [B, C, K]
     b, c = logp.shape[:2]
-    q = torch.bmm(assign.transpose(1, 2), logp.exp().reshape(b, c, -1)).reshape(logp.shape)
-    return torch.log(q.clamp_min(1e-30))
+    p = logp.exp().reshape(b, c, -1)
+    q = torch.bmm(assign.transpose(1, 2), p)
+    if target is not None:
+        moves = nested_moves(annotated)
+        if bool(moves.any()):
+            t = target.reshape(b, -1)
+            shift = torch.zeros_like(q)
+            for k in torch.nonzero(moves.any(0).any(0)).flatten().tolist():
+                moved = (p * moves[:, :, k, None]).sum(1) * (t == k)  # [B, N]
+                shift[:, k] += moved
+                shift[:, BACKGROUND] -= moved
+            q = q + shift
+    return torch.log(q.reshape(logp.shape).clamp_min(1e-30))
 
 
 def prepare_target(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor):
@@ -181,7 +226,7 @@ class PartialDiceCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         # IGNORE voxels (policy "ignore") take part in neither term: zero weight in CE, out of the Dice sums.
         target, valid = prepare_target(target, logits, annotated)
-        logq = merged_log_probs(logits, annotated)
+        logq = merged_log_probs(logits, annotated, target)
         w_vox = valid.float()
         ce = masked_mean(-torch.gather(logq, 1, target[:, None])[:, 0], valid)
         q = logq.exp() * w_vox[:, None]
@@ -221,7 +266,7 @@ class WeightedCELoss(FrequencyWeighted):
             w = self.weights.to(logits.device)
         else:
             w = inverse_frequency_weights(self.frequencies(c, logits.device))
-        logq = merged_log_probs(logits, annotated)
+        logq = merged_log_probs(logits, annotated, target)
         nll = -torch.gather(logq, 1, target[:, None])[:, 0]
         w_vox = w[target] * valid
         return (w_vox * nll).sum() / w_vox.sum().clamp_min(1e-12)
@@ -248,7 +293,7 @@ class LungJaccardLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         target, valid = prepare_target(target, logits, annotated)
         c = logits.shape[1]
-        logq = merged_log_probs(logits, annotated)
+        logq = merged_log_probs(logits, annotated, target)
         opacity = [k for k in OPACITY if k < c]
         lungs = [k for k in LUNGS if k < c]
         p = group_probability(logq, opacity)
@@ -315,7 +360,8 @@ class SoftKLLoss(FrequencyWeighted):
         self.needs_frequencies = weighted
 
     def soft_target(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor):
-        """(y [B, C, *spatial] on annotated channels only, valid [B, *spatial])."""
+        """(y [B, C, *spatial] on annotated channels only, valid [B, *spatial], the hard target [B, *spatial]
+        or None for a probabilistic target)."""
         if target.is_floating_point() and target.shape == logits.shape and logits.shape[1] > 1:
             y = target.float()
             if bool((y < 0).any()):
@@ -323,16 +369,16 @@ class SoftKLLoss(FrequencyWeighted):
             bshape = annotated.shape + (1,) * (y.dim() - 2)
             if bool((y * ~annotated.reshape(bshape) > 1e-6).any()):
                 raise ValueError("target holds a class the sample's source does not annotate")
-            return y, y.sum(1) > 0
+            return y, y.sum(1) > 0, None
         target, valid = prepare_target(target, logits, annotated)
         v = valid.float()[:, None]
         onehot = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, target[:, None], 1.0) * v
         num, den = gaussian_smooth(onehot, self.sigma, self.truncate), gaussian_smooth(v, self.sigma, self.truncate)
-        return num / den.clamp_min(1e-12) * v, valid
+        return num / den.clamp_min(1e-12) * v, valid, target
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-        y, valid = self.soft_target(logits, target, annotated)
-        logq = merged_log_probs(logits, annotated)
+        y, valid, hard = self.soft_target(logits, target, annotated)
+        logq = merged_log_probs(logits, annotated, hard)
         kl = torch.xlogy(y, y) - y * logq  # [B, C, *spatial]; 0 log 0 = 0 on channels without mass
         if self.weighted:
             w = 1.0 - torch.nan_to_num(self.frequencies(logits.shape[1], logits.device), nan=0.0)
@@ -357,7 +403,7 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         target, valid = prepare_target(target, logits, annotated)
-        logq_t = torch.gather(merged_log_probs(logits, annotated), 1, target[:, None])[:, 0]
+        logq_t = torch.gather(merged_log_probs(logits, annotated, target), 1, target[:, None])[:, 0]
         # (1 - q)^gamma through -expm1(log q): exact near q = 1, where the focal term matters most
         loss = -logq_t * (-torch.expm1(logq_t)).clamp_min(0.0) ** self.gamma
         if self.alpha is not None:

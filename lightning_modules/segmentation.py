@@ -30,7 +30,7 @@ from monai.inferers import sliding_window_inference
 from datamodules.augment import Augmenter
 from datamodules.harmonize import load_original, restore_to_original
 from datamodules.io import spacing_of, write_volume
-from datamodules.label_policy import CLASS_INDEX, CLASSES, IGNORE, ancestors
+from datamodules.label_policy import CLASS_INDEX, CLASSES, IGNORE, ancestors, labels_from_probs
 from datamodules.sources import case_from_meta, policy_named
 from datamodules.splits import check_batch_sources
 from evaluation.metrics import METRIC_NAMES
@@ -224,8 +224,8 @@ class SegmentationModule(pl.LightningModule):
         """Sliding-window logits; channels of classes no training source annotated are -inf.
 
         The marginal loss never supervises such a channel (it is merged with background everywhere), so
-        its logit carries no meaning and must not win an argmax: a model trained without lung labels
-        predicts no lungs rather than noise.
+        its logit carries no meaning and must not win a decision: a model trained without lung labels
+        predicts no lungs rather than noise. Labels are decided by class group (`labels_from_probs`).
         """
         inf = self.hparams.inference
         roi = tuple(inf["roi_size"])
@@ -250,7 +250,7 @@ class SegmentationModule(pl.LightningModule):
         if space == "original":
             scored = self._score_original(logits, batch["meta_path"][0], classes)
         else:
-            pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            pred = labels_from_probs(torch.softmax(logits[0].float(), 0)).cpu().numpy()
             ref = batch["label"][0, 0].cpu().numpy()
             surface = stage == "test" or ev.get("val_surface", False)
             scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=surface, ignore=IGNORE)

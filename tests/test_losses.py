@@ -232,7 +232,7 @@ def test_soft_kl_blurred_boundary_hand_value_and_ignore_does_not_leak():
     ann = torch.tensor([[True, True]])
     assert loss(torch.zeros(1, 2, 1, 2), _target([[0, 1]]), ann).item() == pytest.approx(kl, rel=1e-5)
     assert loss(torch.zeros(1, 2, 1, 3), _target([[0, 1, IGN]]), ann).item() == pytest.approx(kl, rel=1e-5)
-    y, _ = loss.soft_target(torch.zeros(1, 2, 1, 2), _target([[0, 1]]), ann)
+    y, _, _ = loss.soft_target(torch.zeros(1, 2, 1, 2), _target([[0, 1]]), ann)
     assert y[0, :, 0, 0].tolist() == pytest.approx([a, 1 - a])
 
 

@@ -37,7 +37,7 @@ KAGGLE_PREFIX = "kaggle_"
 
 @register_source("ctseg")
 class CovidCTSeg(SourceAdapter):
-    DESCRIPTION = "COVID-19-CT-Seg: 20 CTs (19 patients) with left/right lung and infection masks"
+    DESCRIPTION = "COVID-19-CT-Seg: 20 CTs (18 patients) with left/right lung and infection masks"
     # Image folder of each mirror: Zenodo (official), Kaggle andrewmvd/covid19-ct-scans, Paddle AI-Studio.
     IMAGE_DIRS = ("COVID-19-CT-Seg_20cases", "ct_scans", "20_ncov_scan")
     KAGGLE_DIR = "ct_scans"
