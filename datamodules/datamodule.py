@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import fingerprint
+from datamodules.alignment import summarize as summarize_statuses
 from datamodules.augment import WHERE, Augmenter
 from datamodules.cache import CachedCase, CaseCache, class_counts
 from datamodules.cases import Case
@@ -193,6 +194,17 @@ class MultiSourceDataModule(pl.LightningDataModule):
             assert not bad, f"held-out cases reached {role}: {bad[:5]}"
         test_keys = {c.key for c in self.cached["test"]}
         assert not test_keys & {c.key for c in self.cached["train"] + self.cached["val"]}, "test case in train/val"
+
+    def alignment(self) -> dict[str, dict]:
+        """Per source: how many loaded cases have each image-mask alignment status (`datamodules.alignment`),
+        and the cases whose status is not `ok` with their applied flips and margin (for run.json)."""
+        by_source: dict[str, dict[str, dict]] = {}
+        for entry in (c for role in ("train", "val", "test") for c in self.cached[role]):
+            by_source.setdefault(entry.meta["source"], {})[entry.meta["case"]] = entry.meta["alignment"]
+        return {src: {"statuses": summarize_statuses(a["status"] for a in cases.values()),
+                      "cases": {cid: {k: a[k] for k in ("status", "flips", "margin")}
+                                for cid, a in cases.items() if a["status"] != "ok"}}
+                for src, cases in by_source.items()}
 
     def class_counts(self, n_classes: int):
         """Voxel counts per class and annotated classes of the training cases only (`cache.class_counts`)."""

@@ -212,6 +212,8 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
             report = severity_report(labels, hu, spacing_of(affine), lungs)
             report.update(case=item.case_id, input=str(item.path), decoding={k: (list(v) if isinstance(v, tuple) else v)
                                                                               for k, v in decoding.items()},
+                          # no mask to measure the image flips against (datamodules.alignment)
+                          alignment="unverifiable: image flips applied as declared, not measured",
                           checkpoint=str(ckpt), shape=list(labels.shape))
             write_json(out / f"{item.case_id}_severity.json", report)
             if overlays:

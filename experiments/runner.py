@@ -320,6 +320,9 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     for row in dm.split.summary():
         say(f"  {row['role']:<5} {row['source']:<12} {row['cases']:>4} cases {row['patients']:>4} patients")
     say(f"harmonized cache {dm.cache.root}: {dm.cache.misses} cases built, {dm.cache.hits} reused")
+    alignment = dm.alignment()
+    say("image-mask alignment (measured): " + "; ".join(
+        f"{src} " + ", ".join(f"{n} {st}" for st, n in a["statuses"].items()) for src, a in alignment.items()))
     if dm.skipped:
         say(f"data.on_error=skip: {len(dm.skipped)} case(s) left out (listed above and in run.json)")
 
@@ -354,7 +357,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         "best_checkpoint": sel["checkpoints"][names[0]]["path"], "selection": sel,
         "train_sources": list(dm.split.train_sources), "test_sources": list(dm.split.test_sources),
         "split_args": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in split.items()},
-        "split": dm.split.summary(), "skipped": list(dm.skipped),
+        "split": dm.split.summary(), "skipped": list(dm.skipped), "alignment": alignment,
         "duplicates": [list(g.keys) for g in dm.duplicates], "dropped": [c.key for c in dm.split.dropped],
         "world_size": trainer.world_size, "wall_s": round(time.time() - t0, 1), "torch": torch.__version__,
         "pytorch_lightning": pl.__version__})
