@@ -214,3 +214,25 @@ def test_verify_json_reports_planted_a_p_image_flips(chests, tmp_path, capsys):
 
 def test_axis_names_are_canonical():
     assert AXES == ("R-L", "A-P", "S-I") and len(MIRRORINGS) == 8 and MIRRORINGS[0] == ()
+
+
+def test_training_refuses_or_skips_a_contradicted_declaration(phantom_root, tmp_path, capsys):
+    """`data.image_flips` declares an A-P image flip for a coronacases scan stored as its header says:
+    the measurement contradicts it, training stops naming the case (or skips it with on_error=skip)."""
+    from datamodules.datamodule import DataError, MultiSourceDataModule
+
+    kwargs = dict(harmonizer=HarmonizerConfig(target_spacing=(8.0, 8.0, 10.0)), patch_size=(16, 16, 8),
+                  image_flips={"ctseg": {"coronacases_001": ["A-P"]}})
+    dm = MultiSourceDataModule(phantom_root, tmp_path / "h", ["ctseg", "mosmed"], holdout="mosmed", **kwargs)
+    with pytest.raises(DataError, match=r"ctseg/coronacases_001 \(\w+\): .*image-mask mismatch: the masks fit the "
+                                        r"image best mirrored along none .* but A-P is declared"):
+        dm.prepare_data()
+    dm = MultiSourceDataModule(phantom_root, tmp_path / "h", ["ctseg", "mosmed"], holdout="mosmed",
+                               on_error="skip", **kwargs)
+    dm.prepare_data()
+    loaded = {c.key for role in ("train", "val", "test") for c in dm.cached[role]}
+    assert "ctseg/coronacases_001" not in loaded and "ctseg/coronacases_002" in loaded
+    assert any("ctseg/coronacases_001" in p and "mismatch" in p for p in dm.skipped)
+    statuses = dm.alignment()["ctseg"]
+    assert statuses["statuses"] == {"ok": 2, "fixed": 4} and statuses["cases"]["radiopaedia_7_85703_0"]["flips"] == [
+        "A-P", "S-I"]
