@@ -105,6 +105,8 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], clas
     `surface=False` skips the surface-distance metrics (nsd/hd95/asd become NaN): cheap enough to run
     on every validation epoch, where only Dice selects the model. Voxels where `ref == ignore` are
     background in both masks: whatever is predicted there counts neither as hit nor as false positive.
+    `surface_worst_case` marks the rows whose hd95/asd are the grid diagonal because exactly one mask is
+    empty (`score_pair`): counting them counts the total misses (and the false alarms on empty references).
     """
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
@@ -116,13 +118,15 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], clas
     for cls in classes:
         p, r = cls.mask(pred), cls.mask(ref)
         m = score_pair(p, r, spacing, cls.tolerance_mm) if surface else _volume_only(p, r, spacing)
-        rows.append({"class": cls.name, **{k: float(m[k]) for k in METRIC_NAMES}, "tolerance_mm": cls.tolerance_mm})
+        rows.append({"class": cls.name, **{k: float(m[k]) for k in METRIC_NAMES},
+                     "surface_worst_case": bool(m["surface_worst_case"]), "tolerance_mm": cls.tolerance_mm})
     return rows
 
 
 def _volume_only(p: np.ndarray, r: np.ndarray, spacing: Sequence[float]) -> dict:
     return {"dice": dice(p, r), "iou": iou(p, r), "nsd": math.nan, "hd95": math.nan, "asd": math.nan,
-            "rv": relative_volume(p, r), "ref_ml": volume_ml(r, spacing), "pred_ml": volume_ml(p, spacing)}
+            "rv": relative_volume(p, r), "ref_ml": volume_ml(r, spacing), "pred_ml": volume_ml(p, spacing),
+            "surface_worst_case": False}
 
 
 def severity_columns(pred_lesion: np.ndarray, ref_lesion: np.ndarray, spacing: Sequence[float],

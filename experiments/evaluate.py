@@ -43,7 +43,7 @@ from evaluation.scoring import (
 )
 from experiments.tracking import write_csv, write_json
 
-COLUMNS = ("source", "case", "class", *METRIC_NAMES, "tolerance_mm")
+COLUMNS = ("source", "case", "class", *METRIC_NAMES, "surface_worst_case", "tolerance_mm")
 
 
 class EvaluationError(ValueError):

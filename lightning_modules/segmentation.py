@@ -65,31 +65,51 @@ def metric_key(stage: str, source: str, metric: str, cls: str, primary: str) -> 
     return f"{stage}/{source}/{metric}" if cls == primary else f"{stage}/{source}/{metric}_{cls}"
 
 
+# Every logged mean `<key>` comes with `<key>/n` (values that entered it) and `<key>/n_undefined` (NaN values
+# left out): a child of the mean's own key, so `{metric}_{class}` names stay unambiguous.
+COUNT_SUFFIXES = ("/n", "/n_undefined")
+
+
+def is_count(key: str) -> bool:
+    return key.endswith(COUNT_SUFFIXES)
+
+
+def _mean_with_counts(key: str, mean: float, n: int, n_undefined: int) -> dict[str, float]:
+    return {key: mean, f"{key}/n": float(n), f"{key}/n_undefined": float(n_undefined)}
+
+
 def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict[str, float]:
-    """Mean of each metric per source and class (undefined values, e.g. HD95 against an empty mask,
-    are left out), and the mean over sources (each source weighs the same)."""
+    """Mean of each metric per source and class, and the mean over sources (each source weighs the same),
+    each with its counts (COUNT_SUFFIXES). Undefined values (RV against an empty reference, surface metrics
+    of a validation without them) are left out of the means and counted; `{stage}/mean/...` counts the
+    case values of all its sources. A metric with no defined value gets no key rather than NaN."""
     by_src: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_src[r["source"]].append(r)
     out: dict[str, float] = {}
-    per_metric: dict[str, list[float]] = defaultdict(list)
+    source_means: dict[str, list[float]] = defaultdict(list)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for src, rs in sorted(by_src.items()):
         for cls in sorted({r["class"] for r in rs}):
             for m in METRIC_NAMES:
                 stats = describe(r[m] for r in rs if r["class"] == cls)
+                mean_key = metric_key(stage, "mean", m, cls, primary)
+                counts[mean_key][0] += stats["n"]
+                counts[mean_key][1] += stats["n_undefined"]
                 if stats["n"]:
-                    key = metric_key(stage, src, m, cls, primary)
-                    out[key] = stats["mean"]
-                    per_metric[metric_key(stage, "mean", m, cls, primary)].append(stats["mean"])
+                    out.update(_mean_with_counts(metric_key(stage, src, m, cls, primary), stats["mean"],
+                                                 stats["n"], stats["n_undefined"]))
+                    source_means[mean_key].append(stats["mean"])
         out[f"{stage}/{src}/cases"] = float(len({r["case"] for r in rs}))
-    for key, vals in per_metric.items():
-        out[key] = float(np.mean(vals))
+    for key, vals in source_means.items():
+        out.update(_mean_with_counts(key, float(np.mean(vals)), *counts[key]))
     # The model-selection score: the primary class's Dice (lesion) where it is scored; a task that scores
-    # no lesion (lungs only) selects on the mean Dice of the classes it scores.
+    # no lesion (lungs only) selects on the mean Dice of the classes it scores. Its counts are those of the
+    # Dice keys it copies or averages.
     if f"{stage}/mean/dice" in out:
         out[f"{stage}/mean/selection_dice"] = out[f"{stage}/mean/dice"]
     else:
-        dice = [v for k, v in out.items() if k.startswith(f"{stage}/mean/dice_")]
+        dice = [out[k] for k in source_means if k.startswith(f"{stage}/mean/dice_")]
         if dice:
             out[f"{stage}/mean/selection_dice"] = float(np.mean(dice))
     return out
