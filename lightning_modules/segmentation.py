@@ -56,7 +56,7 @@ def eval_classes(evaluation: dict, annotated: Sequence[bool]) -> list[EvalClass]
         values = [int(v) for v in spec["values"]]
         required = [int(v) for v in (spec.get("requires") or values)]
         if all(known(v, values) for v in required):
-            out.append(EvalClass(name, tuple(values), float(spec["tolerance_mm"])))
+            out.append(EvalClass(name, tuple(values), float(spec["tolerance_mm"]), bool(spec.get("lesions_by_side"))))
     return out
 
 

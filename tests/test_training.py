@@ -116,6 +116,26 @@ def test_a_total_miss_raises_the_mean_hd95_and_every_mean_is_counted():
     assert "test/mean/selection_dice/n" not in agg  # a selection score, not a mean of its own
 
 
+def test_lung_sides_are_scored_wherever_a_source_annotates_both_lungs():
+    """base.yaml's classes: COVID-19-CT-Seg (either mask with lungs) and StructSeg get each lung besides whole
+    lungs, with the lesions inside them; a lesion-only source gets neither."""
+    from omegaconf import OmegaConf
+
+    from datamodules.sources import SOURCES
+    from experiments.config import load_config
+
+    evaluation = OmegaConf.to_container(load_config([]).evaluation)
+
+    def scored(source, policy):
+        return {c.name: c.lesions_by_side for c in eval_classes(
+            evaluation, SOURCES[source].POLICIES[policy].annotated_vector().tolist())}
+
+    sides = {"lung": False, "lung_left": True, "lung_right": True}
+    assert scored("ctseg", "lung_and_infection") == {"lesion": False, **sides}
+    assert scored("ctseg", "lung") == scored("structseg", "oar") == sides
+    assert scored("mosmed", "lesion") == {"lesion": False}
+
+
 def test_prepare_and_setup_touch_each_case_once(dm):
     n = len(dm.split.train) + len(dm.split.val) + len(dm.split.test)
     assert dm.cache.hits + dm.cache.misses == n
