@@ -15,6 +15,7 @@ the test cases during training, for oracle model selection (reported, never the 
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections import defaultdict
@@ -172,6 +173,9 @@ class SegmentationModule(pl.LightningModule):
         method = dict(method or {"name": "erm"})
         self.method = build_method(method.pop("name"), **method)
         self.method.attach(self)
+        # test-time methods, while testing: the trained network state and the test source it is adapted to
+        self._trained_state: dict | None = None
+        self._adapted_to: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -218,12 +222,28 @@ class SegmentationModule(pl.LightningModule):
         return loss
 
     def on_test_start(self) -> None:
-        """Test-time methods adapt on the test images before the first case is scored. They get images only:
-        labels never leave the loader's batches. (The runner disables inference mode for them.)"""
-        if not self.method.test_time:
+        """Test-time methods keep the trained state: every test source is adapted from it (`adapt_to_source`)."""
+        if self.method.test_time:
+            # a deep copy: state_dict() shares its tensors with the network, which adaptation changes in place
+            self._trained_state = copy.deepcopy(self.net.state_dict())
+            self._adapted_to = None
+
+    def on_test_end(self) -> None:
+        if self.method.test_time:
+            self.net.load_state_dict(self._trained_state)  # the module leaves the test as it was trained
+            self._trained_state = None
+
+    def adapt_to_source(self, source: str) -> None:
+        """Test-time methods: the trained state, adapted on every test volume of `source`, before a case of it is
+        scored. Each source starts from the trained state, so its numbers never depend on which other sources
+        are tested. Methods get images only: labels never leave the loader's batches. (The runner disables
+        inference mode for them.)"""
+        if source == self._adapted_to:
             return
-        # Every DDP rank adapts on ALL test volumes (the datamodule's plain loader, not the rank's shard):
-        # the ranks keep one model, and the table is the same for any number of processes.
+        self.net.load_state_dict(self._trained_state)
+        # Every DDP rank adapts on ALL the source's test volumes (the datamodule's plain loader, not the rank's
+        # shard): the ranks hold one model, and the table is the same for any number of processes. A rank whose
+        # padded shard returns to a source adapts to it again, deterministically the same.
         dm = getattr(self.trainer, "datamodule", None)
         loaders = [dm.test_dataloader()] if dm is not None else self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
@@ -232,13 +252,16 @@ class SegmentationModule(pl.LightningModule):
         def images():
             for loader in loaders:
                 for b in loader:
-                    seen.append(1)
-                    yield b["image"].to(self.device)
+                    if b["source"][0] == source:  # volumes come one per batch
+                        seen.append(1)
+                        yield b["image"].to(self.device)
 
         with torch.enable_grad():
             self.method.adapt(self, images())
+        self._adapted_to = source
         if self.trainer.is_global_zero:
-            print(f"[method {(self.hparams.method or {}).get('name', 'erm')}] adapted on {len(seen)} unlabelled test volume(s)", flush=True)
+            print(f"[method {(self.hparams.method or {}).get('name', 'erm')}] adapted on {len(seen)} unlabelled test "
+                  f"volume(s) of {source}", flush=True)
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits; channels of classes no training source annotated are -inf.
@@ -298,6 +321,8 @@ class SegmentationModule(pl.LightningModule):
         self._eval_step(batch, "val" if dataloader_idx == 0 else "oracle")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if self.method.test_time:
+            self.adapt_to_source(batch["source"][0])
         self._eval_step(batch, "test")
 
     def _eval_end(self, stage: str) -> None:
