@@ -29,10 +29,14 @@ github.com/google-deepmind/surface-distance; the COVID-19-CT-Seg benchmark repor
 
 Empty masks (P = prediction, R = reference)
     both empty:          dice 1, iou 1, nsd 1, hd 0, asd 0, rv 1, volumes 0 (nothing to find, nothing found).
-    exactly one empty:   dice 0, iou 0, nsd 0; hd and asd are NaN (there is no surface to measure a distance
-                         to, so the distance is reported as undefined rather than replaced by a made-up
-                         penalty); rv is NaN when R is empty and 0 when P is empty. The surfels of the
-                         non-empty mask get distance inf in ``SurfaceDistances``.
+    exactly one empty:   dice 0, iou 0, nsd 0; rv is NaN when R is empty and 0 when P is empty. There is no
+                         surface to measure a distance to: ``hausdorff`` and ``asd`` of such a
+                         ``SurfaceDistances`` are NaN (its non-empty side's surfels have distance inf), and
+                         ``score_pair`` (hence every reported row) sets hd and asd to the worst case, the
+                         diagonal of the image grid in mm (``grid_diagonal_mm``: no two points of the image
+                         are farther apart), with ``surface_worst_case`` True. A NaN would be left out of a
+                         mean, so a total miss would leave a mean HD95 unchanged or lower it; the worst case
+                         makes every miss count against it.
 """
 from __future__ import annotations
 
@@ -408,21 +412,31 @@ def asd(sd: SurfaceDistances) -> float:
     return float(total / (np.sum(sd.areas_ref) + np.sum(sd.areas_pred)))
 
 
+def grid_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Diagonal of the image grid in mm, sqrt(sum((n_i * s_i)^2)): no two points of the image are farther
+    apart, so no surface distance on this grid can exceed it (the worst case of a total miss)."""
+    return math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing)))
+
+
 def score_pair(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], tolerance_mm: float,
-               percentile: float = 95.0, tolerances_mm: Sequence[float] = ()) -> dict[str, float]:
+               percentile: float = 95.0, tolerances_mm: Sequence[float] = ()) -> dict[str, float | bool]:
     """All metrics of one case; the masks are cropped and the surface distances computed once.
 
     Keys: dice, iou, nsd (at `tolerance_mm`), hd{percentile:g} ("hd95" by default), asd, rv, ref_ml,
-    pred_ml; and nsd_{t:g}mm for every t of `tolerances_mm` (NSD at 1 and 3 mm: (1.0, 3.0)), which reuse
-    the same sorted distances.
+    pred_ml; nsd_{t:g}mm for every t of `tolerances_mm` (NSD at 1 and 3 mm: (1.0, 3.0)), which reuse
+    the same sorted distances; and surface_worst_case: True when exactly one mask is empty, so that hd and
+    asd are the diagonal of the full (uncropped) grid rather than a distance (module docstring).
     """
     p, r = _as_pair(pred, ref)
     s = _as_spacing(spacing, p.ndim)
+    diagonal = grid_diagonal_mm(p.shape, s)  # of the full grid: the crop below would shrink it
     pc, rc = _crop(p, r)
     tp, fp, fn = _counts(pc, rc)
     sd = _surface_distances_cropped(pc, rc, s)
+    worst = (tp + fp == 0) != (tp + fn == 0)
     out = {"dice": _dice(tp, fp, fn), "iou": _iou(tp, fp, fn), "nsd": nsd(sd, tolerance_mm),
-           f"hd{percentile:g}": hausdorff(sd, percentile), "asd": asd(sd), "rv": _rv(tp, fp, fn),
-           "ref_ml": _ml(tp + fn, s), "pred_ml": _ml(tp + fp, s)}
+           f"hd{percentile:g}": diagonal if worst else hausdorff(sd, percentile),
+           "asd": diagonal if worst else asd(sd), "rv": _rv(tp, fp, fn),
+           "ref_ml": _ml(tp + fn, s), "pred_ml": _ml(tp + fp, s), "surface_worst_case": worst}
     out.update({f"nsd_{t:g}mm": nsd(sd, t) for t in tolerances_mm})
     return out

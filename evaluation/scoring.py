@@ -6,7 +6,8 @@ run's `per_case.csv` and a standalone evaluation of its saved predictions agree.
 
 A *class* here is an evaluation class: a name, the label values that make up its mask (several values
 merge, e.g. `lung=1+2+3` for both lungs with the lesions inside them, or `opacity=1+2` for GGO plus
-consolidation) and the NSD tolerance in mm.
+consolidation) and the NSD tolerance in mm. A lung-side class (`lesions_by_side`, values 1 or 2 of the
+common codes) takes in the lesions inside that lung (`lesions_to_lung_sides`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import binary_erosion
+from scipy.spatial import cKDTree
 
+from datamodules.label_policy import CLASS_INDEX, OPACITY
 from evaluation import agreement as agreement_mod
 from evaluation import severity as severity_mod
 from evaluation.metrics import METRIC_NAMES, dice, iou, relative_volume, score_pair, volume_ml
@@ -31,14 +35,45 @@ SEVERITY_MEASURES: dict[str, str] = {"po": "percent", "pho": "percent", "wal_pct
                                      "lss": "score", "lhos": "score"}
 
 
+# Common codes (datamodules.label_policy) of the two lungs, which lung-side classes take lesions into.
+LUNG_SIDES = (CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"])
+
+
 @dataclass(frozen=True)
 class EvalClass:
     name: str
     values: tuple[int, ...]
     tolerance_mm: float
+    # Scored on `lesions_to_lung_sides` of both label maps: a lung side with the lesions inside it.
+    lesions_by_side: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lesions_by_side and not set(self.values) <= set(LUNG_SIDES):
+            raise ValueError(f"class {self.name!r}: lesions join lung sides {LUNG_SIDES} (the common codes), so "
+                             f"its values must be among them, got {self.values}")
 
     def mask(self, labels: np.ndarray) -> np.ndarray:
         return np.isin(labels, self.values)
+
+
+def lesions_to_lung_sides(labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """`labels` with every opacity voxel (codes 3, 6, 7) recoded as the side (1 left, 2 right) of the
+    nearest lung voxel in mm. A lesion lies inside one lung, and a lung mask such as COVID-19-CT-Seg's
+    Lung_Mask includes it, but the common label map codes it as lesion, not by side. Without lesions or
+    lungs the map is returned as it is."""
+    lesion = np.isin(labels, OPACITY)
+    lung = np.isin(labels, LUNG_SIDES)
+    if not lesion.any() or not lung.any():
+        return labels
+    # The lung voxel nearest to a voxel outside the lungs lies on their boundary (an inner one always has a
+    # nearer neighbour), so a k-d tree over the boundary finds it: memory grows with the lung surface, where
+    # a distance transform with indices would hold three integers per voxel of the scan.
+    edge = np.argwhere(lung & ~binary_erosion(lung))
+    sp = np.asarray(spacing, dtype=np.float64)
+    _, nearest = cKDTree(edge * sp).query(np.argwhere(lesion) * sp, k=1, workers=-1)
+    out = labels.copy()
+    out[lesion] = labels[tuple(edge[nearest].T)]
+    return out
 
 
 def _pairs(text: str, what: str) -> list[tuple[str, str]]:
@@ -80,11 +115,16 @@ def parse_tolerances(text: str | None) -> dict[str, float]:
     return out
 
 
-def make_classes(labels: Mapping[str, Sequence[int]], tolerances: Mapping[str, float] | None = None) -> list[EvalClass]:
+def make_classes(labels: Mapping[str, Sequence[int]], tolerances: Mapping[str, float] | None = None,
+                 by_side: Sequence[str] = ()) -> list[EvalClass]:
+    """Classes of `parse_labels`; `by_side` names the lung-side classes (EvalClass.lesions_by_side)."""
     tolerances = dict(tolerances or {})
     unknown = set(tolerances) - set(labels)
     if unknown:
         raise ValueError(f"tolerance given for {sorted(unknown)}, which are not among the classes {sorted(labels)}")
+    unknown = set(by_side) - set(labels)
+    if unknown:
+        raise ValueError(f"--lesions-by-side names {sorted(unknown)}, which are not among the classes {sorted(labels)}")
     classes = []
     for name, values in labels.items():
         if name in tolerances:
@@ -94,7 +134,7 @@ def make_classes(labels: Mapping[str, Sequence[int]], tolerances: Mapping[str, f
         else:
             raise ValueError(f"class {name!r} has no default NSD tolerance: pass --tolerance {name}=MM "
                              f"(defaults exist for {sorted(DEFAULT_TOLERANCE_MM)})")
-        classes.append(EvalClass(name, tuple(int(v) for v in values), float(tol)))
+        classes.append(EvalClass(name, tuple(int(v) for v in values), float(tol), name in by_side))
     return classes
 
 
@@ -105,6 +145,9 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], clas
     `surface=False` skips the surface-distance metrics (nsd/hd95/asd become NaN): cheap enough to run
     on every validation epoch, where only Dice selects the model. Voxels where `ref == ignore` are
     background in both masks: whatever is predicted there counts neither as hit nor as false positive.
+    Lung-side classes (`lesions_by_side`) are scored on `lesions_to_lung_sides` of both maps.
+    `surface_worst_case` marks the rows whose hd95/asd are the grid diagonal because exactly one mask is
+    empty (`score_pair`): counting them counts the total misses (and the false alarms on empty references).
     """
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
@@ -112,17 +155,22 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], clas
         out = ref == ignore
         if out.any():
             pred, ref = np.where(out, 0, pred), np.where(out, 0, ref)
+    classes = list(classes)
+    sided = ((lesions_to_lung_sides(pred, spacing), lesions_to_lung_sides(ref, spacing))
+             if any(c.lesions_by_side for c in classes) else None)
     rows = []
     for cls in classes:
-        p, r = cls.mask(pred), cls.mask(ref)
+        p, r = (cls.mask(x) for x in (sided if cls.lesions_by_side else (pred, ref)))
         m = score_pair(p, r, spacing, cls.tolerance_mm) if surface else _volume_only(p, r, spacing)
-        rows.append({"class": cls.name, **{k: float(m[k]) for k in METRIC_NAMES}, "tolerance_mm": cls.tolerance_mm})
+        rows.append({"class": cls.name, **{k: float(m[k]) for k in METRIC_NAMES},
+                     "surface_worst_case": bool(m["surface_worst_case"]), "tolerance_mm": cls.tolerance_mm})
     return rows
 
 
 def _volume_only(p: np.ndarray, r: np.ndarray, spacing: Sequence[float]) -> dict:
     return {"dice": dice(p, r), "iou": iou(p, r), "nsd": math.nan, "hd95": math.nan, "asd": math.nan,
-            "rv": relative_volume(p, r), "ref_ml": volume_ml(r, spacing), "pred_ml": volume_ml(p, spacing)}
+            "rv": relative_volume(p, r), "ref_ml": volume_ml(r, spacing), "pred_ml": volume_ml(p, spacing),
+            "surface_worst_case": False}
 
 
 def severity_columns(pred_lesion: np.ndarray, ref_lesion: np.ndarray, spacing: Sequence[float],

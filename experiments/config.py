@@ -123,6 +123,9 @@ class EvalClassConfig:
     # values a source must annotate for the class to be scored on it (default: every value). `lung`
     # needs only the lungs: a lung mask that contains the lesions is the whole-lung reference as it is.
     requires: list[int] | None = None
+    # a lung side (values [1] or [2]) with the lesions inside it: lesion voxels join the nearer lung side
+    # first, in prediction and reference (evaluation.scoring.lesions_to_lung_sides)
+    lesions_by_side: bool = False
 
 
 @dataclass

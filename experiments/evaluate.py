@@ -1,12 +1,15 @@
 """Score any tool's NIfTI predictions against reference masks, the way our runs score themselves.
 
     python -m experiments.evaluate --pred DIR --ref DIR --out DIR [--labels lesion=1,...]
-        [--tolerance lesion=3,...] [--image DIR] [--lobes DIR] [--allow-missing]
+        [--tolerance lesion=3,...] [--lesions-by-side lung_left,lung_right] [--image DIR] [--lobes DIR]
+        [--allow-missing]
 
 Files are matched by case id: the path below DIR without `.nii`/`.nii.gz` (so `mosmed/study_0255`
 in a run folder's `predictions/` matches the same path in its `references/`; flat folders match by
 file name). `--labels` maps class names to label values, `+` merging values into one mask
-(`lesion=3,lung=1+2+3`); the same values apply to prediction and reference. Metrics are computed on
+(`lesion=3,lung=1+2+3`); the same values apply to prediction and reference. `--lesions-by-side` names
+lung-side classes (values 1 or 2 of the common codes, as run folders and COVID-19-CT-Seg's masks store
+them): lesion voxels (3, 6, 7) join the nearer lung side first, as runs score lung_left/lung_right. Metrics are computed on
 the reference's grid with its voxel spacing; a prediction on another grid is an error, not resampled.
 With `--image` (CT on the same grid, found by case id or its file name, nnU-Net's `<case>_0000` names
 accepted; `--source ctseg` decodes that source's 8-bit exports to HU) the lesion rows get
@@ -43,7 +46,7 @@ from evaluation.scoring import (
 )
 from experiments.tracking import write_csv, write_json
 
-COLUMNS = ("source", "case", "class", *METRIC_NAMES, "tolerance_mm")
+COLUMNS = ("source", "case", "class", *METRIC_NAMES, "surface_worst_case", "tolerance_mm")
 
 
 class EvaluationError(ValueError):
@@ -158,7 +161,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, classes: list
     summary.update(
         inputs={"pred": str(pred_dir), "ref": str(ref_dir), "image": str(image_dir) if image_dir else None,
                 "lobes": str(lobes_dir) if lobes_dir else None},
-        class_definitions={c.name: {"values": list(c.values), "tolerance_mm": c.tolerance_mm} for c in classes},
+        class_definitions={c.name: {"values": list(c.values), "tolerance_mm": c.tolerance_mm,
+                                    "lesions_by_side": c.lesions_by_side} for c in classes},
         missing=missing, wall_s=round(time.time() - t0, 2))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "per_case.csv", rows, first=COLUMNS)
@@ -173,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, type=Path, help="output folder for per_case.csv and summary.json")
     ap.add_argument("--labels", default="lesion=1", help="class=value[+value...],... (default lesion=1)")
     ap.add_argument("--tolerance", default=None, help="class=mm,... NSD tolerance (defaults: lung 1, lesion 3)")
+    ap.add_argument("--lesions-by-side", default="", help="class,... lung-side classes (values 1 or 2): lesion "
+                    "voxels (3, 6, 7) join the nearer lung side first, e.g. lung_left,lung_right")
     ap.add_argument("--image", type=Path, default=None, help="CT images in HU on the reference grid (severity)")
     ap.add_argument("--lobes", type=Path, default=None, help="lobe maps, values 1..5 = RUL, RML, RLL, LUL, LLL")
     ap.add_argument("--source", default=None, help="decode --image files with this source's storage quirks "
@@ -188,7 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        classes = make_classes(parse_labels(args.labels), parse_tolerances(args.tolerance))
+        classes = make_classes(parse_labels(args.labels), parse_tolerances(args.tolerance),
+                               [c.strip() for c in args.lesions_by_side.split(",") if c.strip()])
         summary = evaluate_folders(args.pred, args.ref, args.out, classes, args.image, args.lobes, args.allow_missing,
                                    args.source, args.pred_lung, args.ignore)
     except (EvaluationError, VolumeError, ValueError) as exc:

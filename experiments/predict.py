@@ -40,6 +40,7 @@ from datamodules.label_policy import CLASS_INDEX, OPACITY
 from datamodules.sources import get_source
 from datamodules.sources.base import NIFTI_RE, nifti_files
 from evaluation import severity as severity_mod
+from evaluation.scoring import lesions_to_lung_sides
 from experiments.tracking import write_csv, write_json
 
 WINDOW_8BIT = (-1250.0, 250.0)
@@ -206,9 +207,10 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
             hu, _, affine = load_original(case, None)
             write_volume(out / f"{item.case_id}_lesion.nii.gz", np.isin(labels, OPACITY).astype(np.uint8), affine)
             if lungs:
-                lung = np.where(np.isin(labels, LUNGS), labels, 0).astype(np.uint8)
                 write_volume(out / f"{item.case_id}_labels.nii.gz", labels, affine)
-                write_volume(out / f"{item.case_id}_lung.nii.gz", _lung_with_lesions(lung, labels), affine)
+                sided = lesions_to_lung_sides(labels, spacing_of(affine))  # the lesions inside each lung
+                write_volume(out / f"{item.case_id}_lung.nii.gz",
+                             np.where(np.isin(sided, LUNGS), sided, 0).astype(np.uint8), affine)
             report = severity_report(labels, hu, spacing_of(affine), lungs)
             report.update(case=item.case_id, input=str(item.path), decoding={k: (list(v) if isinstance(v, tuple) else v)
                                                                               for k, v in decoding.items()},
@@ -221,20 +223,6 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
             rows.append({k: v for k, v in report.items() if not isinstance(v, (dict, list))})
     write_csv(out / "predictions.csv", rows, first=("case", "lesion_ml"))
     return rows
-
-
-def _lung_with_lesions(lung: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Lung side labels with lesion voxels assigned to the nearer predicted lung (lesions lie inside
-    a lung; the label map codes them as lesion, not by side)."""
-    lesion = np.isin(labels, OPACITY)
-    if not lesion.any() or not lung.any():
-        return lung
-    from scipy.ndimage import distance_transform_edt
-
-    _, idx = distance_transform_edt(lung == 0, return_indices=True)
-    out = lung.copy()
-    out[lesion] = lung[tuple(i[lesion] for i in idx)]
-    return out
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:

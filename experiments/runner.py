@@ -28,7 +28,7 @@ from experiments.selection import checkpoint_callbacks, chosen_checkpoint
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
 from lightning_modules.methods import METHODS
 from lightning_modules.networks import build_network
-from lightning_modules.segmentation import SegmentationModule, eval_classes
+from lightning_modules.segmentation import SegmentationModule, eval_classes, is_count
 
 PHANTOM_BANNER = ("*** PHANTOM DATA: paths.data_root is unset, so the sources are SYNTHETIC phantoms written in "
                   "the official layouts. Numbers from this run say nothing about real CT. ***")
@@ -132,7 +132,7 @@ class EpochSummary(pl.Callback):
         # callback_metrics keep the last validation's values: show them only in the epoch that validated
         validated = self.validated_epoch == trainer.current_epoch
         parts = [f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
-                 if k == "train/loss_epoch" or (validated and k.startswith("val/") and "/dice" in k)]
+                 if k == "train/loss_epoch" or (validated and k.startswith("val/") and k.rsplit("/", 1)[-1].startswith("dice"))]
         print(f"[epoch {trainer.current_epoch + 1}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
 
 
@@ -147,7 +147,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list,
                       enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
 
 
-ROW_COLUMNS = ("split", "source", "case", "class", *METRIC_NAMES, "tolerance_mm", "space")
+ROW_COLUMNS = ("split", "source", "case", "class", *METRIC_NAMES, "surface_worst_case", "tolerance_mm", "space")
 
 
 def is_rank_zero() -> bool:
@@ -236,7 +236,8 @@ def select_and_test(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationMo
         elif is_rank_zero():
             write_csv(run_dir / "selection" / name / "per_case.csv", [dict(r, split="test") for r in result[1]],
                       first=ROW_COLUMNS)
-        record["test"][name] = {k: v for k, v in result[0].items() if k.startswith("test/")}
+        # the means only: their counts are in metrics.json (headline) and would triple run.json's record
+        record["test"][name] = {k: v for k, v in result[0].items() if k.startswith("test/") and not is_count(k)}
     return metrics, val_rows, test_rows, record
 
 

@@ -15,6 +15,7 @@ the test cases during training, for oracle model selection (reported, never the 
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections import defaultdict
@@ -56,7 +57,7 @@ def eval_classes(evaluation: dict, annotated: Sequence[bool]) -> list[EvalClass]
         values = [int(v) for v in spec["values"]]
         required = [int(v) for v in (spec.get("requires") or values)]
         if all(known(v, values) for v in required):
-            out.append(EvalClass(name, tuple(values), float(spec["tolerance_mm"])))
+            out.append(EvalClass(name, tuple(values), float(spec["tolerance_mm"]), bool(spec.get("lesions_by_side"))))
     return out
 
 
@@ -65,31 +66,51 @@ def metric_key(stage: str, source: str, metric: str, cls: str, primary: str) -> 
     return f"{stage}/{source}/{metric}" if cls == primary else f"{stage}/{source}/{metric}_{cls}"
 
 
+# Every logged mean `<key>` comes with `<key>/n` (values that entered it) and `<key>/n_undefined` (NaN values
+# left out): a child of the mean's own key, so `{metric}_{class}` names stay unambiguous.
+COUNT_SUFFIXES = ("/n", "/n_undefined")
+
+
+def is_count(key: str) -> bool:
+    return key.endswith(COUNT_SUFFIXES)
+
+
+def _mean_with_counts(key: str, mean: float, n: int, n_undefined: int) -> dict[str, float]:
+    return {key: mean, f"{key}/n": float(n), f"{key}/n_undefined": float(n_undefined)}
+
+
 def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict[str, float]:
-    """Mean of each metric per source and class (undefined values, e.g. HD95 against an empty mask,
-    are left out), and the mean over sources (each source weighs the same)."""
+    """Mean of each metric per source and class, and the mean over sources (each source weighs the same),
+    each with its counts (COUNT_SUFFIXES). Undefined values (RV against an empty reference, surface metrics
+    of a validation without them) are left out of the means and counted; `{stage}/mean/...` counts the
+    case values of all its sources. A metric with no defined value gets no key rather than NaN."""
     by_src: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_src[r["source"]].append(r)
     out: dict[str, float] = {}
-    per_metric: dict[str, list[float]] = defaultdict(list)
+    source_means: dict[str, list[float]] = defaultdict(list)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for src, rs in sorted(by_src.items()):
         for cls in sorted({r["class"] for r in rs}):
             for m in METRIC_NAMES:
                 stats = describe(r[m] for r in rs if r["class"] == cls)
+                mean_key = metric_key(stage, "mean", m, cls, primary)
+                counts[mean_key][0] += stats["n"]
+                counts[mean_key][1] += stats["n_undefined"]
                 if stats["n"]:
-                    key = metric_key(stage, src, m, cls, primary)
-                    out[key] = stats["mean"]
-                    per_metric[metric_key(stage, "mean", m, cls, primary)].append(stats["mean"])
+                    out.update(_mean_with_counts(metric_key(stage, src, m, cls, primary), stats["mean"],
+                                                 stats["n"], stats["n_undefined"]))
+                    source_means[mean_key].append(stats["mean"])
         out[f"{stage}/{src}/cases"] = float(len({r["case"] for r in rs}))
-    for key, vals in per_metric.items():
-        out[key] = float(np.mean(vals))
+    for key, vals in source_means.items():
+        out.update(_mean_with_counts(key, float(np.mean(vals)), *counts[key]))
     # The model-selection score: the primary class's Dice (lesion) where it is scored; a task that scores
-    # no lesion (lungs only) selects on the mean Dice of the classes it scores.
+    # no lesion (lungs only) selects on the mean Dice of the classes it scores. Its counts are those of the
+    # Dice keys it copies or averages.
     if f"{stage}/mean/dice" in out:
         out[f"{stage}/mean/selection_dice"] = out[f"{stage}/mean/dice"]
     else:
-        dice = [v for k, v in out.items() if k.startswith(f"{stage}/mean/dice_")]
+        dice = [out[k] for k in source_means if k.startswith(f"{stage}/mean/dice_")]
         if dice:
             out[f"{stage}/mean/selection_dice"] = float(np.mean(dice))
     return out
@@ -152,6 +173,9 @@ class SegmentationModule(pl.LightningModule):
         method = dict(method or {"name": "erm"})
         self.method = build_method(method.pop("name"), **method)
         self.method.attach(self)
+        # test-time methods, while testing: the trained network state and the test source it is adapted to
+        self._trained_state: dict | None = None
+        self._adapted_to: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -198,12 +222,28 @@ class SegmentationModule(pl.LightningModule):
         return loss
 
     def on_test_start(self) -> None:
-        """Test-time methods adapt on the test images before the first case is scored. They get images only:
-        labels never leave the loader's batches. (The runner disables inference mode for them.)"""
-        if not self.method.test_time:
+        """Test-time methods keep the trained state: every test source is adapted from it (`adapt_to_source`)."""
+        if self.method.test_time:
+            # a deep copy: state_dict() shares its tensors with the network, which adaptation changes in place
+            self._trained_state = copy.deepcopy(self.net.state_dict())
+            self._adapted_to = None
+
+    def on_test_end(self) -> None:
+        if self.method.test_time:
+            self.net.load_state_dict(self._trained_state)  # the module leaves the test as it was trained
+            self._trained_state = None
+
+    def adapt_to_source(self, source: str) -> None:
+        """Test-time methods: the trained state, adapted on every test volume of `source`, before a case of it is
+        scored. Each source starts from the trained state, so its numbers never depend on which other sources
+        are tested. Methods get images only: labels never leave the loader's batches. (The runner disables
+        inference mode for them.)"""
+        if source == self._adapted_to:
             return
-        # Every DDP rank adapts on ALL test volumes (the datamodule's plain loader, not the rank's shard):
-        # the ranks keep one model, and the table is the same for any number of processes.
+        self.net.load_state_dict(self._trained_state)
+        # Every DDP rank adapts on ALL the source's test volumes (the datamodule's plain loader, not the rank's
+        # shard): the ranks hold one model, and the table is the same for any number of processes. A rank whose
+        # padded shard returns to a source adapts to it again, deterministically the same.
         dm = getattr(self.trainer, "datamodule", None)
         loaders = [dm.test_dataloader()] if dm is not None else self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
@@ -212,13 +252,16 @@ class SegmentationModule(pl.LightningModule):
         def images():
             for loader in loaders:
                 for b in loader:
-                    seen.append(1)
-                    yield b["image"].to(self.device)
+                    if b["source"][0] == source:  # volumes come one per batch
+                        seen.append(1)
+                        yield b["image"].to(self.device)
 
         with torch.enable_grad():
             self.method.adapt(self, images())
+        self._adapted_to = source
         if self.trainer.is_global_zero:
-            print(f"[method {(self.hparams.method or {}).get('name', 'erm')}] adapted on {len(seen)} unlabelled test volume(s)", flush=True)
+            print(f"[method {(self.hparams.method or {}).get('name', 'erm')}] adapted on {len(seen)} unlabelled test "
+                  f"volume(s) of {source}", flush=True)
 
     def predict_volume(self, image: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits; channels of classes no training source annotated are -inf.
@@ -278,6 +321,8 @@ class SegmentationModule(pl.LightningModule):
         self._eval_step(batch, "val" if dataloader_idx == 0 else "oracle")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if self.method.test_time:
+            self.adapt_to_source(batch["source"][0])
         self._eval_step(batch, "test")
 
     def _eval_end(self, stage: str) -> None:

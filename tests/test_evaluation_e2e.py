@@ -52,7 +52,7 @@ def test_run_scores_in_original_geometry_and_saves_what_it_scored(ctseg_run, pha
         official, _ = read_volume(phantom_root / "ctseg" / "Lung_and_Infection_Mask" / p.name)
         assert np.array_equal(ref, official)  # ctseg's codes 1, 2, 3 are the common codes
     rows = _rows(ctseg_run / "per_case.csv")
-    assert {k[2] for k in rows} == {"lesion", "lung"}  # ctseg annotates lungs: both classes scored
+    assert {k[2] for k in rows} == {"lesion", "lung", "lung_left", "lung_right"}  # ctseg annotates lungs
     assert all(r["space"] == "original" for r in rows.values())
     lesion = [r for k, r in rows.items() if k[2] == "lesion"]
     assert all(float(r["tolerance_mm"]) == 3.0 for r in lesion)
@@ -66,7 +66,8 @@ def test_run_scores_in_original_geometry_and_saves_what_it_scored(ctseg_run, pha
 def test_evaluate_reproduces_the_run_per_case_numbers(ctseg_run, phantom_root, tmp_path):
     out = tmp_path / "eval"
     rc = evaluate_main(["--pred", str(ctseg_run / "predictions"), "--ref", str(ctseg_run / "references"),
-                        "--out", str(out), "--labels", "lesion=3+6+7,lung=1+2+3+6+7",
+                        "--out", str(out), "--labels", "lesion=3+6+7,lung=1+2+3+6+7,lung_left=1,lung_right=2",
+                        "--lesions-by-side", "lung_left,lung_right",
                         "--image", str(phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases"), "--source", "ctseg"])
     assert rc == 0
     run_rows, eval_rows = _rows(ctseg_run / "per_case.csv"), _rows(out / "per_case.csv")

@@ -178,6 +178,6 @@ def test_mixed_views_train_together(tmp_path, phantom_root):
     run = json.loads((run_dir / "run.json").read_text())
     assert 0.0 <= metrics["test/ctseg/dice"] <= 1.0 and "test/ctseg/dice_ggo" not in metrics
     rows = list(csv.DictReader((run_dir / "per_case.csv").open()))
-    assert {r["class"] for r in rows} == {"lesion", "lung"}
+    assert {r["class"] for r in rows} == {"lesion", "lung", "lung_left", "lung_right"}
     assert "val/medseg/dice_ggo" in metrics  # the typed source's validation case is scored per type
     assert run["train_sources"] == ["covid19_20", "medseg"]

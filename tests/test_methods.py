@@ -70,14 +70,56 @@ def test_bn_adapt_changes_only_normalization_statistics_and_never_reads_labels()
                 raise AssertionError("a test-time method read a held-out label")
             return super().__getitem__(key)
 
-    batches = [NoLabels(image=torch.rand(1, 1, 20, 18, 10) * 3 + 1, label=None) for _ in range(2)]
-    module._trainer = SimpleNamespace(test_dataloaders=[batches], is_global_zero=True)
+    batches = [NoLabels(image=torch.rand(1, 1, 20, 18, 10) * 3 + 1, label=None, source=["mosmed"]) for _ in range(2)]
+    module._trainer = SimpleNamespace(datamodule=None, test_dataloaders=[batches], is_global_zero=True)
     module.on_test_start()
+    module.adapt_to_source("mosmed")
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "bn_adapt changed nothing"
     assert all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed), changed
     assert not module.net.training
+    module.on_test_end()
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # the trained state again
+
+
+def _volume(source: str, case: str, image: torch.Tensor) -> dict:
+    """A test batch as the volume loader collates it: one harmonized volume with a lesion block."""
+    label = torch.zeros(1, 1, *image.shape[2:], dtype=torch.long)
+    label[..., 4:12, 4:12, 2:6] = 3
+    return {"image": image, "label": label, "annotated": torch.tensor([[True, False, False, True] + [False] * 4]),
+            "spacing": torch.tensor([[1.0, 1.0, 2.0]], dtype=torch.float64), "source": [source], "case": [case]}
+
+
+@pytest.mark.parametrize("method, params", [("bn_adapt", {}), ("tent", {"lr": 0.05, "steps": 2})])
+def test_each_test_source_is_adapted_alone_from_the_trained_state(method, params, capsys):
+    """Source a scores the same whether or not source b (other intensities) is tested too, in any order of
+    cases: each source is adapted on its own volumes, starting from the trained state (tent's tuned affine
+    parameters of b must not carry over to a)."""
+    g = torch.Generator().manual_seed(0)
+    a = [_volume("a", f"a{i}", torch.rand(1, 1, 20, 18, 10, generator=g)) for i in range(2)]
+    b = [_volume("b", f"b{i}", torch.rand(1, 1, 20, 18, 10, generator=g) * 4 + 2) for i in range(2)]
+
+    def rows_of_a(batches):
+        module = tiny_module(method, **params)
+        trained = {k: v.clone() for k, v in module.state_dict().items()}
+        module._trainer = SimpleNamespace(datamodule=None, test_dataloaders=[batches], is_global_zero=True)
+        module.eval()
+        module.on_test_start()
+        with torch.no_grad():  # as Lightning's test loop (inference mode off for test-time methods)
+            for i, batch in enumerate(batches):
+                module.test_step(batch, i)
+        module.on_test_end()
+        restored = all(torch.equal(v, module.state_dict()[k]) for k, v in trained.items())
+        return [r for r in module.rows["test"] if r["source"] == "a"], restored
+
+    alone, restored = rows_of_a(a)
+    said_alone = capsys.readouterr().out
+    with_b, restored_too = rows_of_a([b[0], a[0], b[1], a[1]])
+    assert len(alone) == 2 and with_b == alone
+    assert restored and restored_too  # the module leaves the test as it was trained
+    assert f"[method {method}] adapted on 2 unlabelled test volume(s) of a" in said_alone
+    assert "volume(s) of b" in capsys.readouterr().out
 
 
 def test_bn_adapt_and_tent_refuse_networks_without_what_they_adapt():

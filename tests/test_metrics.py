@@ -284,25 +284,42 @@ def test_empty_masks(shape, spacing):
     blob[(slice(2, 5),) * len(shape)] = True
     voxel_ml = math.prod(spacing) / 1000
 
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing)))
+
     both = M.score_pair(empty, empty, spacing, tolerance_mm=1.0)
     assert both == {"dice": 1.0, "iou": 1.0, "nsd": 1.0, "hd95": 0.0, "asd": 0.0, "rv": 1.0, "ref_ml": 0.0,
-                    "pred_ml": 0.0}
+                    "pred_ml": 0.0, "surface_worst_case": False}
     sd = M.surface_distances(empty, empty, spacing)
     assert sd.areas_ref.size == sd.areas_pred.size == sd.distances_ref_to_pred.size == 0
 
     ref_empty = M.score_pair(blob, empty, spacing, tolerance_mm=1.0)
     assert (ref_empty["dice"], ref_empty["iou"], ref_empty["nsd"]) == (0.0, 0.0, 0.0)
-    assert math.isnan(ref_empty["hd95"]) and math.isnan(ref_empty["asd"]) and math.isnan(ref_empty["rv"])
+    assert ref_empty["hd95"] == ref_empty["asd"] == pytest.approx(diagonal) and ref_empty["surface_worst_case"]
+    assert math.isnan(ref_empty["rv"])
     assert ref_empty["ref_ml"] == 0.0 and ref_empty["pred_ml"] == pytest.approx(blob.sum() * voxel_ml)
 
     pred_empty = M.score_pair(empty, blob, spacing, tolerance_mm=1.0)
     assert (pred_empty["dice"], pred_empty["iou"], pred_empty["nsd"], pred_empty["rv"]) == (0.0, 0.0, 0.0, 0.0)
-    assert math.isnan(pred_empty["hd95"]) and math.isnan(pred_empty["asd"])
+    assert pred_empty["hd95"] == pred_empty["asd"] == pytest.approx(diagonal) and pred_empty["surface_worst_case"]
 
-    # The non-empty side keeps its surfels, at distance inf from the missing surface.
+    # The non-empty side keeps its surfels, at distance inf from the missing surface; the pure functions
+    # on them say undefined (NaN), score_pair replaces that by the worst case above.
     sd = M.surface_distances(empty, blob, spacing)
     assert sd.areas_pred.size == 0 and sd.areas_ref.size > 0 and np.all(np.isinf(sd.distances_ref_to_pred))
     assert M.nsd(sd, 1e9) == 0.0 and math.isnan(M.hausdorff(sd, 100))
+
+
+def test_a_total_miss_scores_the_diagonal_of_the_full_grid_in_mm():
+    """10 x 20 x 5 voxels of 1 x 0.5 x 2 mm span 10 x 10 x 10 mm: diagonal sqrt(300) mm, whatever the
+    (here tiny, corner) bounding box the masks are cropped to."""
+    ref = np.zeros((10, 20, 5), bool)
+    ref[0, 0, 0] = True
+    scores = M.score_pair(np.zeros_like(ref), ref, (1.0, 0.5, 2.0), tolerance_mm=1.0)
+    assert scores["hd95"] == scores["asd"] == pytest.approx(math.sqrt(10**2 + 10**2 + 10**2))
+    assert scores["surface_worst_case"] and scores["dice"] == 0.0
+    assert M.grid_diagonal_mm((10, 20, 5), (1.0, 0.5, 2.0)) == pytest.approx(math.sqrt(300))
+    hit = M.score_pair(ref, ref, (1.0, 0.5, 2.0), tolerance_mm=1.0)
+    assert hit["hd95"] == 0.0 and not hit["surface_worst_case"]
 
 
 # ------------------------------------------------------------------------------------- overlap and volume
@@ -335,10 +352,11 @@ def test_overlap_metrics_on_label_maps():
 
 def test_score_pair_keys():
     pred, ref, spacing = _random_case(1)
-    assert tuple(M.score_pair(pred, ref, spacing, 1.0)) == M.METRIC_NAMES
+    assert tuple(M.score_pair(pred, ref, spacing, 1.0)) == (*M.METRIC_NAMES, "surface_worst_case")
     scores = M.score_pair(pred, ref, spacing, 1.0, percentile=99.5)
     assert "hd99.5" in scores and "hd95" not in scores
-    assert all(isinstance(v, float) for v in scores.values())
+    flag = scores.pop("surface_worst_case")
+    assert flag is False and all(isinstance(v, float) for v in scores.values())
     assert scores["ref_ml"] == pytest.approx(M.volume_ml(ref, spacing))
     assert scores["pred_ml"] == pytest.approx(M.volume_ml(pred, spacing))
 

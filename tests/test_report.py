@@ -150,7 +150,7 @@ def test_means_over_seeds_and_undefined_counts(loso_report):
     assert mos["dice"]["mean"] == pytest.approx(0.65) and mos["dice"]["std"] == pytest.approx(SD2)
     assert mos["dice"]["n_seeds"] == 2 and mos["dice"]["n_cases"] == 3 and mos["dice"]["n_undefined"] == 0
     assert mos["hd95"]["mean"] == pytest.approx(6.0) and mos["hd95"]["std"] == pytest.approx(0.0)
-    assert mos["hd95"]["n_undefined"] == 2 and mos["hd95"]["n_values"] == 6
+    assert mos["hd95"]["n_undefined"] == 2 and mos["hd95"]["n"] == 4  # 6 case values over 2 seeds, 2 NaN
     ct = _row(rep["results"], "loso/smoke: holdout ctseg", "ctseg")["metrics"]["dice"]
     assert ct["mean"] == pytest.approx(0.35) and ct["std"] == pytest.approx(SD2)
     lung = _row(rep["results"], "loso/smoke: holdout ctseg", "ctseg", "lung")["metrics"]["dice"]
@@ -164,6 +164,7 @@ def test_means_over_seeds_and_undefined_counts(loso_report):
     (csv_row,) = [r for r in _csv(out / "tables" / "results.csv")
                   if r["config"] == "loso/smoke: holdout mosmed" and r["class"] == "lesion"]
     assert float(csv_row["dice_mean"]) == pytest.approx(0.65) and csv_row["hd95_n_undefined"] == "2"
+    assert csv_row["hd95_n"] == "4" and csv_row["dice_n"] == "6"
     assert "(2 undef.)" in (out / "summary.md").read_text(encoding="utf-8")
 
 

@@ -4,7 +4,15 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.scoring import make_classes, parse_labels, parse_tolerances, score_case, severity_columns, summarize
+from evaluation.scoring import (
+    lesions_to_lung_sides,
+    make_classes,
+    parse_labels,
+    parse_tolerances,
+    score_case,
+    severity_columns,
+    summarize,
+)
 
 
 def test_labels_and_tolerances_parse_and_fail_clearly():
@@ -22,6 +30,46 @@ def test_labels_and_tolerances_parse_and_fail_clearly():
         make_classes({"effusion": (4,)})
     with pytest.raises(ValueError, match="not among the classes"):
         make_classes({"lesion": (1,)}, {"lung": 1.0})
+    sides = make_classes({"lesion": (3,), "lung_left": (1,)}, by_side=["lung_left"])
+    assert [c.lesions_by_side for c in sides] == [False, True]
+    with pytest.raises(ValueError, match="--lesions-by-side names"):
+        make_classes({"lesion": (3,)}, by_side=["lung_left"])
+    with pytest.raises(ValueError, match="must be among them"):
+        make_classes({"lesion": (3,)}, by_side=["lesion"])
+
+
+def test_lesions_join_the_nearer_lung_side_in_mm():
+    """Spacing 1 x 1 x 3 mm. The lesion at (2, 0, 3) is 2 voxels = 2 mm from the left lung voxel and 1 voxel
+    = 3 mm from the right one: left, although the right is nearer in voxels. The lesion at (2, 0, 6) is
+    6 mm from the right voxel and sqrt(2^2 + 9^2) mm from the left: right."""
+    labels = np.zeros((5, 1, 7), np.uint8)
+    labels[0, 0, 3], labels[2, 0, 4] = 1, 2
+    labels[2, 0, 3], labels[2, 0, 6] = 3, 7  # a lesion and a consolidation
+    sided = lesions_to_lung_sides(labels, (1.0, 1.0, 3.0))
+    assert (sided[2, 0, 3], sided[2, 0, 6]) == (1, 2)
+    assert np.array_equal(np.delete(sided.ravel(), [17, 20]), np.delete(labels.ravel(), [17, 20]))  # nothing else
+    assert labels[2, 0, 3] == 3  # the input is left as it is
+    no_lungs = np.where(np.isin(labels, (1, 2)), 0, labels)
+    assert lesions_to_lung_sides(no_lungs, (1.0, 1.0, 3.0)) is no_lungs
+
+
+def test_lung_sides_show_a_left_right_swap_that_whole_lungs_hide():
+    """Left lung x = 0..1 (24 voxels, one of them a lesion), right lung x = 4..5. A prediction with the two
+    sides exchanged scores Dice 1 on whole lungs and 0 on each side; a prediction that calls the lesion
+    lung (as COVID-19-CT-Seg's Lung_Mask does) scores 1 on the left lung, the lesion being inside it."""
+    ref = np.zeros((4, 6, 3), np.uint8)
+    ref[:, 0:2], ref[:, 4:6] = 1, 2
+    ref[1, 1, 1] = 3
+    classes = make_classes({"lung": (1, 2, 3, 6, 7), "lung_left": (1,), "lung_right": (2,)},
+                           by_side=["lung_left", "lung_right"])
+    swapped = np.choose(ref, [0, 2, 1, 3]).astype(np.uint8)
+    rows = {r["class"]: r for r in score_case(swapped, ref, (1.0, 1.0, 1.0), classes)}
+    assert rows["lung"]["dice"] == 1.0 and rows["lung"]["hd95"] == 0.0
+    assert rows["lung_left"]["dice"] == rows["lung_right"]["dice"] == 0.0
+    assert rows["lung_left"]["ref_ml"] == rows["lung_left"]["pred_ml"] == pytest.approx(24 / 1000)
+    lung_mask_style = np.where(ref == 3, 1, ref)
+    rows = {r["class"]: r for r in score_case(lung_mask_style, ref, (1.0, 1.0, 1.0), classes)}
+    assert rows["lung_left"]["dice"] == rows["lung_right"]["dice"] == rows["lung"]["dice"] == 1.0
 
 
 def test_merged_opacity_class_and_pooled_relative_volume():

@@ -91,3 +91,30 @@ def test_wandb_logger_ids_and_groups(tmp_path, monkeypatch):
     assert make_wandb_logger(cfg, tmp_path / "run", "n", "transfer", [])._wandb_init["id"] is None
     default = make_wandb_logger(load_config(["experiment=smoke", "wandb.mode=offline"]), tmp_path, "n", "loso", [])
     assert default._wandb_init["group"] == "loso-smoke"
+
+
+def _names(node) -> list[str]:
+    """Every string anywhere in a YAML node (metric names may sit in nested keys or values)."""
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in _names(k) + _names(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _names(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_every_sweep_objective_is_the_training_sources_validation_score():
+    """A W&B Bayesian or random sweep tunes on its metric: a test/ metric would tune on the held-out source.
+    The objective is the checkpoint-selection score, which aggregate() logs on every validation."""
+    from lightning_modules.segmentation import aggregate
+    from sweeps.expand import SWEEP_DIR
+
+    files = sorted(SWEEP_DIR.glob("*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        spec = wandb_spec(load_sweep(str(path)), SOURCES, ["experiment=smoke"])
+        assert spec["metric"]["name"] == "val/mean/selection_dice", path.name
+        named = _names(spec["metric"]) + _names(spec.get("early_terminate", {}))
+        assert not any("test/" in s for s in named), (path.name, named)
+    rows = [{"source": "a", "case": "1", "class": "lesion", **dict.fromkeys(
+        ("dice", "iou", "nsd", "hd95", "asd", "rv", "ref_ml", "pred_ml"), 0.5)}]
+    assert "val/mean/selection_dice" in aggregate(rows, "val")

@@ -86,6 +86,56 @@ def test_eval_classes_follow_what_the_source_annotates_and_aggregate_by_source()
     assert agg["test/b/cases"] == 1.0
 
 
+def test_a_total_miss_raises_the_mean_hd95_and_every_mean_is_counted():
+    """Source a: one perfect case (HD95 0) and one total miss. The miss scores the grid diagonal, 10 x 20 x 5
+    voxels of 1 x 0.5 x 2 mm -> sqrt(300) mm, so a's mean HD95 is sqrt(300) / 2, not the 0 of the hit alone
+    (a NaN left out of the mean would have made the miss invisible). Source b: a false alarm on an empty
+    reference, whose RV is undefined (left out of the mean, counted)."""
+    classes = eval_classes(EVALUATION, [True, False, False, True])
+    spacing, diagonal = (1.0, 0.5, 2.0), np.sqrt(300.0)
+    ref = np.zeros((10, 20, 5), np.uint8)
+    ref[2:5, 4:10, 1:3] = 3
+    empty = np.zeros_like(ref)
+    cases = [("a", "hit", ref, ref), ("a", "miss", empty, ref), ("b", "alarm", ref, empty)]
+    rows = [dict(r, source=src, case=case) for src, case, pred, truth in cases
+            for r in score_case(pred, truth, spacing, classes)]
+    agg = aggregate(rows, "test")
+    hit_only = aggregate(rows[:1], "test")
+    assert hit_only["test/a/hd95"] == 0.0
+    assert agg["test/a/hd95"] > hit_only["test/a/hd95"]
+    assert agg["test/a/hd95"] == agg["test/a/asd"] == pytest.approx(diagonal / 2)
+    assert [r["surface_worst_case"] for r in rows] == [False, True, True]
+    assert agg["test/a/hd95/n"] == 2 and agg["test/a/hd95/n_undefined"] == 0
+    assert agg["test/mean/hd95"] == pytest.approx((diagonal / 2 + diagonal) / 2)  # sources weigh equally
+    assert agg["test/mean/hd95/n"] == 3 and agg["test/mean/hd95/n_undefined"] == 0
+    # RV: a's hit 1 and miss 0; b's false alarm undefined, so b has no RV mean, but the mean over sources
+    # counts it as left out
+    assert agg["test/a/rv"] == 0.5 and "test/b/rv" not in agg and "test/b/rv/n_undefined" not in agg
+    assert agg["test/mean/rv"] == 0.5 and agg["test/mean/rv/n"] == 2 and agg["test/mean/rv/n_undefined"] == 1
+    assert agg["test/mean/selection_dice"] == agg["test/mean/dice"] == pytest.approx((0.5 + 0.0) / 2)
+    assert "test/mean/selection_dice/n" not in agg  # a selection score, not a mean of its own
+
+
+def test_lung_sides_are_scored_wherever_a_source_annotates_both_lungs():
+    """base.yaml's classes: COVID-19-CT-Seg (either mask with lungs) and StructSeg get each lung besides whole
+    lungs, with the lesions inside them; a lesion-only source gets neither."""
+    from omegaconf import OmegaConf
+
+    from datamodules.sources import SOURCES
+    from experiments.config import load_config
+
+    evaluation = OmegaConf.to_container(load_config([]).evaluation)
+
+    def scored(source, policy):
+        return {c.name: c.lesions_by_side for c in eval_classes(
+            evaluation, SOURCES[source].POLICIES[policy].annotated_vector().tolist())}
+
+    sides = {"lung": False, "lung_left": True, "lung_right": True}
+    assert scored("ctseg", "lung_and_infection") == {"lesion": False, **sides}
+    assert scored("ctseg", "lung") == scored("structseg", "oar") == sides
+    assert scored("mosmed", "lesion") == {"lesion": False}
+
+
 def test_prepare_and_setup_touch_each_case_once(dm):
     n = len(dm.split.train) + len(dm.split.val) + len(dm.split.test)
     assert dm.cache.hits + dm.cache.misses == n

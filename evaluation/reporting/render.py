@@ -73,12 +73,14 @@ def _results_tables(tables: dict) -> list[Table]:
     metrics = [m for m in METRICS if any(m in r["metrics"] for r in res)]
     base = ["data", "kind", "experiment", "eval_space", "config", "train_sources", "test_source", "class", "n_runs",
             "n_seeds", "n_cases", "nsd_tolerance_mm"]
-    stats_cols = [f"{m}_{s}" for m in metrics for s in ("mean", "std", "ci_low", "ci_high", "n_undefined")]
+    # n: case values behind the mean (over all seeds), n_undefined: NaN values left out of it
+    stats = ("mean", "std", "ci_low", "ci_high", "n", "n_undefined")
+    stats_cols = [f"{m}_{s}" for m in metrics for s in stats]
     flat = []
     for r in res:
         row = {k: r[k] for k in base} | {"data": _data(r["data"])}
         for m, cell in r["metrics"].items():
-            row.update({f"{m}_{s}": cell[s] for s in ("mean", "std", "ci_low", "ci_high", "n_undefined")})
+            row.update({f"{m}_{s}": cell[s] for s in stats})
         flat.append(row)
     m, cls = meta["metric"], meta["class"]
     head = [i for i, r in enumerate(res) if r["class"] == cls and m in r["metrics"]]

@@ -16,15 +16,16 @@ from evaluation.stats import bootstrap_ci, bootstrap_ci_strata, summarize
 
 
 def _cell(config: Config, source: str, cls: str, metric: str, n_boot: int, seed: int) -> dict | None:
-    """Mean +- std over seeds of the per-run mean over cases, and a bootstrap CI over seed-averaged cases."""
-    per_run, by_case, n_values, n_undefined = [], defaultdict(list), 0, 0
+    """Mean +- std over seeds of the per-run mean over cases, and a bootstrap CI over seed-averaged cases;
+    `n` counts the case values (of every seed) behind it, `n_undefined` the NaN ones left out."""
+    per_run, by_case, n, n_undefined = [], defaultdict(list), 0, 0
     for r in config.runs:
         vals = [(c["case"], c.get(metric, math.nan)) for c in r.cases if c["source"] == source and c["class"] == cls]
         if not vals:
             continue
         s = summarize(v for _, v in vals)
         per_run.append((r, s["mean"]))
-        n_values, n_undefined = n_values + len(vals), n_undefined + s["n_undefined"]
+        n, n_undefined = n + s["n"], n_undefined + s["n_undefined"]
         for case, v in vals:
             by_case[case].append(v)
     if not per_run:
@@ -33,7 +34,7 @@ def _cell(config: Config, source: str, cls: str, metric: str, n_boot: int, seed:
     over_seeds = summarize(v for _, v in per_run)
     low, high = bootstrap_ci(case_means, n_boot=n_boot, seed=seed)
     return {"mean": over_seeds["mean"], "std": over_seeds["std"], "n_seeds": over_seeds["n"], "ci_low": low,
-            "ci_high": high, "n_cases": len(by_case), "n_values": n_values, "n_undefined": n_undefined,
+            "ci_high": high, "n_cases": len(by_case), "n": n, "n_undefined": n_undefined,
             "per_seed": [{"seed": r.seed, "value": v} for r, v in per_run],
             "_runs": {str(r.path): v for r, v in per_run}, "_strata": [case_means]}
 
@@ -50,7 +51,7 @@ def _source_mean(config: Config, cells: list[dict], n_boot: int, seed: int) -> d
     per_run = [(r.seed, float(np.mean([c["_runs"].get(str(r.path), math.nan) for c in cells]))) for r in config.runs]
     strata = [c["_strata"][0] for c in cells]
     out = _combine(per_run, strata, [1.0] * len(strata), n_boot, seed, n_cases=sum(c["n_cases"] for c in cells),
-                   n_values=sum(c["n_values"] for c in cells), n_undefined=sum(c["n_undefined"] for c in cells))
+                   n=sum(c["n"] for c in cells), n_undefined=sum(c["n_undefined"] for c in cells))
     out["_runs"] = {str(r.path): v for r, (_, v) in zip(config.runs, per_run)}
     out["_strata"] = strata
     return out
@@ -76,7 +77,7 @@ def _config_average(configs: list[Config], cells: list[dict], n_boot: int, seed:
         strata += cell["_strata"]
         weights += [1.0 / len(cells) / len(cell["_strata"])] * len(cell["_strata"])
     return _combine(per_run, strata, weights, n_boot, seed, n_cases=sum(c["n_cases"] for c in cells),
-                    n_values=sum(c["n_values"] for c in cells),
+                    n=sum(c["n"] for c in cells),
                     n_undefined=sum(c["n_undefined"] for c in cells)), note
 
 
