@@ -80,9 +80,13 @@ def _lesion_dice_cells(tables: dict, column_of: dict[str, str]) -> dict[tuple[st
     """(held-out source, column) -> held-out lesion Dice cell (mean, std, n_seeds over seeds) of the LOSO
     configurations `column_of` names (configuration label -> table column)."""
     cells: dict[tuple[str, str], dict | None] = {}
+    filled_by: dict[tuple[str, str], str] = {}
     for r in tables["results"]:
         if r["kind"] == "loso" and r["class"] == "lesion" and r["test_source"] != "mean" and r["config"] in column_of:
-            cells[(r["test_source"], column_of[r["config"]])] = r["metrics"].get("dice")
+            key = (r["test_source"], column_of[r["config"]])
+            if key in filled_by:  # runs differing in something the table does not show: never pick one silently
+                raise ValueError(f"configurations {filled_by[key]!r} and {r['config']!r} both fill the cell {key}")
+            cells[key], filled_by[key] = r["metrics"].get("dice"), r["config"]
     if not cells:
         raise ValueError("no LOSO lesion results in the sweep's runs")
     return cells

@@ -4,6 +4,7 @@ import csv
 import pytest
 
 from experiments.config import load_config
+from experiments.list import catalogue
 from experiments.runner import variant
 from sweeps.expand import expand, load_sweep
 from sweeps.run_one import plan_run
@@ -27,6 +28,11 @@ def test_sweep_is_loso_over_every_source_times_each_step_off(tmp_path):
         folders.add(run_dir)
     assert offs == {s: ["none", "decode", "resample", "normalize"] for s in sources}
     assert len(folders) == 12  # every arm has its own run folder
+
+
+def test_experiments_list_describes_the_sweep():
+    sweeps = {e["name"]: e["description"] for e in catalogue()["sweeps"]}
+    assert sweeps["harmonization"].startswith("Harmonization ablation: LOSO over every source")
 
 
 def test_variant_names_the_steps_switched_off_in_harmonizer_order():
@@ -74,3 +80,12 @@ def test_harmonization_table_against_all_steps_on(tmp_path, monkeypatch):
     assert "| held-out source | all steps on | decode off | resample off | normalize off |" in md
     assert "| mosmed | 0.600 ± 0.141 | 0.300 ± 0.141 (-0.300) | 0.700 ± 0.141 (+0.100) | 0.200 ± 0.141 (-0.400) |" in md
     assert "| mean | 0.600 | 0.250 (-0.350) | 0.650 (+0.050) | 0.150 (-0.450) |" in md
+
+
+def test_two_configurations_in_one_cell_are_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for method in ("erm", "dann"):  # same held-out source, all steps on, but two methods: which one is the cell?
+        write_run(tmp_path / method, holdout="mosmed", rows=[("mosmed", "c0", "lesion", {"dice": 0.5})],
+                  run_json_extra={"method": method})
+    with pytest.raises(ValueError, match=r"both fill the cell \('mosmed', 'all_on'\)"):
+        summarize_sweep(tmp_path, "harmonization_table", n_boot=10)
