@@ -379,10 +379,13 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
 
 
 def variant(cfg: DictConfig) -> dict:
-    """What the run trained, by registry name: the report keeps runs of different methods, networks or losses
-    apart (run.json; older runs without these keys read as the defaults)."""
+    """What the run trained, by registry name: the report keeps runs of different methods, networks, losses or
+    harmonizer steps switched off apart (run.json; older runs without these keys read as the defaults).
+    `harmonize_off` is `none` (every step ran) or the steps switched off, in harmonizer order, joined by `+`."""
+    off = [s for s in ABLATABLE_STEPS if s in cfg.data.harmonize_off]
     return {"method": cfg.method.name, "network": f"{cfg.model.name}{cfg.model.spatial_dims}d"
-            + (f"+{cfg.model.context_slices}" if cfg.model.context_slices else ""), "loss": cfg.loss.name}
+            + (f"+{cfg.model.context_slices}" if cfg.model.context_slices else ""), "loss": cfg.loss.name,
+            "harmonize_off": "+".join(off) or "none"}
 
 
 def run_tags(cfg: DictConfig, kind: str, split, phantom: bool) -> list[str]:
@@ -390,6 +393,8 @@ def run_tags(cfg: DictConfig, kind: str, split, phantom: bool) -> list[str]:
     v = variant(cfg)
     tags = [kind, "phantom" if phantom else "real", f"model:{v['network']}", f"method:{v['method']}",
             f"loss:{v['loss']}", f"selection:{cfg.selection.method}", f"experiment:{cfg.experiment}"]
+    if v["harmonize_off"] != "none":
+        tags.append(f"harmonize_off:{v['harmonize_off']}")
     tags += [f"holdout:{s}" for s in split.held_out] + [f"train:{s}" for s in split.train_sources]
     tags += [f"test:{s}" for s in split.test_sources]
     if cfg.preset:

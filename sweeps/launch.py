@@ -10,7 +10,8 @@ Backends are thin launchers, never a scheduler of our own:
 
 The sweep folder is `<runs>/<sweep>-<preset>/`: `sweep.yaml` (resolved), `runs.json` (every run's
 overrides, folder and state), the run folders, `report/` and the sweep's headline file
-(`transfer_matrix.csv`/`.png`/`.md`, `loso_table.csv`/`.md`, `methods_table.csv`/`.md`).
+(`transfer_matrix.csv`/`.png`/`.md`, `loso_table.csv`/`.md`, `methods_table.csv`/`.md`,
+`harmonization_table.csv`/`.md`).
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize_sweep(sweep_dir, (spec.get("covid_dg") or {}).get("report"),
                               wandb_group=sweep.group)
     print(f"[sweep] all {len(runs)} runs finished; report {summary['report']}", flush=True)
-    for name in ("transfer_matrix.csv", "transfer_matrix.png", "loso_table.csv", "methods_table.md"):
+    for name in ("transfer_matrix.csv", "transfer_matrix.png", "loso_table.csv", "methods_table.md",
+                 "harmonization_table.md"):
         if (sweep_dir / name).exists():
             print(f"[sweep] {sweep_dir / name}", flush=True)
     return 0

@@ -4,7 +4,9 @@
   over seeds; `<test>_std` and `<test>_n_cases` beside), `transfer_matrix.png` and `transfer_matrix.md`;
 - `loso_table`: `loso_table.csv` / `.md`: one row per held-out source, Dice / NSD / HD95 mean ± std;
 - `methods_table`: `methods_table.csv` / `.md`: held-out source x DG method, lesion Dice mean ± std over
-  seeds and the difference from erm.
+  seeds and the difference from erm;
+- `harmonization_table`: `harmonization_table.csv` / `.md`: held-out source x harmonizer step switched off
+  (run.json `harmonize_off`), lesion Dice mean ± std over seeds and the difference from all steps on.
 Everything says PHANTOM DATA when a run used phantom sources.
 """
 from __future__ import annotations
@@ -74,45 +76,88 @@ def _loso_table(tables: dict, out: Path, phantom: bool) -> dict:
     return {"rows": [f["holdout"] for f in flat]}
 
 
-def _methods_table(tables: dict, out: Path, phantom: bool) -> dict:
-    """Held-out lesion Dice per (held-out source, method), mean ± std over seeds, and each method's difference
-    from erm on the same held-out source (the same patients); the last row averages the held-out sources."""
-    method_of = {c.label: c.first.method for c in tables["_configs"]}
-    cells: dict[tuple[str, str], dict] = {}
+def _lesion_dice_cells(tables: dict, column_of: dict[str, str]) -> dict[tuple[str, str], dict | None]:
+    """(held-out source, column) -> held-out lesion Dice cell (mean, std, n_seeds over seeds) of the LOSO
+    configurations `column_of` names (configuration label -> table column)."""
+    cells: dict[tuple[str, str], dict | None] = {}
+    filled_by: dict[tuple[str, str], str] = {}
     for r in tables["results"]:
-        if r["kind"] == "loso" and r["class"] == "lesion" and r["test_source"] != "mean" and r["config"] in method_of:
-            cells[(r["test_source"], method_of[r["config"]])] = r["metrics"].get("dice")
+        if r["kind"] == "loso" and r["class"] == "lesion" and r["test_source"] != "mean" and r["config"] in column_of:
+            key = (r["test_source"], column_of[r["config"]])
+            if key in filled_by:  # runs differing in something the table does not show: never pick one silently
+                raise ValueError(f"configurations {filled_by[key]!r} and {r['config']!r} both fill the cell {key}")
+            cells[key], filled_by[key] = r["metrics"].get("dice"), r["config"]
     if not cells:
         raise ValueError("no LOSO lesion results in the sweep's runs")
+    return cells
+
+
+def _against_baseline(cells: dict, columns: list[str], baseline: str) -> tuple[list[str], list[dict], list[list[str]]]:
+    """Rows of held-out sources plus a mean row: each column's Dice (± std over seeds) and its difference from
+    `baseline` on the same held-out source and seeds. Returns (row names, CSV rows, markdown cells)."""
     holdouts = sorted({h for h, _ in cells})
-    methods = sorted({m for _, m in cells}, key=lambda m: (m != "erm", m))
-    for m in methods:  # the mean row: every held-out source weighs the same; undefined unless all are there
+    for m in columns:  # the mean row: every held-out source weighs the same; undefined unless all are there
         vals = [cells[(h, m)]["mean"] for h in holdouts if cells.get((h, m))]
         cells[("mean", m)] = {"mean": sum(vals) / len(vals) if len(vals) == len(holdouts) else math.nan,
                               "std": math.nan}
     flat, shown = [], []
     for h in [*holdouts, "mean"]:
-        erm = cells[(h, "erm")]["mean"] if cells.get((h, "erm")) else math.nan
+        base = cells[(h, baseline)]["mean"] if cells.get((h, baseline)) else math.nan
         row, cols = {"holdout": h}, [h]
-        for m in methods:
+        for m in columns:
             cell = cells.get((h, m))
             value = cell["mean"] if cell else math.nan
             row[m], row[f"{m}_std"] = value, cell.get("std", math.nan) if cell else math.nan
             row[f"{m}_n_seeds"] = cell.get("n_seeds", 0) if cell else 0
-            row[f"{m}_vs_erm"] = value - erm
-            delta = "" if m == "erm" or not math.isfinite(value - erm) else f" ({value - erm:+.3f})"
+            row[f"{m}_vs_{baseline}"] = value - base
+            delta = "" if m == baseline or not math.isfinite(value - base) else f" ({value - base:+.3f})"
             cols.append((_pm(cell) if cell and math.isfinite(value) else "n/a") + delta)
         flat.append(row)
         shown.append(cols)
+    return [*holdouts, "mean"], flat, shown
+
+
+def _methods_table(tables: dict, out: Path, phantom: bool) -> dict:
+    """Held-out lesion Dice per (held-out source, method), mean ± std over seeds, and each method's difference
+    from erm on the same held-out source (the same patients); the last row averages the held-out sources."""
+    cells = _lesion_dice_cells(tables, {c.label: c.first.method for c in tables["_configs"]})
+    methods = sorted({m for _, m in cells}, key=lambda m: (m != "erm", m))
+    rows, flat, shown = _against_baseline(cells, methods, "erm")
     write_csv(out / "methods_table.csv", flat, first=["holdout", *methods])
     mark = f"**{PHANTOM_MARK}**\n\n" if phantom else ""
     atomic_write_text(out / "methods_table.md", f"{mark}# DG methods: held-out lesion Dice (LOSO)\n\nmean ± std over "
                       "seeds; in brackets the difference from erm on the same held-out source and seeds.\n\n"
                       + to_markdown(["held-out source", *methods], shown) + "\n")
-    return {"rows": [*holdouts, "mean"], "columns": methods}
+    return {"rows": rows, "columns": methods}
 
 
-SUMMARIES = {"transfer_matrix": _transfer_matrix, "loso_table": _loso_table, "methods_table": _methods_table}
+def _ablation_column(off: str) -> str:
+    """run.json `harmonize_off` -> table column: `all_on` for every step, else `<steps>_off`."""
+    return "all_on" if off == "none" else f"{off}_off"
+
+
+def _harmonization_table(tables: dict, out: Path, phantom: bool) -> dict:
+    """Held-out lesion Dice per (held-out source, harmonizer step switched off), mean ± std over seeds, and the
+    difference from all steps on for the same held-out source and seeds; the last row averages the sources."""
+    from datamodules.harmonize import ABLATABLE_STEPS  # imports torch: only for this table
+
+    cells = _lesion_dice_cells(tables, {c.label: _ablation_column(c.first.harmonize_off) for c in tables["_configs"]})
+    order = ["all_on", *[f"{s}_off" for s in ABLATABLE_STEPS]]  # harmonizer order; combinations after
+    columns = sorted({m for _, m in cells}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    rows, flat, shown = _against_baseline(cells, columns, "all_on")
+    write_csv(out / "harmonization_table.csv", flat, first=["holdout", *columns])
+    mark = f"**{PHANTOM_MARK}**\n\n" if phantom else ""
+    heads = ["all steps on" if m == "all_on" else m.replace("_off", " off") for m in columns]
+    atomic_write_text(out / "harmonization_table.md", f"{mark}# Harmonizer steps: held-out lesion Dice (LOSO)\n\n"
+                      "Each column switches one harmonizer step off (`data.harmonize_off`): decode off reads 8-bit "
+                      "windowed exports as HU, resample off keeps each case's own voxel spacing, normalize off feeds "
+                      "unclipped HU. Mean ± std over seeds; in brackets the difference from all steps on for the same "
+                      "held-out source and seeds.\n\n" + to_markdown(["held-out source", *heads], shown) + "\n")
+    return {"rows": rows, "columns": columns}
+
+
+SUMMARIES = {"transfer_matrix": _transfer_matrix, "loso_table": _loso_table, "methods_table": _methods_table,
+             "harmonization_table": _harmonization_table}
 
 
 def summarize_sweep(sweep_dir: Path, kind: str | None, n_boot: int = 1000, wandb_group: str | None = None) -> dict:

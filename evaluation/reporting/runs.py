@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from evaluation.reporting.common import DEFAULT_SPACE, METRICS, ReportError, warn
 
 # run.json's registry names of what trained; runs written before they were recorded read as these
-VARIANT_DEFAULTS = {"method": "erm", "network": "unet3d", "loss": "dice_ce"}
+VARIANT_DEFAULTS = {"method": "erm", "network": "unet3d", "loss": "dice_ce", "harmonize_off": "none"}
 
 
 @dataclass
@@ -42,6 +42,11 @@ class RunRecord:
     @property
     def method(self) -> str:
         return str(self.info.get("method", VARIANT_DEFAULTS["method"]))
+
+    @property
+    def harmonize_off(self) -> str:
+        """Harmonizer steps switched off (`none`, `decode`, `decode+resample`, ...; sweeps/harmonization.yaml)."""
+        return str(self.info.get("harmonize_off", VARIANT_DEFAULTS["harmonize_off"]))
 
     @property
     def key(self) -> tuple:
