@@ -100,19 +100,20 @@ class AlignmentConfig:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
+# Ties between mirrorings go to the simpler one (identity first, then single axes).
+MIRROR_ORDER = {flips_name(m): i for i, m in enumerate(MIRRORINGS)}
+
+
 @dataclass(frozen=True)
 class Measurement:
     """Scores of every mirroring (`flips_name` -> score) and of each measure behind them."""
     scores: dict[str, float]
     measures: dict[str, dict[str, float]]  # measure -> flips_name -> value
-    voxels: dict[str, int]                 # coarse voxels each measure used
+    voxels: dict[str, int]                 # coarse voxels each measure used: how much evidence there was
 
     @property
     def ranked(self) -> list[tuple[str, float]]:
         return sorted(self.scores.items(), key=lambda kv: (-kv[1], MIRROR_ORDER[kv[0]]))
-
-
-MIRROR_ORDER = {flips_name(m): i for i, m in enumerate(MIRRORINGS)}
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class Alignment:
     stored_score: float | None = None  # score of the image as stored
     scores: dict[str, float] = field(default_factory=dict)
     measures: dict[str, dict[str, float]] = field(default_factory=dict)
+    voxels: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         def rnd(v):
@@ -138,7 +140,8 @@ class Alignment:
                 "declared": list(self.declared), "best": None if self.best is None else list(self.best),
                 "score": rnd(self.score), "stored_score": rnd(self.stored_score),
                 "scores": {k: rnd(v) for k, v in self.scores.items()},
-                "measures": {m: {k: rnd(v) for k, v in d.items()} for m, d in self.measures.items()}}
+                "measures": {m: {k: rnd(v) for k, v in d.items()} for m, d in self.measures.items()},
+                "voxels": dict(self.voxels)}
 
     def describe(self, key: str) -> str:
         if self.status in ("ok", "fixed"):
@@ -245,8 +248,8 @@ def measure(image: np.ndarray, label: np.ndarray, spacing, annotated, hu: np.nda
             outside = ndimage.distance_transform_edt(~(lung | lesion), sampling=spacing)
             shell = (outside > 0) & (outside <= cfg.shell_mm) & ~ignore
             lc, sc = np.argwhere(lung).T, np.argwhere(shell).T
-            voxels["lung"] = int(lc.shape[1])
             if sc.shape[1]:  # a lung mask filling the whole image leaves no shell to compare with
+                voxels["lung"] = int(lc.shape[1])
                 measures["lung"] = {name: _auc_greater(image[_mirrored(sc, image.shape, ax)],
                                                        image[_mirrored(lc, image.shape, ax)])
                                     for name, ax in mirror_axes.items()}
@@ -275,7 +278,7 @@ def decide(m: Measurement, declared, cfg: AlignmentConfig) -> Alignment:
     best_flips = parse_flips(best_name.split("+"))
     margin = best - second
     common = dict(declared=declared, best=best_flips, margin=margin, score=best,
-                  stored_score=m.scores[flips_name(())], scores=m.scores, measures=m.measures)
+                  stored_score=m.scores[flips_name(())], scores=m.scores, measures=m.measures, voxels=m.voxels)
     if margin < cfg.margin:
         return Alignment(declared, "ambiguous", **common)
     if best_flips != declared:  # `flips` says what the image needs; harmonize_case refuses the case

@@ -68,6 +68,14 @@ def walk_dirs(root: Path, max_depth: int = 3) -> Iterator[Path]:
         level = nxt
 
 
+def matching_flips(case_id: str, table: Mapping[str, object], where: str) -> tuple[str, ...] | None:
+    """The image flips of the first case-id glob of `table` that matches `case_id` (None: no pattern does)."""
+    for pattern, flips in table.items():
+        if fnmatch.fnmatchcase(case_id, pattern):
+            return parse_flips(flips, f"{where}.{pattern}")
+    return None
+
+
 class SourceAdapter:
     """Finds the cases of one source under `root` (the folder holding the unpacked official download).
 
@@ -111,22 +119,18 @@ class SourceAdapter:
         return {"encoding": "hu", "window": None, "image_flips": cls.declared_flips(case_id)}
 
     @classmethod
-    def declared_flips(cls, case_id: str, table: Mapping[str, object] | None = None) -> tuple[str, ...]:
-        """The image flips declared for `case_id`: the first pattern of `table` (default: the source's
-        `DECLARED_IMAGE_FLIPS`) that matches it, else none."""
-        for pattern, flips in (cls.DECLARED_IMAGE_FLIPS if table is None else table).items():
-            if fnmatch.fnmatchcase(case_id, pattern):
-                return parse_flips(flips, f"{cls.name}: image flips of {pattern!r}")
-        return ()
+    def declared_flips(cls, case_id: str) -> tuple[str, ...]:
+        """The image flips the source declares for `case_id` (`DECLARED_IMAGE_FLIPS`), else none."""
+        found = matching_flips(case_id, cls.DECLARED_IMAGE_FLIPS, f"{cls.name}.DECLARED_IMAGE_FLIPS")
+        return () if found is None else found
 
     def with_flip_overrides(self, cases: list[Case], table: Mapping[str, object] | None) -> list[Case]:
-        """`cases` with the user's image-flip declarations (`data.image_flips.<source>`: case-id glob ->
-        axes, first match wins) replacing the source's own where a pattern matches."""
+        """`cases` with the user's image-flip declarations (`data.image_flips.<source>`) replacing the
+        source's own where a pattern matches."""
         out = []
         for c in cases:
-            match = next((k for k in (table or {}) if fnmatch.fnmatchcase(c.case_id, k)), None)
-            out.append(c if match is None else
-                       replace(c, image_flips=parse_flips(table[match], f"data.image_flips.{self.name}.{match}")))
+            found = matching_flips(c.case_id, table or {}, f"data.image_flips.{self.name}")
+            out.append(c if found is None else replace(c, image_flips=found))
         return out
 
     def policy(self, case: Case) -> LabelPolicy:
