@@ -113,7 +113,7 @@ def test_phantom_decode_ablation_is_flagged_only_when_the_decode_is_off(phantom_
 
 
 def test_phantom_audit_matches_the_suite_truth_and_says_phantom(phantom_root, tmp_path, capsys):
-    cache = phantom_root.parent.parent  # <cache>/phantom/tiny-seed0: the suite is reused, not rewritten
+    cache = phantom_root.parent.parent  # <cache>/phantom/tiny-seed0-v<N>: the suite is reused, not rewritten
     assert main(["--out", str(tmp_path / "out"), "experiment=smoke", f"paths.cache={cache}"]) == 0
     printed = capsys.readouterr().out
     assert "*** PHANTOM DATA" in printed and "SYNTHETIC" in printed

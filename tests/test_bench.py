@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quick_bench_writes_every_key(tmp_path):
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--workdir",
-                           str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=1800)
+                           str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     for key in ("harmonize_s", "gzip_s", "patches_per_s", "slices_per_s", "metrics_s", "sliding_window_s"):

@@ -155,7 +155,7 @@ def test_predict_matches_the_run_for_8bit_flipped_las_and_dicom_inputs(ctseg_run
 
 def test_report_tables_match_the_run_folder(ctseg_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.report", str(ctseg_run), "--out", str(tmp_path / "rep")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((ctseg_run / "metrics.json").read_text())
     rows = list(csv.DictReader((tmp_path / "rep" / "tables" / "headline.csv").open()))

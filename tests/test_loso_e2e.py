@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datamodules.phantom.suite import SUITE_VERSION
 from experiments.config import load_config
 from experiments.loso import main
 
@@ -96,20 +97,21 @@ def test_smoke_command_from_the_issue(tmp_path):
     cache = tmp_path / "cache"
     proc = subprocess.run([sys.executable, "-m", "experiments.loso", "--holdout", "mosmed", "experiment=smoke",
                            f"paths.runs={tmp_path / 'runs'}", f"paths.cache={cache}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, encoding="utf-8", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PHANTOM DATA" in proc.stdout
     (run_dir,) = list((tmp_path / "runs" / "loso").iterdir())
-    _check_run_folder(run_dir, cache / "phantom" / "tiny-seed0", wandb=True)
-    check_smoke_model_predictions(run_dir, cache / "phantom" / "tiny-seed0", tmp_path / "pred")
+    suite = cache / "phantom" / f"tiny-seed0-v{SUITE_VERSION}"
+    _check_run_folder(run_dir, suite, wandb=True)
+    check_smoke_model_predictions(run_dir, suite, tmp_path / "pred")
     # A second smoke run holding out ctseg, then a report over both: its tables are the run folders' numbers.
     proc = subprocess.run([sys.executable, "-m", "experiments.loso", "--holdout", "ctseg", "experiment=smoke",
                            f"paths.runs={tmp_path / 'runs'}", f"paths.cache={cache}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, encoding="utf-8", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "experiments.report", str(tmp_path / "runs"), "--out", str(report)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     headline = {r["test_source"]: r for r in csv.DictReader((report / "tables" / "headline.csv").open(encoding="utf-8"))}
     for held_out in ("mosmed", "ctseg"):
