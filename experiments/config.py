@@ -6,11 +6,13 @@ line `key=value`. The schema holds types only; every number lives in YAML.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from datamodules.alignment import AlignmentConfig
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -28,17 +30,10 @@ class PhantomConfig:
     seed: int = MISSING
 
 
-@dataclass
-class AlignmentSchema:
-    """datamodules.alignment.AlignmentConfig's fields (values in base.yaml)."""
-    grid_mm: float = MISSING
-    shell_mm: float = MISSING
-    margin: float = MISSING
-    min_lung_ml: float = MISSING
-    min_lesion_ml: float = MISSING
-    lesion_excess_hu: float = MISSING
-    lesion_max_hu: float = MISSING
-    field_closing_mm: float = MISSING
+# datamodules.alignment.AlignmentConfig's fields, typed, without its defaults (the values live in base.yaml):
+# derived, so a field added there cannot be forgotten here.
+AlignmentSchema = make_dataclass("AlignmentSchema", [(f.name, f.type, field(default=MISSING))
+                                                     for f in fields(AlignmentConfig)])
 
 
 @dataclass
