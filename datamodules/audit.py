@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from datamodules.alignment import LUNG_VALUES, AlignmentError
+from datamodules.alignment import summarize as summarize_statuses
 from datamodules.audit_flags import flags_for_source
 from datamodules.cases import Case
 from datamodules.harmonize import HarmonizerConfig, align_mask, harmonize_case, window_normalize
@@ -216,8 +217,7 @@ def summarize_source(cases: list[dict]) -> dict:
                 total[k] = total.get(k, 0) + n
         out[stage][key] = dict(sorted(total.items(), key=lambda kv: (kv[0] not in CLASSES, kv[0])))
         out[stage]["dtypes"] = sorted({r["dtype"] for r in recs}) if stage == "before" else None
-    statuses = [c["alignment"] for c in cases if c["labelled"] and c["alignment"]]
-    out["alignment"] = {s: statuses.count(s) for s in sorted(set(statuses))}
+    out["alignment"] = summarize_statuses(c["alignment"] for c in cases if c["labelled"] and c["alignment"])
     return out
 
 

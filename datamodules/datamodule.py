@@ -215,11 +215,12 @@ class MultiSourceDataModule(pl.LightningDataModule):
                           self.fg_fraction, self.sampling, augment=self.augmenter)
         return patch_loader(ds, self.batch_size, self.num_workers, drop_last=True)
 
-    def _volume_loader(self, role: str) -> DataLoader:
+    def _volume_loader(self, role: str, source: str | None = None) -> DataLoader:
         # A private generator: starting a DataLoader iterator draws a base seed from its generator (the
         # global torch RNG by default), so every validation pass would shift the training patches that
         # follow. With its own, training draws the same patches whatever is validated, and how often.
-        return DataLoader(VolumeDataset(self.cached[role], self.source_ids), batch_size=1, shuffle=False,
+        cases = [c for c in self.cached[role] if source is None or c.meta["source"] == source]
+        return DataLoader(VolumeDataset(cases, self.source_ids), batch_size=1, shuffle=False,
                           num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
@@ -227,5 +228,6 @@ class MultiSourceDataModule(pl.LightningDataModule):
             return [self._volume_loader("val"), self._volume_loader("test")]
         return self._volume_loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._volume_loader("test")
+    def test_dataloader(self, source: str | None = None) -> DataLoader:
+        """Every test case; `source`: that source's only (test-time methods adapt per source)."""
+        return self._volume_loader("test", source)

@@ -245,14 +245,14 @@ class SegmentationModule(pl.LightningModule):
         # shard): the ranks hold one model, and the table is the same for any number of processes. A rank whose
         # padded shard returns to a source adapts to it again, deterministically the same.
         dm = getattr(self.trainer, "datamodule", None)
-        loaders = [dm.test_dataloader()] if dm is not None else self.trainer.test_dataloaders
+        loaders = [dm.test_dataloader(source)] if dm is not None else self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         seen = []
 
         def images():
             for loader in loaders:
                 for b in loader:
-                    if b["source"][0] == source:  # volumes come one per batch
+                    if b["source"][0] == source:  # volumes come one per batch (a plain loader holds every source)
                         seen.append(1)
                         yield b["image"].to(self.device)
 
