@@ -69,5 +69,7 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | N
 
 def load_all() -> dict[str, BadInput]:
     for mod in pkgutil.iter_modules(__path__):
+        if mod.name == "__main__":
+            continue
         importlib.import_module(f"{__name__}.{mod.name}")
     return CASES
