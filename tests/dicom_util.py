@@ -4,8 +4,9 @@ from pathlib import Path
 import numpy as np
 
 
-def write_dicom_series(array_xyz: np.ndarray, affine: np.ndarray, folder: Path) -> None:
-    """One axial slice per file, LPS geometry, as a scanner export would be."""
+def write_dicom_series(array_xyz: np.ndarray, affine: np.ndarray, folder: Path, shift_per_slice=(0.0, 0.0, 0.0)) -> None:
+    """One axial slice per file, LPS geometry, as a scanner export would be. `shift_per_slice` (mm, LPS)
+    moves slice z's position by z times that vector: a gantry-tilted (sheared) stack."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True)
@@ -24,7 +25,8 @@ def write_dicom_series(array_xyz: np.ndarray, affine: np.ndarray, folder: Path) 
         sl = vol[:, :, z]
         for tag, value in (("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", series_uid + ".0"),
                            ("0008|0018", f"{series_uid}.{z + 1}"), ("0020|0037", dir_tag),
-                           ("0020|0032", "\\".join(f"{v:.6f}" for v in vol.TransformIndexToPhysicalPoint((0, 0, z)))),
+                           ("0020|0032", "\\".join(f"{v + z * d:.6f}" for v, d in zip(vol.TransformIndexToPhysicalPoint((0, 0, z)),
+                                                                           shift_per_slice))),
                            ("0020|0013", str(z + 1)), ("0018|0050", f"{spacing[2]:.6f}"),
                            ("0028|1052", "0"), ("0028|1053", "1")):
             sl.SetMetaData(tag, value)
