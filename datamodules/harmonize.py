@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from datamodules.alignment import AlignmentConfig, AlignmentError, flip_indices, measure_case
 from datamodules.cases import Case
-from datamodules.io import VolumeError, read_volume, spacing_of
+from datamodules.io import VolumeError, describe_scaling, header_scaling, read_volume, spacing_of
 from datamodules.label_policy import CLASSES, LabelPolicy, decide_labels, labels_from_probs
 from datamodules.resample import plan_grid, resample_linear, resample_nearest
 
@@ -36,6 +36,22 @@ from datamodules.resample import plan_grid, resample_linear, resample_nearest
 AFFINE_ATOL_MM = 0.05
 DIRECTION_ATOL = 1e-3
 HU_MIN, HU_MAX = -1024.0, 3071.0
+# Intensity sanity of a scan, measured on its stored values (after the header's scl scaling), before
+# anything trains on it (`check_intensity`):
+# - A chest CT in HU always holds air (outside the body, -1000 HU) and aerated lung (about -850 HU; even
+#   a badly diseased lung keeps voxels far below -500). A scan declared HU with no voxel below
+#   AIR_MAX_HU is not HU: an 8-bit windowed export (0..255), a normalized copy, a wrong scl_slope or
+#   scl_inter.
+AIR_MAX_HU = -500.0
+# - Physical CT numbers run from about -1024 (air) to about 3071 (dense bone; extended scales go higher
+#   for metal), and padding outside the reconstruction circle (-2048, -3024, -32768) lies below. Padding
+#   and metal never make up half of a chest scan, so at least MIN_PHYSICAL_FRACTION of the voxels must lie
+#   in HU_PHYSICAL: a slope or intercept off by an order of magnitude moves nearly all of them out.
+HU_PHYSICAL = (-1100.0, 4000.0)
+MIN_PHYSICAL_FRACTION = 0.5
+# The physical-range fraction is measured on every SAMPLE_STEP-th voxel along each axis (1/8 of a
+# 512x512x300 scan: ~40 ms instead of ~300 ms); min and max are measured on every voxel.
+SAMPLE_STEP = 2
 
 
 NORMALIZE = ("minmax", "zscore", "none")
@@ -113,10 +129,47 @@ def decode_intensity(array: np.ndarray, encoding: str, window: tuple[float, floa
     raise ValueError(f"{where}: unknown intensity encoding {encoding!r}")
 
 
-def check_uint8_range(arr: np.ndarray, where: str) -> None:
-    lo, hi = float(np.min(arr)), float(np.max(arr))
+def check_uint8_range(arr: np.ndarray, where: str, lo: float | None = None, hi: float | None = None) -> None:
+    lo = float(np.min(arr)) if lo is None else lo
+    hi = float(np.max(arr)) if hi is None else hi
     if lo < 0 or hi > 255:
         raise VolumeError(f"{where}: declared 8-bit windowed, but values span {lo:g}..{hi:g} (expected 0..255)")
+
+
+def _scaling_note(path) -> str:
+    scaling = header_scaling(path) if path is not None else None
+    return f" (header {describe_scaling(scaling)})" if scaling is not None else ""
+
+
+def check_intensity(stored: np.ndarray, encoding: str, where: str, path=None) -> None:
+    """Refuse stored intensities that cannot be what the case declares (VolumeError naming the file and
+    what was measured): NaN/inf voxels, a constant image, values outside 0..255 for an 8-bit export, and
+    for HU a scan without air or with most voxels outside the physical range (see AIR_MAX_HU,
+    HU_PHYSICAL). `path`: the image file, whose header scl_slope/scl_inter the message quotes.
+    Unknown encodings are left to `decode_intensity`, which refuses them."""
+    arr = np.asarray(stored)
+    lo, hi = float(np.min(arr)), float(np.max(arr))  # NaN propagates through both, inf shows in one
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise VolumeError(f"{where}: image contains NaN or inf voxels")
+    if lo == hi:
+        raise VolumeError(f"{where}: constant image: every voxel is {lo:g}{_scaling_note(path)}")
+    if encoding == "uint8_window":
+        check_uint8_range(arr, where, lo, hi)
+    if encoding != "hu":
+        return
+    if lo > AIR_MAX_HU:
+        if lo >= 0 and hi <= 255:
+            raise VolumeError(f"{where}: declared HU, but it looks like an 8-bit export: values span {lo:g}..{hi:g}, "
+                              f"within 0..255, none below {AIR_MAX_HU:g} HU (no air){_scaling_note(path)}; declare "
+                              "its encoding uint8_window with the export's window")
+        raise VolumeError(f"{where}: declared HU, but no air or lung: values span {lo:g}..{hi:g}, none below "
+                          f"{AIR_MAX_HU:g} HU{_scaling_note(path)}; a wrong scl_slope/scl_inter or a normalized copy?")
+    sample = arr[::SAMPLE_STEP, ::SAMPLE_STEP, ::SAMPLE_STEP] if arr.ndim == 3 else arr
+    inside = float(np.count_nonzero((sample >= HU_PHYSICAL[0]) & (sample <= HU_PHYSICAL[1]))) / max(sample.size, 1)
+    if inside < MIN_PHYSICAL_FRACTION:
+        raise VolumeError(f"{where}: declared HU, but only {inside:.0%} of the voxels lie in the physical range "
+                          f"{HU_PHYSICAL[0]:g}..{HU_PHYSICAL[1]:g} HU (values span {lo:g}..{hi:g}){_scaling_note(path)}; "
+                          "a wrong scl_slope/scl_inter?")
 
 
 def resample(array: np.ndarray, affine: np.ndarray, target_spacing, is_label: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -226,8 +279,7 @@ def load_original(case: Case, policy: LabelPolicy | None) -> tuple[np.ndarray, n
     """
     image, affine = read_volume(case.image)
     where = str(case.image)
-    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-        raise VolumeError(f"{where}: image contains NaN or inf voxels")
+    check_intensity(image, case.encoding, where, case.image)
     hu = decode_intensity(image, case.encoding, case.window, where)
     del image
     return hu, read_label(case, policy, hu.shape, affine), affine
@@ -267,12 +319,10 @@ def harmonize_case(case: Case, policy: LabelPolicy | None, cfg: HarmonizerConfig
     """
     image, affine = read_volume(case.image)
     where = str(case.image)
-    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-        raise VolumeError(f"{where}: image contains NaN or inf voxels")
+    # measured against what the case declares, also when the ablation reads 8-bit exports undecoded
+    check_intensity(image, case.encoding, where, case.image)
     encoding, window = (case.encoding, case.window) if cfg.decode else ("hu", None)
     decode_intensity(image[:1, :1, :1], encoding, window, where)  # unknown encoding, no window
-    if encoding == "uint8_window":  # the range check on the whole stored array, not only on samples
-        check_uint8_range(image, where)
     label = read_label(case, policy, image.shape, affine)
     annotated = policy.annotated_vector() if (policy and label is not None) else np.zeros(len(CLASSES), bool)
     align = measure_case(image, affine, label, annotated, encoding, window, case.image_flips, cfg.alignment)

@@ -128,6 +128,7 @@ def test_harmonized_geometry_and_intensity(phantom_root, manifests):
 def _pair(tmp_path, img_shape=(8, 8, 4), lab_shape=(8, 8, 4), lab_shift=0.0, nan=False):
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
     img = np.full(img_shape, -800, np.float32 if nan else np.int16)
+    img[:2] = -1000  # some air: a constant image is refused before the mask is looked at
     if nan:
         img[0, 0, 0] = np.nan
     write_volume(tmp_path / "img.nii.gz", img, aff)
