@@ -36,3 +36,17 @@ class Case:
     def key(self) -> str:
         """Globally unique id: case ids repeat across sources (e.g. `1.nii.gz`)."""
         return f"{self.source}/{self.case_id}"
+
+
+def repeated_ids(cases: list[Case]) -> dict[str, list[Case]]:
+    """Case key -> the cases sharing it, for every key found more than once (the same study unpacked into
+    two folders, a `.nii` copy beside the `.nii.gz`): one case id must name one scan."""
+    by_key: dict[str, list[Case]] = {}
+    for c in cases:
+        by_key.setdefault(c.key, []).append(c)
+    return {k: v for k, v in by_key.items() if len(v) > 1}
+
+
+def repeated_id_message(cases: list[Case]) -> str:
+    files = ", ".join(str(c.image) for c in cases)
+    return f"duplicate case id {cases[0].case_id}: {len(cases)} images share it ({files}); keep one"

@@ -14,7 +14,7 @@ from datamodules import fingerprint
 from datamodules.alignment import summarize as summarize_statuses
 from datamodules.augment import WHERE, Augmenter
 from datamodules.cache import CachedCase, CaseCache, class_counts
-from datamodules.cases import Case
+from datamodules.cases import Case, repeated_id_message, repeated_ids
 from datamodules.datasets import PatchDataset, VolumeDataset, patch_loader
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError
@@ -41,16 +41,23 @@ def discover_sources(data_root: str | Path, sources: Sequence[str], on_error: st
 
     `image_flips`: per source, the user's image-flip declarations (`data.image_flips`), which replace
     the source's own for the case ids they match. Per-case problems the adapters found stop here with
-    on_error=fail, and are printed with skip.
+    on_error=fail, and are printed with skip; so do case ids found twice in a source (every copy is left
+    out: which file is the scan is the user's call).
     """
     adapters, cases, problems = {}, [], []
     for name in sources:
         adapter = get_source(name)(Path(data_root) / name, policy=(policies or {}).get(name))
         adapters[name] = adapter
         found = adapter.with_flip_overrides(adapter.discover(), (image_flips or {}).get(name))
+        repeated = repeated_ids(found)
+        for same in repeated.values():
+            adapter.problem(same[0].image, repeated_id_message(same))
+        found = [c for c in found if c.key not in repeated]
         problems += adapter.problems
         if not any(c.labelled for c in found):
-            raise FileNotFoundError(f"{name}: no labelled case found under {adapter.root}")
+            why = "".join(f"\n  {p}" for p in adapter.problems)  # what left them out, if anything did
+            raise FileNotFoundError(f"{name}: no labelled case found under {adapter.root}"
+                                    + (f"; problems found:{why}" if why else ""))
         cases += found
     report_problems([str(p) for p in problems], on_error)
     return cases, adapters

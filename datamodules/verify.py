@@ -7,17 +7,21 @@ cases, labelled cases and patients found (patients with more than one scan are l
 intensity summaries, the mask codes seen against those its label policy declares, the image-mask
 alignment of every labelled case (`datamodules.alignment`: under which mirroring of the image its masks
 fit, against the flips the source declares), and every problem with the file it concerns: corrupt or
-truncated files, image/mask shape or affine mismatch, undeclared mask codes, NaN/inf voxels, labelled
-cases without a mask, images whose masks fit another mirroring than declared, empty folders. Scans found
+truncated files, oversized or sheared headers, image/mask shape or affine mismatch, undeclared mask codes,
+NaN/inf voxels, constant images, intensities that cannot be what the source declares (an 8-bit export
+read as HU, scl_slope/scl_inter off scale: `harmonize.check_intensity`), labelled cases without a mask, images whose masks fit another mirroring than declared, empty folders. Scans found
 twice (within or across sources, whatever their encoding, orientation, mirroring or resampling) are
-listed (`datamodules.fingerprint`); training groups them as one patient.
-Exit status 1 when any problem was found, 0 otherwise (duplicates are reported, not errors).
+listed (`datamodules.fingerprint`); training groups them as one patient. Two files under one case id
+are a problem naming both.
+
+Exit status 0 when nothing was found, 1 when problems were found, 2 when it could not check (EXIT_STATUS).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -25,13 +29,17 @@ import nibabel as nib
 import numpy as np
 
 from datamodules.alignment import AlignmentConfig, measure_case, parse_flips, summarize
-from datamodules.cases import Case
+from datamodules.cases import Case, repeated_id_message, repeated_ids
 from datamodules.fingerprint import find_duplicates
-from datamodules.harmonize import align_mask, decode_intensity
+from datamodules.harmonize import align_mask, check_intensity, decode_intensity
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import LabelError
 from datamodules.sources import SOURCES, DataLayoutError, get_source
 from datamodules.sources.custom import register_custom_source
+
+EXIT_STATUS = """exit status: 0 no problem found; 1 problems found, each naming its file (duplicate scans are
+reported, not problems); 2 could not check: unreadable root, bad arguments, or an unexpected error
+(the report, if any, is incomplete; the cases it could not check are listed as problems)."""
 
 
 def _problem(source: str, file: str, message: str) -> dict:
@@ -49,22 +57,19 @@ def check_case(case: Case, adapter, alignment: AlignmentConfig = AlignmentConfig
         return info, [_problem(case.source, str(case.image), str(exc).split(": ", 1)[-1])]
     info.update(shape=list(stored.shape), spacing=[round(float(s), 4) for s in spacing_of(affine)],
                 axcodes="".join(nib.aff2axcodes(affine)), dtype=str(stored.dtype))
-    if stored.dtype.kind == "f" and not np.all(np.isfinite(stored)):
-        problems.append(_problem(case.source, str(case.image), "image contains NaN or inf voxels"))
-    else:
-        try:
-            hu = decode_intensity(stored, case.encoding, case.window, str(case.image))
-            info["hu_p1_p50_p99"] = [round(float(v), 1) for v in np.percentile(hu, [1, 50, 99])]
-        except (VolumeError, ValueError) as exc:
-            problems.append(_problem(case.source, str(case.image), str(exc).split(": ", 1)[-1]))
+    try:
+        check_intensity(stored, case.encoding, str(case.image), case.image)  # as training does
+        hu = decode_intensity(stored, case.encoding, case.window, str(case.image))
+        info["hu_p1_p50_p99"] = [round(float(v), 1) for v in np.percentile(hu, [1, 50, 99])]
+    except (VolumeError, ValueError) as exc:
+        problems.append(_problem(case.source, str(case.image), str(exc).split(": ", 1)[-1]))
     if case.label is None:
         return info, problems
     try:
         raw, lab_affine = read_volume(case.label)
     except VolumeError as exc:
         return info, problems + [_problem(case.source, str(case.label), str(exc).split(": ", 1)[-1])]
-    codes = sorted(int(v) for v in np.unique(raw))
-    info["codes"] = codes
+    info["codes"] = mask_codes(raw)
     aligned = None
     try:
         aligned = align_mask(raw, lab_affine, stored.shape, affine, case.label, case.image)
@@ -86,6 +91,15 @@ def check_case(case: Case, adapter, alignment: AlignmentConfig = AlignmentConfig
     if align.status == "mismatch":
         problems.append(_problem(case.source, str(case.image), align.describe(case.key)))
     return info, problems
+
+
+def mask_codes(raw: np.ndarray) -> list[int]:
+    """The whole-number values a mask holds. NaN/inf and fractional values are left out: the label policy
+    reports them as a problem naming the file."""
+    values = np.unique(raw)
+    if values.dtype.kind == "f":
+        values = values[np.isfinite(values) & (values == np.round(values))]
+    return sorted(int(v) for v in values)
 
 
 def _range(values: list[float]) -> list[float] | None:
@@ -119,12 +133,20 @@ def verify_source(root: Path, name: str, image_flips: dict | None = None,
     out["problems"] += [_problem(p.source, p.file, p.message) for p in adapter.problems]
     if not cases:
         out["problems"].append(_problem(name, str(folder), "the layout is there but holds no case"))
+    repeated = repeated_ids(cases)
+    for same in repeated.values():
+        out["problems"].append(_problem(name, str(same[0].image), repeated_id_message(same)))
     infos, readable = [], []
     for case in cases:
-        info, problems = check_case(case, adapter, alignment)
+        try:
+            info, problems = check_case(case, adapter, alignment)
+        except Exception as exc:  # a bug or a case nobody foresaw: say which file, check the others
+            info = {"case": case.case_id, "patient": case.patient_id, "labelled": case.labelled}
+            problems = [_problem(name, str(case.image), f"could not check: {type(exc).__name__}: {exc}")]
+            out.setdefault("unchecked", []).append(str(case.image))
         infos.append(info)
         out["problems"] += problems
-        if not problems:
+        if not problems and case.key not in repeated:  # the duplicate-scan search needs unique keys
             readable.append(case)
     out["readable_cases"] = readable
     declared = sorted({int(c) for p in adapter.POLICIES.values() for c in p.code_map})
@@ -152,10 +174,11 @@ def find_duplicate_scans(cases: list[Case], cache_dir: Path | None = None) -> li
 
 def verify(root: Path, names: list[str], duplicates: bool = True, cache_dir: Path | None = None,
            image_flips: dict[str, dict] | None = None, alignment: AlignmentConfig = AlignmentConfig()) -> dict:
-    report: dict = {"root": str(root), "sources": {}, "problems": [], "duplicates": []}
+    report: dict = {"root": str(root), "sources": {}, "problems": [], "duplicates": [], "unchecked": []}
     for name in names:
         report["sources"][name] = verify_source(root, name, (image_flips or {}).get(name), alignment)
         report["problems"] += report["sources"][name]["problems"]
+        report["unchecked"] += report["sources"][name].pop("unchecked", [])
     if duplicates:  # only cases that read cleanly: a broken file is already a problem above
         readable = [c for s in report["sources"].values() for c in s.get("readable_cases", [])]
         report["duplicates"] = find_duplicate_scans(readable, cache_dir)
@@ -210,7 +233,8 @@ def parse_flip_args(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datamodules.verify", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m datamodules.verify", description=__doc__.split("\n\n")[0],
+                                 epilog=EXIT_STATUS)
     ap.add_argument("--root", required=True, type=Path, help="data root: one sub-folder per source")
     ap.add_argument("--sources", default=None, help="comma-separated source names (default: all registered)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -236,13 +260,23 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = verify(args.root, names, duplicates=not args.no_duplicates, cache_dir=args.cache, image_flips=flips)
+    try:
+        report = verify(args.root, names, duplicates=not args.no_duplicates, cache_dir=args.cache,
+                        image_flips=flips)
+    except Exception as exc:  # not a finding about the data: the check itself failed
+        traceback.print_exc()
+        print(f"error: could not check {args.root}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         slim = {k: v for k, v in report.items() if k != "sources"}
         slim["sources"] = {n: {k: v for k, v in s.items() if k != "case_list"} for n, s in report["sources"].items()}
         print(json.dumps(slim, indent=1))
     else:
         print_report(report)
+    if report["unchecked"]:
+        print(f"error: {len(report['unchecked'])} case(s) could not be checked (listed as problems above)",
+              file=sys.stderr)
+        return 2
     return 1 if report["problems"] else 0
 
 

@@ -171,3 +171,44 @@ def test_scan_planted_under_two_sources_is_found_and_kept_on_one_side(phantom_ro
     trained = {c.key for c in dm.split.train + dm.split.val}
     assert f"ctseg/{copy_id}" not in trained and f"mosmed/{study.name[:-7]}" in {c.key for c in dm.split.test}
     assert "[duplicates]" in capsys.readouterr().out
+
+
+def test_exit_2_when_verify_could_not_check(tmp_path, monkeypatch, capsys):
+    """1 means "problems found"; a crash is "could not check" (2), whether it hits one case or the run."""
+    import datamodules.verify as verify_mod
+    from tests.badinputs.verify_eval import mosmed_tree
+
+    root, image, _ = mosmed_tree(tmp_path)
+    args = ["--root", str(root), "--sources", "mosmed", "--no-duplicates"]
+    assert verify_main(args) == 0
+    capsys.readouterr()
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(verify_mod, "check_case", broken)
+    assert verify_main(args) == 2
+    out = capsys.readouterr()
+    assert f"{image}: could not check: RuntimeError: boom" in out.out and "could not be checked" in out.err
+    monkeypatch.setattr(verify_mod, "verify_source", broken)
+    assert verify_main(args) == 2
+    assert "could not check" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        verify_main(["--help"])
+    assert "2 could not check" in capsys.readouterr().out
+
+
+def test_training_refuses_a_case_id_found_twice(tmp_path):
+    from datamodules.datamodule import discover_sources
+    from tests.badinputs.verify_eval import mosmed_tree
+
+    root, first, _ = mosmed_tree(tmp_path)
+    _, second, _ = mosmed_tree(tmp_path, category="CT-2")
+    with pytest.raises(FileNotFoundError, match="(?s)no labelled case .* duplicate case id study_0255"):
+        discover_sources(root, ["mosmed"])  # the only labelled study is the repeated one: say so
+    mosmed_tree(tmp_path, study="study_0256")
+    with pytest.raises(DataError, match="duplicate case id study_0255") as err:
+        discover_sources(root, ["mosmed"])
+    assert str(first) in str(err.value) and str(second) in str(err.value)
+    cases, _ = discover_sources(root, ["mosmed"], on_error="skip")  # both copies left out, the rest kept
+    assert [c.case_id for c in cases] == ["study_0256"]
