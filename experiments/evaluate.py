@@ -2,7 +2,7 @@
 
     python -m experiments.evaluate --pred DIR --ref DIR --out DIR [--labels lesion=1,...]
         [--tolerance lesion=3,...] [--lesions-by-side lung_left,lung_right] [--image DIR] [--lobes DIR]
-        [--allow-missing]
+        [--allow-missing] [--allow-unknown-labels]
 
 Files are matched by case id: the path below DIR without `.nii`/`.nii.gz` (so `mosmed/study_0255`
 in a run folder's `predictions/` matches the same path in its `references/`; flat folders match by
@@ -17,6 +17,11 @@ severity columns (PO, PHO, WAL; LSS/LHOS with `--lobes`). The lung for PO comes 
 given, otherwise from the reference's class named `lung` for both reference and prediction (as
 training-time evaluation does; `--pred-lung` scores the prediction inside its own lung instead).
 
+A prediction holding a label value that is neither background (0), nor named by `--labels`, nor `--ignore`,
+nor used by any reference is an error naming the file and the values (a tool writing lesions as 255 or
+lungs as 2 would otherwise score as an empty prediction); `--allow-unknown-labels` scores anyway, and
+`summary.json` records them under `unknown_labels` either way.
+
 Writes `per_case.csv` (one row per case and class) and `summary.json` (mean/std/median per class and
 overall, pooled relative volume, severity agreement) atomically.
 """
@@ -30,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from datamodules.harmonize import check_pair, decode_intensity
+from datamodules.harmonize import check_intensity, check_pair, decode_intensity
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.sources import get_source
 from datamodules.sources.base import NIFTI_RE
@@ -92,6 +97,23 @@ def read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.astype(np.int32, copy=False), affine
 
 
+def label_values(labels: np.ndarray) -> set[int]:
+    """The distinct values of an integer label map (a histogram when they are small: far quicker than
+    np.unique's sort on a CT-sized volume)."""
+    lo, hi = int(labels.min(initial=0)), int(labels.max(initial=0))
+    if lo >= 0 and hi < 2 ** 16:
+        return {int(v) for v in np.flatnonzero(np.bincount(labels.reshape(-1), minlength=1))}
+    return {int(v) for v in np.unique(labels)}
+
+
+def unknown_labels(pred_values: dict[str, set[int]], ref_values: set[int], classes: list[EvalClass],
+                   ignore: int | None) -> dict[str, list[int]]:
+    """Per case, the prediction values nobody declared: not 0, not in `--labels`, not `--ignore`, and
+    in no reference (so a lung code beside the scored lesion code is known when the references use it)."""
+    known = {0, *ref_values, *(int(v) for c in classes for v in c.values)} | ({ignore} if ignore is not None else set())
+    return {cid: sorted(v - known) for cid, v in pred_values.items() if v - known}
+
+
 def find_companion(folder: Path | None, case_id: str) -> Path | None:
     if folder is None:
         return None
@@ -105,10 +127,13 @@ def find_companion(folder: Path | None, case_id: str) -> Path | None:
 
 def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, classes: list[EvalClass],
                   image_path: Path | None = None, lobes_path: Path | None = None, source: str | None = None,
-                  pred_lung: bool = False, ignore: int | None = None) -> list[dict]:
+                  pred_lung: bool = False, ignore: int | None = None, values: dict | None = None) -> list[dict]:
+    """Rows of one case; `values` (optional) receives the label values of its prediction and reference."""
     ref, ref_affine = read_labels(ref_path)
     pred, pred_affine = read_labels(pred_path)
     check_pair(ref_path, ref.shape, ref_affine, pred_path, pred.shape, pred_affine)
+    if values is not None:
+        values.update(pred=label_values(pred), ref=label_values(ref))
     spacing = spacing_of(ref_affine).tolist()
     rows = score_case(pred, ref, spacing, classes, ignore=ignore)
     folder, _, case = case_id.rpartition("/")
@@ -120,9 +145,8 @@ def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, classes: list[E
         check_pair(ref_path, ref.shape, ref_affine, image_path, stored.shape, img_affine)
         # A source's 8-bit exports hold window positions, not HU: decode them as training does.
         dec = get_source(source).decoding(case) if source else {"encoding": "hu", "window": None}
+        check_intensity(stored, dec["encoding"], str(image_path), image_path)
         hu = decode_intensity(stored, dec["encoding"], dec["window"], str(image_path))
-        if not np.all(np.isfinite(hu)):
-            raise VolumeError(f"{image_path}: image contains NaN or inf voxels")
     if lobes_path is not None:
         lobes, lobes_affine = read_labels(lobes_path)
         check_pair(ref_path, ref.shape, ref_affine, lobes_path, lobes.shape, lobes_affine)
@@ -133,7 +157,7 @@ def evaluate_case(case_id: str, pred_path: Path, ref_path: Path, classes: list[E
 def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, classes: list[EvalClass],
                      image_dir: Path | None = None, lobes_dir: Path | None = None,
                      allow_missing: bool = False, source: str | None = None, pred_lung: bool = False,
-                     ignore: int | None = None) -> dict:
+                     ignore: int | None = None, allow_unknown_labels: bool = False) -> dict:
     pred, ref = index_niftis(pred_dir), index_niftis(ref_dir)
     cases, missing = match_cases(pred, ref, allow_missing)
     problems: list[str] = []
@@ -148,22 +172,33 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, classes: list
     if problems:
         raise EvaluationError("missing inputs:\n  " + "\n  ".join(problems))
     rows: list[dict] = []
+    pred_values: dict[str, set[int]] = {}
+    ref_values: set[int] = set()
     t0 = time.time()
     for cid in tqdm(cases, desc="evaluate", unit="case", disable=not sys.stderr.isatty()):
+        values: dict = {}
         try:
             rows.extend(evaluate_case(cid, pred[cid], ref[cid], classes, *companions[cid], source=source,
-                                      pred_lung=pred_lung, ignore=ignore))
+                                      pred_lung=pred_lung, ignore=ignore, values=values))
         except (VolumeError, ValueError) as exc:
             problems.append(f"{cid}: {exc}")
+        if values:
+            pred_values[cid], ref_values = values["pred"], ref_values | values["ref"]
+    unknown = unknown_labels(pred_values, ref_values, classes, ignore)
+    hint = ""
+    if unknown and not allow_unknown_labels:
+        problems += [f"{cid}: {pred[cid]}: prediction label values {codes} are unknown: not in --labels, not "
+                     f"--ignore, in no reference (references use {sorted(ref_values)})" for cid, codes in unknown.items()]
+        hint = "\n(--allow-unknown-labels scores them as background and records them in summary.json)"
     if problems:
-        raise EvaluationError(f"{len(problems)} case(s) could not be scored:\n  " + "\n  ".join(problems))
+        raise EvaluationError(f"{len(problems)} case(s) could not be scored:\n  " + "\n  ".join(problems) + hint)
     summary = summarize(rows)
     summary.update(
         inputs={"pred": str(pred_dir), "ref": str(ref_dir), "image": str(image_dir) if image_dir else None,
                 "lobes": str(lobes_dir) if lobes_dir else None},
         class_definitions={c.name: {"values": list(c.values), "tolerance_mm": c.tolerance_mm,
                                     "lesions_by_side": c.lesions_by_side} for c in classes},
-        missing=missing, wall_s=round(time.time() - t0, 2))
+        missing=missing, unknown_labels=unknown, wall_s=round(time.time() - t0, 2))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "per_case.csv", rows, first=COLUMNS)
     write_json(out_dir / "summary.json", summary)
@@ -188,6 +223,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ignore", type=int, default=None, help="reference label value to leave out of scoring "
                     "(run folders write 254 where a source's policy says ignore)")
     ap.add_argument("--allow-missing", action="store_true", help="score the cases present in both folders")
+    ap.add_argument("--allow-unknown-labels", action="store_true", help="score predictions holding label values "
+                    "that neither --labels, --ignore nor any reference uses (recorded in summary.json); "
+                    "default: an error naming the files and values")
     return ap.parse_args(argv)
 
 
@@ -197,7 +235,7 @@ def main(argv=None) -> int:
         classes = make_classes(parse_labels(args.labels), parse_tolerances(args.tolerance),
                                [c.strip() for c in args.lesions_by_side.split(",") if c.strip()])
         summary = evaluate_folders(args.pred, args.ref, args.out, classes, args.image, args.lobes, args.allow_missing,
-                                   args.source, args.pred_lung, args.ignore)
+                                   args.source, args.pred_lung, args.ignore, args.allow_unknown_labels)
     except (EvaluationError, VolumeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -208,6 +246,8 @@ def main(argv=None) -> int:
     for key in ("without_prediction", "without_reference"):
         if summary["missing"][key]:
             print(f"  not scored, {key.replace('_', ' ')}: {summary['missing'][key]}")
+    for cid, codes in summary["unknown_labels"].items():
+        print(f"  warning: {cid}: prediction label values {codes} unknown, scored as background (--allow-unknown-labels)")
     return 0
 
 
