@@ -111,3 +111,17 @@ def test_parallel_build_equals_serial_and_keeps_going_past_a_bad_case(tmp_path, 
     again = CaseCache(tmp_path / "parallel")
     again.get_many(items[:3], cfg, workers=2, progress=False)
     assert (again.hits, again.misses) == (3, 0)
+
+
+def test_entries_without_checksums_are_still_used(tmp_path, phantom_root):
+    """Entries written before meta.json held CRC-32s (CACHE_VERSION unchanged) are validated by size and
+    label voxel counts and reused, not rebuilt."""
+    case, pol = _case(phantom_root)
+    cfg = HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0))
+    entry = CaseCache(tmp_path).get(case, pol, cfg)
+    meta = json.loads((entry.path / "meta.json").read_text())
+    assert set(meta.pop("crc32")) == {"image.npy", "label.npy", "fg.npy"}
+    (entry.path / "meta.json").write_text(json.dumps(meta))
+    again = CaseCache(tmp_path)
+    assert again.get(case, pol, cfg).path == entry.path
+    assert (again.hits, again.misses, again.built, again.repaired) == (1, 0, 0, [])

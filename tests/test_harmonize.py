@@ -215,3 +215,26 @@ def test_align_mask_reorients_a_mask_stored_in_another_axis_order(tmp_path):
     shifted[0, 3] += 3.0  # a real geometry difference is still an error naming the files
     with pytest.raises(VolumeError, match=r"mask\.nii\.gz: mask shape \(3, 4, 5\) differs from image image\.nii\.gz"):
         align_mask(stored, shifted, label.shape, affine, "mask.nii.gz", "image.nii.gz")
+
+
+def test_shear_of_hand_built_affines():
+    """Rotations and flips of a box grid are not shear; a tilted column is, by its angle."""
+    from datamodules.io import SHEAR_MAX_DEG, check_affine, shear_of
+
+    t = np.radians(30.0)
+    rot = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rot @ np.diag([0.7, -0.7, 5.0])
+    assert shear_of(oblique)[0] < 1e-9
+    check_affine(oblique, "oblique")
+    for deg, refused in ((0.05, False), (0.2, True), (15.0, True)):
+        sheared = np.diag([0.7, 0.7, 5.0, 1.0])
+        sheared[1, 2] = np.tan(np.radians(deg)) * 5.0  # slice k moves k * that along y
+        got, a, b = shear_of(sheared)
+        assert got == pytest.approx(deg, abs=1e-6) and (a, b) == (1, 2)
+        if refused:
+            with pytest.raises(VolumeError, match=rf"sheared affine: voxel axes 1 and 2 .*\(shear {deg:.2f}°"):
+                check_affine(sheared, "x.nii.gz")
+        else:
+            assert deg <= SHEAR_MAX_DEG
+            check_affine(sheared, "x.nii.gz")
