@@ -92,7 +92,8 @@ def test_volumes_geometry_and_codes_are_exact(toy_root):
 
 def test_flags_name_the_case_and_the_numbers(toy_root):
     report = audit(toy_root, ["audit_toy"], HarmonizerConfig(target_spacing=(2.5, 2.5, 5.0)))
-    assert _warnings(report) == {("lesion_hu", "hot"), ("lung_volume", "small_lungs"),
+    # the harmonizer refuses the 8-bit export declared HU (check_intensity): unreadable, and still explained
+    assert _warnings(report) == {("lesion_hu", "hot"), ("lung_volume", "small_lungs"), ("unreadable", "eight_bit"),
                                  ("undecoded_8bit", "eight_bit"), ("spacing_outlier", "thick")}
     reasons = {f["kind"]: f["reason"] for f in report["flags"]}
     assert "eight_bit.nii.gz" in reasons["undecoded_8bit"] and "0..255" in reasons["undecoded_8bit"]

@@ -26,6 +26,7 @@ def l3net_tree(tmp_path_factory):
     affine = np.diag([0.8, 0.8, 5.0, 1.0])
     for case in ("P0001_day1", "P0001_day7", "P0002_day1"):
         hu = np.full((12, 10, 4), -800, np.int16)
+        hu[:, 0] = -1000  # some air: verify refuses a constant image
         write_volume(root / "l3net" / "images" / f"{case}.nii.gz", hu, affine)
     mask = np.zeros((12, 10, 4), np.int16)
     mask[:, :, 0] = -1                      # an unlabelled slice
