@@ -244,6 +244,15 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def cli_config(parser, overrides: list[str]) -> DictConfig:
+    """`load_config` for a command line: a config error (a ValueError naming the key or file) ends as
+    argparse's one-line `error:` with exit status 2, not as a traceback."""
+    try:
+        return load_config(overrides)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def selected_args(cfg: DictConfig, group: str, name: str) -> dict[str, Any]:
     """The arguments of entry `name` of `networks` / `losses` / `methods`, without the sweep's `search` space."""
     args = OmegaConf.to_container(cfg[group][name], resolve=True) or {}

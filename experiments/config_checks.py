@@ -271,22 +271,23 @@ def split_override(item: str) -> tuple[str, str]:
     return key, value
 
 
-def _parent_keys(cfg: DictConfig, key: str) -> str:
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    while not isinstance(node, DictConfig) and "." in parent:  # the first existing ancestor
-        parent = parent.rsplit(".", 1)[0]
-        node = OmegaConf.select(cfg, parent)
-    if not isinstance(node, DictConfig):
-        node, parent = cfg, ""
-    return f"keys under {parent or 'the top level'}: {sorted(node)}"
+def unknown_key_message(cfg: DictConfig, key: str) -> str:
+    """Names the first segment of `key` that does not exist and the keys that do exist there."""
+    parts = key.split(".")
+    node, depth = cfg, 0
+    while depth < len(parts) - 1 and isinstance(node, DictConfig) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
+    unknown, parent = ".".join(parts[:depth + 1]), ".".join(parts[:depth])
+    where = f" (in {key})" if unknown != key else ""
+    present = sorted(node) if isinstance(node, DictConfig) else []
+    return f"unknown key {unknown}{where}; keys under {parent or 'the top level'}: {present}"
 
 
 def override_error(cfg: DictConfig, item: str, key: str, value: str, e: Exception) -> ValueError:
     """A one-line message for an override OmegaConf refused, naming the key."""
     target = OmegaConf.select(cfg, key, default=None, throw_on_missing=False) if "." in key or key in cfg else None
     if isinstance(e, ConfigKeyError):
-        return ValueError(f"override {item!r}: unknown key {key}; {_parent_keys(cfg, key)}")
+        return ValueError(f"override {item!r}: {unknown_key_message(cfg, key)}")
     if isinstance(target, ListConfig) and not value.lstrip().startswith("["):
         return ValueError(f"override {item!r}: {key} is a list; write {key}=[{value}] (comma-separated in brackets)")
     if isinstance(target, DictConfig):
