@@ -24,14 +24,9 @@ OUT_OF_RANGE = [
     ("lr_negative", ["optim.lr=-0.001"], r"must be in \(0, inf\)", ("optim.lr",)),
     ("window_reversed", ["data.window=[300,-1000]"], r"low end must be below the high end", ("data.window",)),
     ("seed_negative", ["run.seed=-1"], r"must be in \[0, 4294967295\]", ("run.seed=-1",)),
-    ("overlap_one", ["inference.overlap=1"], r"must be in \[0, 1\)", ("inference.overlap",)),
     ("fewshot_fold_past_the_folds", ["fewshot.fold=5"], r"has 5 folds \(0\.\.4\)", ("fewshot.fold=5",)),
-    ("spatial_dims_four", ["model.spatial_dims=4"], r"must be in \[2, 3\]", ("model.spatial_dims",)),
     ("class_value_unknown", ["evaluation.classes.lesion.values=[3,9]"], r"must be in \[0, 7\]; 9 is not",
      ("evaluation.classes.lesion.values",)),
-    ("method_probability_two", ["methods.bigaug.p=2"], r"must be in \[0, 1\]", ("methods.bigaug.p",)),
-    ("dropout_one", ["networks.unet.dropout=1.0"], r"must be in \[0, 1\)", ("networks.unet.dropout",)),
-    ("augment_probability_negative", ["augment.ops.flip.p=-0.5"], r"must be in \[0, 1\]", ("augment.ops.flip.p",)),
 ]
 
 MALFORMED = [

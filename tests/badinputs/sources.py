@@ -65,7 +65,6 @@ SPEC_ROWS = [
     ("case_id_a_number", {"case_id": "5"}, r"must be a non-empty string", "case_id="),
     ("patient_id_a_list", {"patient_id": "['^(?P<patient>.+)$']"}, r"must be a non-empty string", "patient_id="),
     ("annotated_a_number", {"annotated": "5"}, r"must be a list of class names", "annotated="),
-    ("encoding_upper_case", {"encoding": "HU"}, r"must be one of \['hu', 'uint8_window'\]", "encoding="),
     ("window_reversed", {"encoding": "uint8_window", "window": "[300, -1000]"}, r"low end must be below", "window="),
     ("window_without_uint8", {"window": "[-1000, 300]"}, r"applies only with encoding: uint8_window", "window="),
     ("codes_a_list", {"codes": "[background, lesion]"}, r"must be a mapping raw code -> class", "codes="),
@@ -83,7 +82,7 @@ def _register_spec_case(name: str, changes: dict, match: str, named: str) -> Non
 
         return load_spec(_spec(tmp, **changes))
 
-    run.__name__ = name
+    run.__name__ = f"spec_{name}"  # not case_*: the registry strips that prefix (case_id_... would lose it)
     bad_input("source", match=match, names=("{tmp}/mine.yaml", named))(run)
 
 
