@@ -300,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.config import load_config
     from experiments.runner import harmonizer_config, resolve_data_root
 
-    cfg = load_config(args.overrides)
-    for spec in args.custom:
-        register_custom_source(spec)
+    try:
+        for spec in args.custom:  # first: the config may name these sources (data.policies, data.sources)
+            register_custom_source(spec)
+        cfg = load_config(args.overrides)
+    except ValueError as exc:  # a config or custom-source error, naming the key or the file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.sources:
         cfg.data.sources = args.sources.split(",")
     if args.root is not None:

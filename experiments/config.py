@@ -2,7 +2,8 @@
 
 Merge order: schema <- configs/base.yaml <- configs/experiment/<name>.yaml (scale: smoke, demo; default
 is the full size) <- configs/preset/<name>.yaml (a paper's protocol: sources, policies, model) <- command
-line `key=value`. The schema holds types only; every number lives in YAML.
+line `key=value`. The schema holds types only; every number lives in YAML; the allowed ranges and the
+other checks of the merged result live in experiments/config_checks.py.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from datamodules.alignment import AlignmentConfig
+from experiments.config_checks import apply_overrides, check_config, split_override
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -202,13 +204,10 @@ def presets(kind: str = "experiment") -> list[str]:
 def load_config(overrides: list[str] | None = None) -> DictConfig:
     """Build the config; `experiment=NAME` selects a scale preset, `preset=NAME` a protocol preset."""
     overrides = list(overrides or [])
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
     chosen = {"experiment": "default", "preset": None}
     rest = []
     for item in overrides:
-        key, value = item.split("=", 1)
+        key, value = split_override(item)
         if key in chosen:
             chosen[key] = None if value in ("", "null", "none") and key == "preset" else value
         else:
@@ -233,7 +232,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
     cfg.experiment = chosen["experiment"]
     cfg.preset = chosen["preset"]
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+    cfg = apply_overrides(cfg, rest)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"config values missing: {missing}")
@@ -241,7 +240,17 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         if cfg[key].name not in cfg[group]:
             raise ValueError(f"{key}.name={cfg[key].name!r} has no arguments under `{group}` in the config; "
                              f"configured: {sorted(cfg[group])} (python -m experiments.list shows what exists)")
+    check_config(cfg)  # ranges, lengths, choices and source names, once, on the merged result
     return cfg
+
+
+def cli_config(parser, overrides: list[str]) -> DictConfig:
+    """`load_config` for a command line: a config error (a ValueError naming the key or file) ends as
+    argparse's one-line `error:` with exit status 2, not as a traceback."""
+    try:
+        return load_config(overrides)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def selected_args(cfg: DictConfig, group: str, name: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from experiments.config import load_config, presets
+from experiments.config import cli_config, presets
 from experiments.protocols import run_protocol
 
 # task -> the COVID-19-CT-Seg mask folder (label policy) that trains and is scored
@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     overrides = list(args.overrides)
     if not any(o.startswith("preset=") for o in overrides):
         overrides.append("preset=seed003_task1")
-    base = load_config(overrides)
+    base = cli_config(parser, overrides)
     source = base.fewshot.source
     folds = range(len(base.fewshot.folds)) if args.fold == "all" else [int(args.fold)]
     results = []
     for k in folds:
-        cfg = load_config(overrides + [f"fewshot.fold={k}", f"fewshot.task={args.task}",
+        cfg = cli_config(parser, overrides + [f"fewshot.fold={k}", f"fewshot.task={args.task}",
                                        f"data.policies.{source}={TASKS[args.task]}"])
         results.append(run_protocol("fewshot", cfg))
     return results

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from experiments.config import load_config, presets
+from experiments.config import cli_config, presets
 from experiments.protocols import run_protocol
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(args.overrides + [f"data.holdout={args.holdout}"])
+    cfg = cli_config(parser, args.overrides + [f"data.holdout={args.holdout}"])
     if args.holdout not in cfg.data.sources:
         parser.error(f"--holdout {args.holdout!r} is not in data.sources {list(cfg.data.sources)}")
     return run_protocol("loso", cfg)

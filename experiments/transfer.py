@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from experiments.config import load_config, presets
+from experiments.config import cli_config, presets
 from experiments.protocols import run_protocol
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING)
     extra = [f"data.train_sources={args.train}"] + ([f"data.test_sources={args.test}"] if args.test else [])
-    cfg = load_config(args.overrides + extra)
+    cfg = cli_config(parser, args.overrides + extra)
     # sources named on the command line join data.sources, so `--test mosmed` needs no second override
     wanted = list(dict.fromkeys(list(cfg.data.sources) + list(cfg.data.train_sources) + list(cfg.data.test_sources)))
     cfg.data.sources = wanted

@@ -14,7 +14,6 @@ gives `Case.meta["clinical"]`: that patient's row with lower-cased keys.
 """
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from datetime import date
@@ -24,18 +23,17 @@ from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
 from datamodules.sources.base import SourceAdapter, register_source
 from datamodules.sources.nsclc import folder_date, read_nbia_metadata, series_folders, series_modality
+from datamodules.sources.tables import read_table
 
 
 def read_clinical(paths: list[Path]) -> dict[str, dict[str, str]]:
     """Patient id -> row with lower-cased, stripped keys, from every clinical CSV given (first wins)."""
     rows: dict[str, dict[str, str]] = {}
     for path in paths:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            for row in csv.DictReader(f):
-                low = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-                pid = low.get("patient_id")
-                if pid:
-                    rows.setdefault(pid, low)
+        for row in read_table(path, required=("patient_id",), lower_header=True):
+            low = {k: v.strip() for k, v in row.items()}
+            if low["patient_id"]:
+                rows.setdefault(low["patient_id"], low)
     return rows
 
 

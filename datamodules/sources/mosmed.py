@@ -7,13 +7,13 @@ Mirrors ship uncompressed `.nii` and flat `studies/` folders: both are accepted.
 """
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
 from datamodules.cases import Case
 from datamodules.label_policy import LabelPolicy
-from datamodules.sources.base import DataLayoutError, SourceAdapter, nifti_files, register_source, strip_nifti
+from datamodules.sources.base import SourceAdapter, nifti_files, register_source, strip_nifti
+from datamodules.sources.tables import read_table
 
 REGISTRY_NAME = "dataset_registry.csv"
 
@@ -24,18 +24,14 @@ def read_registry(path: Path) -> dict[str, dict]:
     Returns study id (`study_0255`) -> {"category": "CT-1", "study_file": "studies/CT-1/...",
     "mask_file": "masks/..." or None}. `utf-8-sig` drops the BOM (else the first header reads
     "\ufeffstudy_id"); the csv module handles CRLF; leading slashes are stripped so the paths join onto
-    the archive folder.
+    the archive folder. A short row, a missing column or invalid UTF-8 is an error naming the line
+    (`datamodules.sources.tables`).
     """
     rows = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = {"study_id", "category", "study_file", "mask_file"} - set(reader.fieldnames or ())
-        if missing:
-            raise DataLayoutError(f"{path}: registry lacks column(s) {sorted(missing)}; header {reader.fieldnames}")
-        for row in reader:
-            study = strip_nifti(Path(row["study_file"].strip()).name)
-            rows[study] = {"category": row["category"].strip(), "study_file": row["study_file"].strip().lstrip("/"),
-                           "mask_file": row["mask_file"].strip().lstrip("/") or None}
+    for row in read_table(path, required=("study_id", "category", "study_file", "mask_file")):
+        study = strip_nifti(Path(row["study_file"].strip()).name)
+        rows[study] = {"category": row["category"].strip(), "study_file": row["study_file"].strip().lstrip("/"),
+                       "mask_file": row["mask_file"].strip().lstrip("/") or None}
     return rows
 
 

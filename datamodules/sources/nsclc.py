@@ -37,7 +37,6 @@ out with that reason.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from datetime import date
@@ -50,6 +49,7 @@ from datamodules.harmonize import reorientation
 from datamodules.io import LPS_TO_RAS
 from datamodules.label_policy import LabelPolicy
 from datamodules.sources.base import SourceAdapter, register_source, walk_dirs
+from datamodules.sources.tables import read_table
 
 DATE_RE = re.compile(r"^(\d{2})-(\d{2})-(\d{4})")
 
@@ -123,11 +123,10 @@ def read_nbia_metadata(manifest: Path) -> dict[Path, dict]:
     if not path.is_file():
         return {}
     rows = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            loc = (row.get("File Location") or "").strip().replace("\\", "/")
-            if loc:
-                rows[(manifest / loc).resolve()] = row
+    for row in read_table(path, required=("File Location",)):
+        loc = row["File Location"].strip().replace("\\", "/")
+        if loc:
+            rows[(manifest / loc).resolve()] = row
     return rows
 
 
