@@ -68,11 +68,12 @@ def test_every_rules_choice_is_read_before_validate_and_test_restore_callback_st
     rows = [{"source": "s", "case": "c1", "class": "lesion", "dice": 0.5}]
 
     class Trainer:
-        def validate(self, module, datamodule, ckpt_path, verbose):
+        def validate(self, module, datamodule, ckpt_path, verbose, weights_only):
             callbacks["oracle"].best_model_path = str(tmp_path / "oracle-epoch001.ckpt")  # the restore
             return [{"val/mean/dice": 0.7}]
 
-        def test(self, module, datamodule, ckpt_path, verbose):
+        def test(self, module, datamodule, ckpt_path, verbose, weights_only):
+            assert weights_only is True  # never unpickle code from a runs folder
             module.last_rows["test"] = rows
             return [{"test/mean/dice": float(torch.load(ckpt_path)["epoch"])}]
 
