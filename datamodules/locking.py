@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 # Descriptors of the locks this process holds. A forked child (a DataLoader worker) shares each one's open
 # file description, hence the lock: killed with its parent, a worker that lives on for seconds would keep
 # the folder locked. The child closes its copies at fork; the parent's descriptor keeps the lock.

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from experiments.checkpoints import CheckpointError, load_module
+from experiments.checkpoints import CheckpointError, load_module, read_checkpoint
 from experiments.config import load_config
 from experiments.runner import ROW_COLUMNS, build_datamodule, is_rank_zero, resolve_data_root, test_checkpoint
 from experiments.tracking import write_csv, write_json
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     if name not in chosen:
         raise SystemExit(f"error: {args.run_dir} recorded no {name!r} checkpoint; it has {sorted(chosen)}")
     ckpt = chosen[name]["path"]
+    try:  # before the data is prepared: a crafted or damaged checkpoint ends the command at once, named
+        read_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     stored = OmegaConf.load(args.run_dir / "config.yaml")
     cfg = OmegaConf.merge(load_config([f"experiment={stored.experiment}"]), stored,
                           OmegaConf.from_dotlist(list(args.overrides)))

@@ -245,8 +245,8 @@ class SegmentationModule(pl.LightningModule):
         raise NonFiniteLoss(
             f"training loss became NaN/inf at global step {step} (epoch {self.current_epoch + 1}); the run stops as "
             f"failed, without `done`. Likely causes: a learning rate too high (optim.lr={o['lr']}), a zero or tiny "
-            "data.std with data.normalize=zscore, or NaN/inf voxels in a training case (check the cache with "
-            "python -m datamodules.verify). checkpoints/last.ckpt keeps the last epoch whose loss was finite.")
+            "data.std with data.normalize=zscore, or NaN/inf voxels in a training case (python -m datamodules.verify "
+            "--root DATA checks the data). No checkpoint holds weights from after it.")
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "fit":  # validation inside fit: never score (or select) diverged weights
