@@ -57,7 +57,10 @@ def checkpoint_callbacks(run_dir: Path, names: list[str], has_val: bool,
         prefix = "best" if name in ("training_domain", "loso") else name
         out[name] = pl.callbacks.ModelCheckpoint(dirpath=folder, filename=f"{prefix}-epoch{{epoch:03d}}",
                                                  auto_insert_metric_name=False, monitor=MONITOR[name], mode="max",
-                                                 save_top_k=1, save_last=False, save_on_train_epoch_end=False)
+                                                 save_top_k=1, save_last=False, save_on_train_epoch_end=False,
+                                                 # a resumed run that re-selects an epoch rewrites its file
+                                                 # (atomically) instead of adding best-epochNNN-v1.ckpt
+                                                 enable_version_counter=False)
     out["last"] = LastCheckpoint(folder, every_n_steps)
     return out
 
