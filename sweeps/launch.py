@@ -78,21 +78,21 @@ def run_env() -> dict[str, str]:
 
 
 def run_child(cmd: list[str], **popen) -> int:
-    """Run `cmd` to its end and return its exit code, forwarding SIGTERM and SIGINT to it.
+    """Run `cmd` to its end and return its exit code; SIGTERM or SIGINT to the launcher stops the run first.
 
-    Killing the launcher stops its current run, and the launcher exits only after that run has: an
-    immediate relaunch never finds the run still going (its folder lock held, its files being written).
-    The child has its own session, so a terminal's Ctrl-C reaches it once, through us. After a forwarded
-    signal the launcher exits with 128 + the signal's number, like a shell."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    Either signal is passed on as SIGTERM, on which a run stops after its current batch (Lightning), and the
+    launcher exits only after the run has: an immediate relaunch never finds the run still going (its folder
+    locked, its files being written). SIGTERM even for SIGINT: after a terminal's Ctrl-C the run, in our
+    process group, has its own SIGINT already, and a second one would interrupt its graceful stop. The
+    launcher then exits with 128 + the signal's number, like a shell."""
+    proc = subprocess.Popen(cmd, **popen)
     got: list[int] = []
 
     def forward(signum, _frame):
         got.append(signum)
         if proc.poll() is None:
-            print(f"[sweep] {signal.Signals(signum).name}: passed on to run pid {proc.pid}, waiting for it to stop",
-                  flush=True)
-            proc.send_signal(signum)
+            print(f"[sweep] {signal.Signals(signum).name}: stopping run pid {proc.pid} and waiting for it", flush=True)
+            proc.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -309,7 +309,10 @@ time.sleep(60)
 """
 
 
-def test_killing_the_sweep_launcher_stops_its_run_first(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_killing_the_sweep_launcher_stops_its_run_first(tmp_path, sig):
+    """SIGTERM (kill, a scheduler) or SIGINT sent to the launcher alone: the run gets SIGTERM, and the launcher
+    exits only after it."""
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, CHILD, str(tmp_path)], cwd=REPO, env=ENV)
     deadline = time.time() + 30
     while not (tmp_path / "pid").exists():
@@ -317,8 +320,8 @@ def test_killing_the_sweep_launcher_stops_its_run_first(tmp_path):
         time.sleep(0.05)
     time.sleep(0.2)
     child = int((tmp_path / "pid").read_text())
-    launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    launcher.send_signal(sig)
+    assert launcher.wait(timeout=30) == 128 + sig
     assert (tmp_path / "stopped").read_text() == "yes"  # the run got the signal and ended before the launcher
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
