@@ -199,9 +199,10 @@ def test_checkpoint(trainer: pl.Trainer, module: SegmentationModule, dm, ckpt: s
 
 
 def _progress_of(ckpt: str) -> tuple[int | None, int | None]:
-    """(epoch, global_step) stored in a Lightning checkpoint. Lightning counts `epoch` differently for
-    checkpoints saved after validation and after the training epoch; the step identifies the weights.
-    Read with weights_only (experiments.checkpoints): an unreadable or crafted file raises CheckpointError."""
+    """(epoch, global_step) stored in a Lightning checkpoint: `epoch` is the 0-based epoch in progress when it was
+    saved (the rules' checkpoints when validation ends, last.ckpt when the training epoch ends: the same
+    epoch), the step identifies the weights. Read with weights_only (experiments.checkpoints): an unreadable
+    or crafted file raises CheckpointError naming it."""
     state = read_checkpoint(ckpt)
     try:
         return int(state["epoch"]), int(state["global_step"])

@@ -309,7 +309,7 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_killing_the_sweep_launcher_stops_its_run_first(tmp_path, sig):
     """SIGTERM (kill, a scheduler) or SIGINT sent to the launcher alone: the run gets SIGTERM, and the launcher
     exits only after it."""
