@@ -75,6 +75,19 @@ def finished_epochs(state: dict) -> int:
         return int(state.get("epoch", 0))
 
 
+def mid_epoch_note(state: dict) -> str:
+    """'' for a checkpoint written at an epoch's end; for one written every N steps, how far into the next
+    epoch it is (a resume from there keeps the progress, not bitwise the uninterrupted run's numbers)."""
+    try:
+        loop = state["loops"]["fit_loop"]
+        epochs, batches = loop["epoch_progress"]["current"], loop["epoch_loop.batch_progress"]["current"]
+        if epochs["started"] > epochs["processed"]:
+            return f", {batches['processed']} step(s) into epoch {epochs['processed'] + 1}"
+    except (KeyError, TypeError):
+        pass
+    return ""
+
+
 def check_fits(state: dict, module: torch.nn.Module, path: Path) -> None:
     """The checkpoint's weights have the module's names and shapes: a checkpoint of another network or
     configuration (copied in, or left by an older version) is refused before Lightning half-loads it."""
@@ -98,10 +111,10 @@ def move_aside(path: Path, why: str, say: Callable[[str], None]) -> Path:
 
 
 def resume_point(folder: Path, module: torch.nn.Module, say: Callable[[str], None],
-                 repair: bool = True) -> tuple[Path | None, int]:
-    """(checkpoint to resume from, its finished epochs): the newest of last.ckpt and last-prev.ckpt that
-    loads and fits `module`, or (None, 0) to start clean. Unusable ones are moved aside (`repair`; other
-    DDP ranks only skip them: rank zero has moved them before they start)."""
+                 repair: bool = True) -> tuple[Path | None, int, str]:
+    """(checkpoint to resume from, its finished epochs, mid_epoch_note): the newest of last.ckpt and
+    last-prev.ckpt that loads and fits `module`, or (None, 0, '') to start clean. Unusable ones are moved
+    aside (`repair`; other DDP ranks only skip them: rank zero has moved them before they start)."""
     for name in (LAST, PREVIOUS):
         path = folder / name
         if not path.exists():
@@ -113,8 +126,8 @@ def resume_point(folder: Path, module: torch.nn.Module, say: Callable[[str], Non
             if repair:
                 move_aside(path, f"cannot resume from {e}", say)
             continue
-        return path, finished_epochs(state)
-    return None, 0
+        return path, finished_epochs(state), mid_epoch_note(state)
+    return None, 0, ""
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:

@@ -363,9 +363,9 @@ def _run_locked(cfg: DictConfig, kind: str, split: dict, name: str, run_dir: Pat
         loggers.append(wandb_logger)
     callbacks = checkpoint_callbacks(run_dir, names, bool(dm.split.val), int(cfg.trainer.checkpoint_every_n_steps))
     trainer = make_trainer(cfg, run_dir, loggers, list(callbacks.values()), bool(dm.split.val) or dm.oracle)
-    resume, finished = resume_point(run_dir / "checkpoints", module, say, repair=is_rank_zero())
+    resume, finished, mid_epoch = resume_point(run_dir / "checkpoints", module, say, repair=is_rank_zero())
     if resume is not None:
-        say(f"resuming from epoch {finished} ({resume})")
+        say(f"resuming from epoch {finished}{mid_epoch} ({resume})")
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     metrics, val_rows, test_rows, sel = select_and_test(cfg, trainer, module, dm, run_dir, callbacks, names)
     if not is_rank_zero():

@@ -120,8 +120,8 @@ def _small_disk(limit_bytes: int):
 def test_full_disk_during_a_save_and_a_truncated_last_checkpoint_never_block_the_run(tmp_path, reference):
     """Killed after epoch 2 (last.ckpt = epoch 2, last-prev.ckpt = epoch 1). A rerun on a 'full disk' fails
     while saving, naming the checkpoint, and leaves both files as they were, with no temp file. Then last.ckpt
-    is truncated by hand: the rerun moves it aside, resumes from last-prev.ckpt and ends with the
-    uninterrupted run's numbers."""
+    is truncated by hand and a killed save's temp file is planted: the rerun removes the temp file, moves
+    last.ckpt aside, resumes from last-prev.ckpt and ends with the uninterrupted run's numbers."""
     cache, expected = reference
     cmd = _cmd(tmp_path, cache)
     _kill_after(cmd, "[epoch 2/")
@@ -137,8 +137,11 @@ def test_full_disk_during_a_save_and_a_truncated_last_checkpoint_never_block_the
     assert {p.name: _digest(p) for p in ckpts.iterdir()} == before  # nothing replaced, no .tmp-* left
 
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    orphan = ckpts / ".tmp-last.ckpt.4242"  # what a save killed mid-write leaves
+    orphan.write_bytes(b"half a checkpoint")
     proc = _run(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"removed {orphan}, left by a save that was killed" in proc.stdout and not orphan.exists()
     assert re.search(r"cannot resume from \S+last\.ckpt: unreadable or truncated", proc.stdout), proc.stdout[-3000:]
     assert list(ckpts.glob("last.ckpt.corrupt-*")) and _resumed_from(proc.stdout) in (1, 2)
     assert "last-prev.ckpt" in re.search(r"resuming from epoch .*", proc.stdout).group(0)
@@ -171,7 +174,13 @@ def test_last_checkpoint_every_epoch_and_every_n_steps(tmp_path):
     of epoch 1 (step 4), at step 6 and at the end of epoch 2 (step 8); last-prev.ckpt is the save before."""
     import pytorch_lightning as pl
 
-    from experiments.checkpoints import AtomicCheckpointIO, LastCheckpoint, finished_epochs, read_checkpoint
+    from experiments.checkpoints import (
+        AtomicCheckpointIO,
+        LastCheckpoint,
+        finished_epochs,
+        mid_epoch_note,
+        read_checkpoint,
+    )
 
     class Tiny(pl.LightningModule):
         def __init__(self):
@@ -198,7 +207,8 @@ def test_last_checkpoint_every_epoch_and_every_n_steps(tmp_path):
     trainer.fit(Tiny(), data)
     assert saved == [3, 4, 6, 8]
     last, prev = read_checkpoint(tmp_path / "last.ckpt"), read_checkpoint(tmp_path / "last-prev.ckpt")
-    assert (last["global_step"], finished_epochs(last)) == (8, 2) and prev["global_step"] == 6
+    assert (last["global_step"], finished_epochs(last), mid_epoch_note(last)) == (8, 2, "")
+    assert (prev["global_step"], finished_epochs(prev), mid_epoch_note(prev)) == (6, 1, ", 2 step(s) into epoch 2")
     assert any("rng" in s for s in last["callbacks"].values()) and not list(tmp_path.glob(".tmp-*"))
 
 

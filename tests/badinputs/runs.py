@@ -152,7 +152,7 @@ def _resume(folder: Path):
 def case_crafted_last_checkpoint_is_moved_aside_never_run(tmp):
     ckpts = tmp / "checkpoints"
     _crafted(ckpts / "last.ckpt")
-    (path, epochs), said = _resume(ckpts)
+    (path, epochs, _note), said = _resume(ckpts)
     assert (path, epochs) == (None, 0) and not (ckpts / "PWNED").exists()
     assert "refused to load" in said and list(ckpts.glob("last.ckpt.corrupt-*"))
 
@@ -163,7 +163,7 @@ def case_truncated_last_checkpoint_falls_back_to_the_previous(tmp):
     _training_checkpoint(ckpts / "last-prev.ckpt", _module())
     good = _training_checkpoint(ckpts / "last.ckpt", _module())
     good.write_bytes(good.read_bytes()[:300])
-    (path, epochs), said = _resume(ckpts)
+    (path, epochs, _note), said = _resume(ckpts)
     assert path == ckpts / "last-prev.ckpt" and epochs == 1
     assert f"cannot resume from {ckpts / 'last.ckpt'}: unreadable or truncated" in said
     assert not (ckpts / "last.ckpt").exists() and list(ckpts.glob("last.ckpt.corrupt-*"))
@@ -174,7 +174,7 @@ def case_zero_byte_last_checkpoint_starts_clean(tmp):
     ckpts = tmp / "checkpoints"
     ckpts.mkdir()
     (ckpts / "last.ckpt").write_bytes(b"")
-    (path, epochs), said = _resume(ckpts)
+    (path, epochs, _note), said = _resume(ckpts)
     assert (path, epochs) == (None, 0) and "unreadable or truncated" in said and "moved aside" in said
 
 
@@ -184,7 +184,7 @@ def case_checkpoint_of_another_configuration_is_moved_aside(tmp):
 
     ckpts = tmp / "checkpoints"
     _training_checkpoint(ckpts / "last.ckpt", torch.nn.Linear(5, 2))  # another network's shapes
-    (path, epochs), said = _resume(ckpts)
+    (path, epochs, _note), said = _resume(ckpts)
     assert path is None and "weights of another model" in said and "other shapes" in said
 
 
