@@ -301,6 +301,23 @@ def test_a_sweep_run_waits_for_its_folder(tmp_path, monkeypatch, capsys):
     assert f"run folder {run_dir} in use by pid {holder.pid}: waiting for it to finish" in capsys.readouterr().out
 
 
+def test_under_ddp_only_rank_zero_locks_the_run_folder(tmp_path, monkeypatch):
+    """The other ranks re-run the script while rank zero holds the lock: they must not wait for it or fail."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from datamodules.locking import FolderInUse, folder_lock
+    from experiments import runner
+    from experiments.config import load_config
+
+    cfg = load_config(["experiment=smoke", f"paths.runs={tmp_path}", "data.holdout=mosmed", "run.name=r"])
+    monkeypatch.setattr(runner, "_run_locked", lambda *args: {"ran": True})
+    with folder_lock(tmp_path / "loso" / "r", what="run folder"):  # rank zero's lock
+        with pytest.raises(FolderInUse):
+            runner.run(cfg, "loso", {"holdout": "mosmed"}, "mosmed")
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        assert runner.run(cfg, "loso", {"holdout": "mosmed"}, "mosmed") == {"ran": True}
+
+
 LAUNCHER = """
 import sys
 from sweeps.launch import run_child
