@@ -15,7 +15,7 @@ from datamodules.alignment import summarize as summarize_statuses
 from datamodules.augment import WHERE, Augmenter
 from datamodules.cache import CachedCase, CaseCache, class_counts
 from datamodules.cases import Case, repeated_id_message, repeated_ids
-from datamodules.datasets import PatchDataset, VolumeDataset, patch_loader
+from datamodules.datasets import EpochSampler, PatchDataset, VolumeDataset, patch_loader
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError
 from datamodules.label_policy import LabelError
@@ -220,7 +220,18 @@ class MultiSourceDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = PatchDataset(self.cached["train"], self.source_ids, self.patch_size, self.samples_per_epoch,
                           self.fg_fraction, self.sampling, augment=self.augmenter)
-        return patch_loader(ds, self.batch_size, self.num_workers, drop_last=True)
+        # Patches are a function of (seed, epoch, index) (EpochSampler), and the loader's own generator keeps
+        # the global one untouched (it seeds the workers): a resumed run draws what the uninterrupted one drew.
+        return patch_loader(ds, self.batch_size, self.num_workers, drop_last=True,
+                            sampler=EpochSampler(len(ds), self.seed, self._serving_epoch()),
+                            generator=torch.Generator().manual_seed(self.seed))
+
+    def _serving_epoch(self) -> int:
+        """The training epoch the loader's first iterator serves: 0, or on resume the first unfinished one.
+        Lightning builds that iterator before its first `set_epoch` call, after restoring the loop state."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_progress.current.processed)
 
     def _volume_loader(self, role: str, source: str | None = None) -> DataLoader:
         # A private generator: starting a DataLoader iterator draws a base seed from its generator (the

@@ -11,7 +11,7 @@ from math import prod
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from datamodules.augment import Augmenter
 from datamodules.cache import CachedCase
@@ -122,13 +122,21 @@ class PatchDataset(Dataset):
             return group[rng.integers(len(group))]
         return int(rng.integers(len(self.cases)))
 
-    def _draw(self, index: int) -> tuple[int, list[int]]:
+    @staticmethod
+    def _rng(index, stream: int = 0) -> np.random.Generator:
+        """The generator of sample `index`: an `EpochSampler` index `(seed, epoch, i)` alone decides it (what
+        a training run draws); a plain integer index is combined with a draw from torch's generator, which
+        Lightning's seed_everything(workers=True) seeds per worker. `stream` 1: the sample's augmentation."""
+        if isinstance(index, tuple):
+            return np.random.default_rng([*(int(x) for x in index), stream])
+        return np.random.default_rng([int(torch.randint(0, 2**62, (1,)).item()), int(index)])
+
+    def _draw(self, index) -> tuple[int, list[int]]:
         """(case index, patch start) of sample `index`.
 
-        torch's generator is seeded per worker by Lightning's seed_everything(workers=True). Under DDP
-        every rank has the same seed; the index (DistributedSampler gives each rank its own) makes the
+        Under DDP every rank has the same seed; the index (DistributedSampler gives each rank its own) makes the
         ranks draw different patches, so N ranks see N times the patches, not N copies of one."""
-        rng = np.random.default_rng([int(torch.randint(0, 2**62, (1,)).item()), int(index)])
+        rng = self._rng(index)
         ci = self._pick_case(rng)
         lesion = self._lesion[ci]  # typed (GGO, consolidation) or untyped opacity voxels
         shape = self._arrays(ci)[0].shape
@@ -147,7 +155,7 @@ class PatchDataset(Dataset):
         meta = self.cases[ci].meta
         return meta["annotated"], self.source_ids[meta["source"]], meta["source"], meta["case"], str(self.cases[ci].path)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
         ci, start = self._draw(index)
         image, label = self._arrays(ci)
         annotated, source_id, source, case, path = self._info(ci)
@@ -155,7 +163,7 @@ class PatchDataset(Dataset):
         # uint8, not int64: 8x less to copy and to send from loader workers; the module widens it
         lab = torch.from_numpy(crop_with_pad(label, start, self.patch_size, 0))[None]
         if self.augment:
-            img, lab = self._augmented(img[None], lab[None])
+            img, lab = self._augmented(img[None], lab[None], index)
             img, lab = img[0], lab[0]
         return {
             "image": img,
@@ -167,10 +175,13 @@ class PatchDataset(Dataset):
             "meta_path": path,  # the cache entry: evaluation in original geometry reads its meta
         }
 
-    def _augmented(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # a generator seeded from the worker-seeded torch stream: the same patches get the same
-        # augmentation in a rerun, whatever else draws from the global generator
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    def _augmented(self, image: torch.Tensor, label: torch.Tensor, index) -> tuple[torch.Tensor, torch.Tensor]:
+        # a generator of its own: the same patches get the same augmentation in a rerun (or a resumed run),
+        # whatever else draws from the global generator. Seeded by the sample index (EpochSampler) or from
+        # the worker-seeded torch stream.
+        seed = int(self._rng(index, 1).integers(2**62)) if isinstance(index, tuple) else \
+            int(torch.randint(0, 2**62, (1,)).item())
+        gen = torch.Generator().manual_seed(seed)
         return self.augment(image, label, gen)
 
     def __getitems__(self, indices: Sequence[int]) -> PatchBatch:
@@ -191,7 +202,7 @@ class PatchDataset(Dataset):
         buf["annotated"].copy_(torch.tensor([i[0] for i in infos], dtype=torch.bool))
         buf["source_id"].copy_(torch.tensor([i[1] for i in infos], dtype=torch.int64))
         if self.augment:  # back into the same buffers: what is sent stays in shared memory
-            aug_image, aug_label = self._augmented(image, label)
+            aug_image, aug_label = self._augmented(image, label, indices[0])
             image.copy_(aug_image)
             label.copy_(aug_label)
         return PatchBatch(buf, source=[i[2] for i in infos], case=[i[3] for i in infos],
@@ -251,6 +262,27 @@ class PatchLoader(DataLoader):
         for batch in super().__iter__():
             held.append(tuple(v for v in batch.values() if isinstance(v, torch.Tensor)))
             yield batch
+
+
+class EpochSampler(Sampler):
+    """Training sample indices `(seed, epoch, i)`, i < length: patch i of epoch e is a function of the run's
+    seed, e and i alone. Not of the loader workers' random streams, which persistent workers carry from epoch
+    to epoch and a resumed run starts afresh: with this sampler a run resumed after epoch k draws the
+    patches the uninterrupted run drew, with any number of workers. Lightning calls `set_epoch` before
+    every epoch (through DistributedSamplerWrapper under DDP, which deals each rank its own `i`s); the
+    first iterator of a fit is built before that call, so the datamodule passes the epoch it serves."""
+
+    def __init__(self, length: int, seed: int, epoch: int = 0):
+        self.length, self.seed, self.epoch = int(length), int(seed), int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        return iter([(self.seed, self.epoch, i) for i in range(self.length)])
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def patch_loader(dataset: PatchDataset, batch_size: int, num_workers: int = 0, **kwargs) -> DataLoader:

@@ -15,6 +15,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker) shares each one's open
+# file description, hence the lock: killed with its parent, a worker that lives on for seconds would keep
+# the folder locked. The child closes its copies at fork; the parent's descriptor keeps the lock.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 class FolderInUse(RuntimeError):
     """Another live process holds the folder's lock."""
@@ -62,8 +79,10 @@ def folder_lock(folder: str | Path, what: str = "folder", wait: bool = False,
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()}\n".encode())
         os.fsync(fd)
+        _HELD.add(fd)
         yield path
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting locker)
 
 

@@ -104,6 +104,7 @@ class TrainerConfig:
     log_every_n_steps: int = MISSING
     deterministic: bool = MISSING
     threads: int = MISSING   # torch CPU threads; 0 leaves torch's default
+    checkpoint_every_n_steps: int = MISSING  # last.ckpt every N steps as well as every epoch (0: epochs only)
 
 
 @dataclass

@@ -94,11 +94,13 @@ def choose_decoding(image: np.ndarray, encoding: str, window: tuple[float, float
 
 
 def load_module(ckpt: Path, device: str):
+    from experiments.checkpoints import load_module as load_checkpoint_module
     from lightning_modules.segmentation import SegmentationModule
 
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: checkpoint not found")
-    module = SegmentationModule.load_from_checkpoint(str(ckpt), map_location=device)
+    # weights_only: a crafted checkpoint is refused (CheckpointError, a ValueError naming it), never executed
+    module = load_checkpoint_module(SegmentationModule, ckpt, map_location=device)
     if not module.hparams.get("harmonizer"):
         raise ValueError(f"{ckpt}: checkpoint does not record its harmonizer settings (trained before they "
                          "were saved); retrain or evaluate it through its run")

@@ -65,9 +65,16 @@ def fewshot(cfg: DictConfig) -> Plan:
                                    "train_cases": {f.source: list(f.folds[f.fold])}})
 
 
-def run_protocol(name: str, cfg: DictConfig) -> dict:
-    """Plan the split for protocol `name` and run it (experiments.runner.run)."""
+def run_protocol(name: str, cfg: DictConfig, wait: bool = False) -> dict:
+    """Plan the split for protocol `name` and run it (experiments.runner.run). A run folder in use by
+    another process and a diverged training end the command with a one-line error (exit 1), not a
+    traceback: neither is a bug, and the message says what to do. `wait`: queue behind a run in use."""
+    from datamodules.locking import FolderInUse
     from experiments.runner import run  # torch and Lightning only when a run starts
+    from lightning_modules.segmentation import NonFiniteLoss
 
     plan = PROTOCOLS.lookup(name)(cfg)
-    return run(cfg, plan.kind, plan.split, plan.label)
+    try:
+        return run(cfg, plan.kind, plan.split, plan.label, wait=wait)
+    except (FolderInUse, NonFiniteLoss) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -3,9 +3,9 @@ protocols: loso, transfer, fewshot) only build the config and name the split."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import nibabel as nib
@@ -19,11 +19,14 @@ from datamodules.alignment import AlignmentConfig
 from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import ABLATABLE_STEPS, HarmonizerConfig, load_original
 from datamodules.label_policy import CLASSES
+from datamodules.locking import folder_lock
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
 from datamodules.sources.custom import register_custom_source
 from evaluation.metrics import METRIC_NAMES
 from experiments import selection
+from experiments.checkpoints import PREVIOUS, AtomicCheckpointIO, read_checkpoint, remove_stale_tmp, resume_point
 from experiments.config import selected_args
+from experiments.runfolder import mark_run_folder, remove_run_folder, run_folder
 from experiments.selection import checkpoint_callbacks, chosen_checkpoint
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
 from lightning_modules.methods import METHODS
@@ -138,11 +141,14 @@ class EpochSummary(pl.Callback):
 
 def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list, has_val: bool) -> pl.Trainer:
     t = cfg.trainer
+    # without a rule's ModelCheckpoint Lightning would add a default one writing epoch=...ckpt files
+    checkpointing = any(isinstance(c, pl.callbacks.Checkpoint) for c in callbacks)
     # test-time methods (bn_adapt, tent) need gradients in the test loop: no_grad there instead of inference mode
     return pl.Trainer(inference_mode=not METHODS.lookup(cfg.method.name).test_time, max_epochs=t.max_epochs,
                       accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision, check_val_every_n_epoch=t.check_val_every_n_epoch,
                       log_every_n_steps=t.log_every_n_steps, deterministic=t.deterministic, logger=loggers,
                       callbacks=[*callbacks, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
+                      plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing,
                       limit_val_batches=None if has_val else 0,
                       enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
 
@@ -183,7 +189,7 @@ def check_config_unchanged(run_dir: Path, cfg: DictConfig) -> None:
 
 def test_checkpoint(trainer: pl.Trainer, module: SegmentationModule, dm, ckpt: str) -> tuple[dict, list]:
     """Test one checkpoint; rows are gathered over DDP ranks and identical on every rank."""
-    out = trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
+    out = trainer.test(module, datamodule=dm, ckpt_path=ckpt, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in (out[0] if out else {}).items()}
     rows = module.last_rows["test"]
     expected = {c.case_id for c in dm.split.test}
@@ -193,12 +199,14 @@ def test_checkpoint(trainer: pl.Trainer, module: SegmentationModule, dm, ckpt: s
 
 
 def _progress_of(ckpt: str) -> tuple[int | None, int | None]:
-    """(epoch, global_step) stored in a Lightning checkpoint. Lightning counts `epoch` differently for
-    checkpoints saved after validation and after the training epoch; the step identifies the weights."""
+    """(epoch, global_step) stored in a Lightning checkpoint: `epoch` is the 0-based epoch in progress when it was
+    saved (the rules' checkpoints when validation ends, last.ckpt when the training epoch ends: the same
+    epoch), the step identifies the weights. Read with weights_only (experiments.checkpoints): an unreadable
+    or crafted file raises CheckpointError naming it."""
+    state = read_checkpoint(ckpt)
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         return int(state["epoch"]), int(state["global_step"])
-    except (OSError, KeyError, RuntimeError):
+    except (KeyError, TypeError, ValueError):
         return None, None
 
 
@@ -219,7 +227,7 @@ def select_and_test(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationMo
         record["checkpoints"][name] = {"path": ckpt, "epoch": epoch, "global_step": step, "score": score}
         if name == head:
             if dm.split.val:
-                val = trainer.validate(module, datamodule=dm, ckpt_path=ckpt, verbose=False)
+                val = trainer.validate(module, datamodule=dm, ckpt_path=ckpt, verbose=False, weights_only=True)
                 val_rows = module.last_rows["val"]
                 metrics.update({k: float(v) for k, v in (val[0] if val else {}).items() if k.startswith("val/")})
             if cfg.evaluation.save_predictions:
@@ -280,18 +288,27 @@ def log_to_wandb(wandb_logger, metrics: dict, test_rows: list, selection: dict, 
     wandb.teardown()
 
 
-def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
+def run(cfg: DictConfig, kind: str, split: dict, label: str, wait: bool = False) -> dict:
     """Train on the split, select a checkpoint, test it; write `<paths.runs>/<kind>/<name>/`.
 
     Re-running a finished run folder (`done`) prints its metrics; an unfinished one resumes from its
     last epoch's checkpoint with the same W&B run id. Under DDP every rank runs this function.
+
+    The run holds its folder's lock throughout (datamodules.locking): a second process on the same folder
+    gets FolderInUse ("run folder X in use by pid N"), or with `wait` (sweeps) queues behind the first.
+    Only rank zero locks: the other DDP ranks re-run this script while rank zero holds it.
     """
     validate_config(cfg)
     names = selection.wanted(cfg.selection.method, cfg.selection.report)
     name = cfg.run.name or f"{label}-{cfg.experiment}-{config_hash(cfg)}"
-    run_dir = Path(cfg.paths.runs) / kind / name
-    if cfg.run.overwrite and run_dir.exists() and is_rank_zero():  # other DDP ranks start once rank 0 is writing
-        shutil.rmtree(run_dir)
+    run_dir = run_folder(cfg.paths.runs, kind, name)
+    with folder_lock(run_dir, what="run folder", wait=wait, say=say) if is_rank_zero() else nullcontext():
+        return _run_locked(cfg, kind, split, name, run_dir, names)
+
+
+def _run_locked(cfg: DictConfig, kind: str, split: dict, name: str, run_dir: Path, names: list[str]) -> dict:
+    if cfg.run.overwrite and is_rank_zero():  # other DDP ranks start once rank 0 is writing
+        remove_run_folder(run_dir)
     check_config_unchanged(run_dir, cfg)
     if (run_dir / "done").exists():
         say(f"{run_dir} is already finished (run.overwrite=true to redo); its metrics:")
@@ -299,6 +316,10 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         say(json.dumps(metrics, indent=1, sort_keys=True))
         return metrics
     run_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        mark_run_folder(run_dir)
+        for tmp in remove_stale_tmp(run_dir / "checkpoints"):  # we hold the lock: their writer is dead
+            say(f"removed {tmp}, left by a save that was killed")
     t0 = time.time()
     data_root, phantom = resolve_data_root(cfg)
     if is_rank_zero():
@@ -340,12 +361,12 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
     loggers = [pl.loggers.CSVLogger(str(run_dir), name="csv", version="")]
     if wandb_logger is not None:
         loggers.append(wandb_logger)
-    callbacks = checkpoint_callbacks(run_dir, names, bool(dm.split.val))
+    callbacks = checkpoint_callbacks(run_dir, names, bool(dm.split.val), int(cfg.trainer.checkpoint_every_n_steps))
     trainer = make_trainer(cfg, run_dir, loggers, list(callbacks.values()), bool(dm.split.val) or dm.oracle)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        say(f"resuming from {last}")
-    trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+    resume, finished, mid_epoch = resume_point(run_dir / "checkpoints", module, say, repair=is_rank_zero())
+    if resume is not None:
+        say(f"resuming from epoch {finished}{mid_epoch} ({resume})")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     metrics, val_rows, test_rows, sel = select_and_test(cfg, trainer, module, dm, run_dir, callbacks, names)
     if not is_rank_zero():
         return metrics
@@ -366,6 +387,7 @@ def run(cfg: DictConfig, kind: str, split: dict, label: str) -> dict:
         overlays = example_overlays(run_dir, dm) if cfg.evaluation.save_predictions else []
         log_to_wandb(wandb_logger, metrics, test_rows, sel, overlays)
     atomic_write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    (run_dir / "checkpoints" / PREVIOUS).unlink(missing_ok=True)  # the fallback is needed while training only
     print(f"run folder: {run_dir}")
     for k in sorted(metrics):
         if k.startswith(("test/", "val/mean/dice")) and k.rsplit("/", 1)[-1] in ("dice", "nsd", "hd95", "dice_lung", "nsd_lung"):

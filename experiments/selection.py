@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from experiments.checkpoints import LastCheckpoint
+
 SELECTIONS = ("training_domain", "loso", "oracle", "last")
 # segmentation.aggregate() logs it: the lesion Dice where lesions are scored, else the mean Dice of the
 # classes scored (a lung-only task).
@@ -38,12 +40,14 @@ def wanted(method: str, report) -> list[str]:
     return names
 
 
-def checkpoint_callbacks(run_dir: Path, names: list[str], has_val: bool) -> dict[str, pl.callbacks.ModelCheckpoint]:
-    """One ModelCheckpoint per rule, plus `last`, saved after every training epoch: a killed run resumes
-    from its last finished epoch, not from its last validation."""
+def checkpoint_callbacks(run_dir: Path, names: list[str], has_val: bool,
+                         every_n_steps: int = 0) -> dict[str, pl.Callback]:
+    """One ModelCheckpoint per rule, plus `last` (experiments.checkpoints.LastCheckpoint), saved after every
+    training epoch (and every `every_n_steps` steps): a killed run resumes from its last finished epoch,
+    not from its last validation. The rules save when validation ends, before `last` is written at the
+    training epoch's end, so `last.ckpt` records this epoch's choices."""
     folder = str(run_dir / "checkpoints")
-    out = {"last": pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0,
-                                                save_on_train_epoch_end=True)}
+    out: dict[str, pl.Callback] = {}
     for name in names:
         if name == "last":
             continue
@@ -53,11 +57,15 @@ def checkpoint_callbacks(run_dir: Path, names: list[str], has_val: bool) -> dict
         prefix = "best" if name in ("training_domain", "loso") else name
         out[name] = pl.callbacks.ModelCheckpoint(dirpath=folder, filename=f"{prefix}-epoch{{epoch:03d}}",
                                                  auto_insert_metric_name=False, monitor=MONITOR[name], mode="max",
-                                                 save_top_k=1, save_last=False)
+                                                 save_top_k=1, save_last=False, save_on_train_epoch_end=False,
+                                                 # a resumed run that re-selects an epoch rewrites its file
+                                                 # (atomically) instead of adding best-epochNNN-v1.ckpt
+                                                 enable_version_counter=False)
+    out["last"] = LastCheckpoint(folder, every_n_steps)
     return out
 
 
-def chosen_checkpoint(name: str, callbacks: dict[str, pl.callbacks.ModelCheckpoint]) -> tuple[str, float | None]:
+def chosen_checkpoint(name: str, callbacks: dict[str, pl.Callback]) -> tuple[str, float | None]:
     """The checkpoint path a rule picked and its monitored score (None for `last`)."""
     if name == "last":
         cb = callbacks["last"]

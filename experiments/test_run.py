@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
+from experiments.checkpoints import CheckpointError, load_module, read_checkpoint
 from experiments.config import load_config
 from experiments.runner import ROW_COLUMNS, build_datamodule, is_rank_zero, resolve_data_root, test_checkpoint
 from experiments.tracking import write_csv, write_json
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     if name not in chosen:
         raise SystemExit(f"error: {args.run_dir} recorded no {name!r} checkpoint; it has {sorted(chosen)}")
     ckpt = chosen[name]["path"]
+    try:  # before the data is prepared: a crafted or damaged checkpoint ends the command at once, named
+        read_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     stored = OmegaConf.load(args.run_dir / "config.yaml")
     cfg = OmegaConf.merge(load_config([f"experiment={stored.experiment}"]), stored,
                           OmegaConf.from_dotlist(list(args.overrides)))
@@ -52,7 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     dm = build_datamodule(cfg, data_root, **info["split_args"])
     dm.prepare_data()
     dm.setup("test")
-    module = SegmentationModule.load_from_checkpoint(ckpt, map_location="cpu")
+    try:  # weights_only: a crafted checkpoint named in run.json is refused, never executed
+        module = load_module(SegmentationModule, ckpt, map_location="cpu")
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     t = cfg.trainer
     # test-time methods (bn_adapt, tent) adapt with gradients inside the test loop: no inference mode for them
     trainer = pl.Trainer(inference_mode=not module.method.test_time, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,

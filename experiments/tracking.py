@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # Keys that do not change what a run computes, so they do not enter its name hash.
 NAME_EXCLUDED = ("paths.runs", "paths.cache", "run.name", "run.overwrite", "wandb.mode", "wandb.entity", "wandb.tags",
-                 "wandb.group", "data.num_workers", "data.cache_workers", "trainer.threads")
+                 "wandb.group", "data.num_workers", "data.cache_workers", "trainer.threads",
+                 "trainer.checkpoint_every_n_steps")
 
 
 def config_hash(cfg: DictConfig, length: int = 8) -> str:

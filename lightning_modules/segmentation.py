@@ -139,6 +139,10 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (r["source"], r["case"]))
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops as failed (no `done`, no checkpoint of it)."""
+
+
 def deep_supervision_weights(n: int) -> list[float]:
     """nnU-Net's weights for the main output and n-1 deeper heads: 1/2^i, normalized to sum to one."""
     w = [0.5 ** i for i in range(n)]
@@ -176,6 +180,9 @@ class SegmentationModule(pl.LightningModule):
         # test-time methods, while testing: the trained network state and the test source it is adapted to
         self._trained_state: dict | None = None
         self._adapted_to: str | None = None
+        # first global step whose training loss was not finite (-1: none yet), kept on the loss's device:
+        # recording it costs no host sync; check_finite_loss reads it before validation and checkpoints
+        self._first_nonfinite: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -218,8 +225,32 @@ class SegmentationModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
+        self._note_nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
         return loss
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
+        first = self._first_nonfinite if self._first_nonfinite is not None else torch.full_like(step, -1)
+        self._first_nonfinite = torch.where(~torch.isfinite(loss.detach()) & (first < 0), step, first)
+
+    def check_finite_loss(self) -> None:
+        """Raise NonFiniteLoss if a training step's loss was NaN or infinite (one host sync). Called before
+        each validation during fit and before every last.ckpt save (experiments.checkpoints.LastCheckpoint),
+        so diverged weights are neither selected nor saved over the last good ones."""
+        if self._first_nonfinite is None or int(self._first_nonfinite) < 0:
+            return
+        step = int(self._first_nonfinite)
+        o = self.hparams.optim
+        raise NonFiniteLoss(
+            f"training loss became NaN/inf at global step {step} (epoch {self.current_epoch + 1}); the run stops as "
+            f"failed, without `done`. Likely causes: a learning rate too high (optim.lr={o['lr']}), a zero or tiny "
+            "data.std with data.normalize=zscore, or NaN/inf voxels in a training case (python -m datamodules.verify "
+            "--root DATA checks the data). No checkpoint holds weights from after it.")
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":  # validation inside fit: never score (or select) diverged weights
+            self.check_finite_loss()
 
     def on_test_start(self) -> None:
         """Test-time methods keep the trained state: every test source is adapted from it (`adapt_to_source`)."""

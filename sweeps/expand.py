@@ -19,7 +19,7 @@ SWEEP_DIR = Path(__file__).resolve().parent
 PLACEHOLDERS = ("$sources", "$[sources]")
 # Overrides that do not change what a run computes: they never enter its folder name.
 NOT_HASHED = ("paths.runs", "paths.cache", "wandb.", "trainer.threads", "data.num_workers", "data.cache_workers",
-              "run.overwrite")
+              "run.overwrite", "trainer.checkpoint_every_n_steps")
 
 
 class SweepError(ValueError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from experiments.config import load_config
+from experiments.runfolder import check_component
 from experiments.tracking import atomic_write_text, write_json
 from sweeps.expand import SweepError, expand, load_sweep, wandb_spec
 from sweeps.run_one import plan_run
@@ -50,7 +52,8 @@ class Sweep:
 
 def sweep_runs(spec: dict, preset: str, runs_root: Path, extra: list[str]) -> Sweep:
     """The sweep's runs, each with its overrides, folder and whether it is done."""
-    sweep_dir = (runs_root / f"{spec['name']}-{preset}").resolve()
+    # the sweep file's `name` becomes a folder: one plain name, never a path out of the runs folder
+    sweep_dir = (runs_root / check_component(f"{spec['name']}-{preset}", "sweep name")).resolve()
     fixed = [f"experiment={PRESETS[preset]}", *extra]
     # the preset decides the sources; the sweep grid over them is resolved once, here
     base = load_config([o for o in fixed if not o.startswith("protocol=")])
@@ -74,6 +77,34 @@ def run_env() -> dict[str, str]:
     return env
 
 
+def run_child(cmd: list[str], **popen) -> int:
+    """Run `cmd` to its end and return its exit code; SIGTERM or SIGINT to the launcher stops the run first.
+
+    Either signal is passed on as SIGTERM, on which a run stops after its current batch (Lightning), and the
+    launcher exits only after the run has: an immediate relaunch never finds the run still going (its folder
+    locked, its files being written). SIGTERM even for SIGINT: after a terminal's Ctrl-C the run, in our
+    process group, has its own SIGINT already, and a second one would interrupt its graceful stop. The
+    launcher then exits with 128 + the signal's number, like a shell."""
+    proc = subprocess.Popen(cmd, **popen)
+    got: list[int] = []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        if proc.poll() is None:
+            print(f"[sweep] {signal.Signals(signum).name}: stopping run pid {proc.pid} and waiting for it", flush=True)
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if got:
+        raise SystemExit(128 + got[0])
+    return code
+
+
 def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
     failed = []
     todo = [r for r in runs if not r["done"]]
@@ -83,11 +114,11 @@ def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
         log = log_dir / f"{Path(r['run_dir']).name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
-            proc = subprocess.run([sys.executable, "-m", "sweeps.run_one", *r["overrides"]], stdout=fh,
-                                  stderr=subprocess.STDOUT, env=run_env())
+            code = run_child([sys.executable, "-m", "sweeps.run_one", *r["overrides"]], stdout=fh,
+                             stderr=subprocess.STDOUT, env=run_env())
         r["done"] = (Path(r["run_dir"]) / "done").exists()
-        if proc.returncode or not r["done"]:
-            print(f"[sweep] FAILED (exit {proc.returncode}): {r['run_dir']}; log {log}", flush=True)
+        if code or not r["done"]:
+            print(f"[sweep] FAILED (exit {code}): {r['run_dir']}; log {log}", flush=True)
             failed.append(r)
     return failed
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from experiments.config import load_config
-from experiments.protocols import PROTOCOLS, Plan
+from experiments.protocols import PROTOCOLS, Plan, run_protocol
+from experiments.runfolder import run_folder
 from sweeps.expand import overrides_hash
 
 
@@ -30,15 +31,15 @@ def plan_run(overrides: list[str]) -> tuple[str, DictConfig, Plan, Path]:
     cfg = load_config(rest)
     plan = PROTOCOLS.lookup(protocol)(cfg)
     cfg.run.name = f"{plan.label}-{overrides_hash(overrides)}"
-    return protocol, cfg, plan, Path(cfg.paths.runs) / plan.kind / cfg.run.name
+    return protocol, cfg, plan, run_folder(cfg.paths.runs, plan.kind, cfg.run.name)
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
-    _protocol, cfg, plan, _run_dir = plan_run(list(sys.argv[1:] if argv is None else argv))
-    from experiments.runner import run  # torch and Lightning only once a run starts
-
-    return run(cfg, plan.kind, plan.split, plan.label)
+    protocol, cfg, _plan, _run_dir = plan_run(list(sys.argv[1:] if argv is None else argv))
+    # a sweep's run waits for its folder instead of failing: another launcher (or an agent on another
+    # machine sharing the runs folder) may be finishing the same run, which is then skipped as done
+    return run_protocol(protocol, cfg, wait=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def test_one_and_two_processes_give_the_identical_per_case_table(tmp_path, phant
     loso_main(["--holdout", "ctseg", "experiment=smoke", f"paths.runs={tmp_path}", f"paths.cache={cache}",
                "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=4",
                "trainer.threads=1", "wandb.mode=disabled", "evaluation.save_predictions=false"])
-    (run_dir,) = list((tmp_path / "loso").iterdir())
+    (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     one = _test_run(run_dir, tmp_path / "one", "trainer.devices=1")
     assert one.returncode == 0, one.stderr[-3000:]
     two = _test_run(run_dir, tmp_path / "two", "trainer.devices=2", "trainer.strategy=ddp")
@@ -52,7 +52,7 @@ def test_test_time_adaptation_is_the_same_on_one_and_two_processes(tmp_path, pha
                "method.name=bn_adapt", "networks.unet.norm=batch", "trainer.max_epochs=1",
                "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=4", "trainer.threads=1",
                "wandb.mode=disabled", "evaluation.save_predictions=false"])
-    (run_dir,) = list((tmp_path / "loso").iterdir())
+    (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     one = _test_run(run_dir, tmp_path / "one", "trainer.devices=1")
     assert one.returncode == 0, one.stderr[-3000:]
     assert "[method bn_adapt] adapted on 7 unlabelled test volume(s)" in one.stdout

@@ -31,7 +31,7 @@ def ctseg_run(phantom_root, tmp_path_factory):
     loso_main(["--holdout", "ctseg", "experiment=smoke", f"paths.runs={runs}", f"paths.cache={phantom_root.parents[1]}",
                "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=8",
                "wandb.mode=disabled"])
-    (run_dir,) = list((runs / "loso").iterdir())
+    (run_dir,) = [p for p in (runs / "loso").iterdir() if p.is_dir()]
     return run_dir
 
 

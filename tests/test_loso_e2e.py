@@ -46,7 +46,7 @@ def test_loso_short_run_writes_the_run_folder(tmp_path, phantom_root, capsys):
     args = ["--holdout", "mosmed", "experiment=smoke", f"paths.runs={tmp_path}", f"paths.cache={cache}",
             "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=8"]
     metrics = main(args)
-    run_dirs = list((tmp_path / "loso").iterdir())
+    run_dirs = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     assert len(run_dirs) == 1
     _check_run_folder(run_dirs[0], phantom_root, wandb=True)
     assert metrics["test/mosmed/dice"] == json.loads((run_dirs[0] / "metrics.json").read_text())["test/mosmed/dice"]
@@ -100,7 +100,7 @@ def test_smoke_command_from_the_issue(tmp_path):
                           capture_output=True, text=True, encoding="utf-8", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PHANTOM DATA" in proc.stdout
-    (run_dir,) = list((tmp_path / "runs" / "loso").iterdir())
+    (run_dir,) = [p for p in (tmp_path / "runs" / "loso").iterdir() if p.is_dir()]
     suite = cache / "phantom" / f"tiny-seed0-v{SUITE_VERSION}"
     _check_run_folder(run_dir, suite, wandb=True)
     check_smoke_model_predictions(run_dir, suite, tmp_path / "pred")
@@ -176,7 +176,7 @@ def test_mixed_views_train_together(tmp_path, phantom_root):
                     "data.policies.medseg=ggo_consolidation", f"paths.runs={tmp_path}", f"paths.cache={cache}",
                     "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=8",
                     "wandb.mode=disabled"])
-    (run_dir,) = list((tmp_path / "loso").iterdir())
+    (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     run = json.loads((run_dir / "run.json").read_text())
     assert 0.0 <= metrics["test/ctseg/dice"] <= 1.0 and "test/ctseg/dice_ggo" not in metrics
     rows = list(csv.DictReader((run_dir / "per_case.csv").open()))

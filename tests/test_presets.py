@@ -85,9 +85,9 @@ def test_seed004_train_covid19_20_test_mosmed_and_ctseg(tmp_path, args):
 def test_seed000_2d_slices_with_grouped_opacity_classes(tmp_path, args):
     loso_main(["--holdout", "ctseg", "preset=seed000_2d", *args])
     info, rows = _run(tmp_path / "loso")
-    (run_dir,) = list((tmp_path / "loso").iterdir())
+    (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     import torch
-    state = torch.load(next((run_dir / "checkpoints").glob("last.ckpt")), map_location="cpu", weights_only=False)
+    state = torch.load(next((run_dir / "checkpoints").glob("last.ckpt")), map_location="cpu", weights_only=True)
     assert state["hyper_parameters"]["spatial_dims"] == 2 and info["loss"] == "soft_kl" and info["network"] == "unet2d"
     assert any(k.startswith("net.net.") for k in state["state_dict"])  # the 2D UNet inside SliceWise
     assert {"ggo", "consolidation"} <= set(state["hyper_parameters"]["trained_classes"])  # MedSeg's typed classes

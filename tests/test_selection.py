@@ -14,7 +14,7 @@ def test_loso_selection_validates_on_a_whole_training_source_and_reports_oracle_
     args = ["--holdout", "mosmed", *SHORT, f"paths.runs={tmp_path}", f"paths.cache={phantom_root.parents[1]}",
             "selection.method=loso", "selection.val_source=ctseg", "selection.report=[last,oracle]"]
     loso_main(args)
-    (run_dir,) = list((tmp_path / "loso").iterdir())
+    (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     info = json.loads((run_dir / "run.json").read_text())
     roles = {(r["role"], r["source"]): r["cases"] for r in info["split"]}
     # ctseg validates whole and never trains; covid19_20 trains whole; mosmed tests
@@ -41,7 +41,7 @@ def test_same_seed_same_split_and_metrics_on_cpu(tmp_path, phantom_root):
     cache = phantom_root.parents[1]
     for name in ("a", "b"):
         loso_main(["--holdout", "ctseg", *SHORT, f"paths.runs={tmp_path / name}", f"paths.cache={cache}"])
-    (a,), (b,) = [list((tmp_path / n / "loso").iterdir()) for n in ("a", "b")]
+    (a,), (b,) = [[p for p in (tmp_path / n / "loso").iterdir() if p.is_dir()] for n in ("a", "b")]
     assert (a / "per_case.csv").read_text() == (b / "per_case.csv").read_text()
     assert (a / "val_per_case.csv").read_text() == (b / "val_per_case.csv").read_text()
     ia, ib = json.loads((a / "run.json").read_text()), json.loads((b / "run.json").read_text())
@@ -68,11 +68,12 @@ def test_every_rules_choice_is_read_before_validate_and_test_restore_callback_st
     rows = [{"source": "s", "case": "c1", "class": "lesion", "dice": 0.5}]
 
     class Trainer:
-        def validate(self, module, datamodule, ckpt_path, verbose):
+        def validate(self, module, datamodule, ckpt_path, verbose, weights_only):
             callbacks["oracle"].best_model_path = str(tmp_path / "oracle-epoch001.ckpt")  # the restore
             return [{"val/mean/dice": 0.7}]
 
-        def test(self, module, datamodule, ckpt_path, verbose):
+        def test(self, module, datamodule, ckpt_path, verbose, weights_only):
+            assert weights_only is True  # never unpickle code from a runs folder
             module.last_rows["test"] = rows
             return [{"test/mean/dice": float(torch.load(ckpt_path)["epoch"])}]
 
@@ -92,7 +93,7 @@ def test_validation_never_shifts_the_training_patches(tmp_path, phantom_root):
     cache = phantom_root.parents[1]
     for name, extra in (("plain", []), ("oracle", ["selection.report=[last,oracle]"])):
         loso_main(["--holdout", "mosmed", *SHORT, f"paths.runs={tmp_path / name}", f"paths.cache={cache}", *extra])
-    (a,), (b,) = [list((tmp_path / n / "loso").iterdir()) for n in ("plain", "oracle")]
+    (a,), (b,) = [[p for p in (tmp_path / n / "loso").iterdir() if p.is_dir()] for n in ("plain", "oracle")]
     ta = json.loads((a / "run.json").read_text())["selection"]["test"]["last"]
     tb = json.loads((b / "run.json").read_text())["selection"]["test"]["last"]
     assert ta == tb

@@ -41,7 +41,7 @@ def test_transfer_sweep_fills_the_matrix_and_a_rerun_redoes_nothing(tmp_path, ph
     assert "PHANTOM DATA" in (sweep / "transfer_matrix.md").read_text(encoding="utf-8")
     # the diagonal and the off-diagonal cells of a column score the same patients
     tested = {}
-    for run in (sweep / "transfer").iterdir():
+    for run in (p for p in (sweep / "transfer").iterdir() if p.is_dir()):  # not the runs' lock files
         cases = {(r["source"], r["case"]) for r in csv.DictReader((run / "per_case.csv").open(encoding="utf-8"))}
         tested[run.name.split("-")[0]] = cases
     assert tested["covid19_20"] == tested["mosmed"] == tested["ctseg"]
@@ -89,7 +89,7 @@ def test_killed_sweep_resumes_the_interrupted_run_with_the_same_wandb_id(tmp_pat
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its run, without any cleanup
         proc.wait()
-    (run,) = list(runs.iterdir())
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
     assert not (run / "done").exists()
     first_id = {p.name.rsplit("-", 1)[1] for p in run.glob("wandb/offline-run-*")}
 
@@ -119,5 +119,5 @@ def test_slurm_backend_submits_through_submitit(tmp_path, phantom_root):
     done = _launch(args, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted" in done.stdout
-    (run,) = list((tmp_path / "runs" / "one-smoke" / "loso").iterdir())
+    (run,) = [p for p in (tmp_path / "runs" / "one-smoke" / "loso").iterdir() if p.is_dir()]
     assert (run / "done").exists() and list((tmp_path / "runs" / "one-smoke" / "slurm").iterdir())
