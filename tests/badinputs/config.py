@@ -128,3 +128,12 @@ def case_cli_loso_std_zero(tmp):
 def case_cli_transfer_unclosed_bracket(tmp):
     cli("experiments.transfer", "--train", "covid19_20", "experiment=smoke", "data.batch_size=[2",
         f"paths.runs={tmp}", f"paths.cache={tmp}/cache")
+
+
+# A sweep's run process (what every backend executes) prints the same one line into the run's log.
+@bad_input("config", match=r"(?s)exit 1: error: .*data\.val_fraction=2\.0: must be in \[0, 1\)",
+           names=("data.val_fraction",))
+def case_cli_sweep_run_val_fraction(tmp):
+    # "exit 1: error:" in `match`: the log starts with the message, not with a traceback
+    cli("sweeps.run_one", "protocol=loso", "data.holdout=mosmed", "experiment=smoke", "data.val_fraction=2",
+        f"paths.runs={tmp}", f"paths.cache={tmp}/cache")
