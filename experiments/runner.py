@@ -26,6 +26,7 @@ from evaluation.metrics import METRIC_NAMES
 from experiments import selection
 from experiments.checkpoints import PREVIOUS, AtomicCheckpointIO, read_checkpoint, remove_stale_tmp, resume_point
 from experiments.config import selected_args
+from experiments.plan import build_plan, write_plan
 from experiments.runfolder import mark_run_folder, remove_run_folder, run_folder
 from experiments.selection import checkpoint_callbacks, chosen_checkpoint
 from experiments.tracking import atomic_write_text, config_hash, make_wandb_logger, write_csv, write_json
@@ -345,6 +346,8 @@ def _run_locked(cfg: DictConfig, kind: str, split: dict, name: str, run_dir: Pat
     alignment = dm.alignment()
     say("image-mask alignment (measured): " + "; ".join(
         f"{src} " + ", ".join(f"{n} {st}" for st, n in a["statuses"].items()) for src, a in alignment.items()))
+    if is_rank_zero():
+        write_plan(run_dir, plan_of(cfg, dm, kind, name, split, data_root, phantom))
     if dm.skipped:
         say(f"data.on_error=skip: {len(dm.skipped)} case(s) left out (listed above and in run.json)")
 
@@ -398,6 +401,22 @@ def _run_locked(cfg: DictConfig, kind: str, split: dict, name: str, run_dir: Pat
     if phantom:
         print("  (phantom data: synthetic sources)")
     return metrics
+
+
+def plan_of(cfg: DictConfig, dm: MultiSourceDataModule, kind: str, name: str, split: dict, data_root: Path,
+            phantom: bool) -> dict:
+    """The plan stage's record (experiments.plan) of a data module whose split is built and cached."""
+    d, m = cfg.data, cfg.model
+    return build_plan(
+        kind=kind, name=name, seed=int(cfg.run.seed), sources=list(d.sources), split_args=split, split=dm.split,
+        cached=dm.cached, duplicates=[g.keys for g in dm.duplicates], skipped=dm.skipped, data_root=data_root,
+        phantom=phantom, harmonizer=harmonizer_config(cfg).as_dict(),
+        patch={"patch_size": list(d.patch_size), "batch_size": int(d.batch_size),
+               "samples_per_epoch": int(d.samples_per_epoch), "fg_fraction": float(d.fg_fraction),
+               "sampling": dm.sampling, "target_spacing": list(d.target_spacing)},
+        network={"name": m.name, "spatial_dims": int(m.spatial_dims), "context_slices": int(m.context_slices),
+                 "args": selected_args(cfg, "networks", m.name)},
+        evaluation=OmegaConf.to_container(cfg.evaluation, resolve=True))
 
 
 def variant(cfg: DictConfig) -> dict:
