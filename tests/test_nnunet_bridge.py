@@ -200,8 +200,16 @@ def test_export_is_idempotent_and_refuses_another_dataset(plan_dir, exported, tm
     assert [p.name for p in raw.iterdir() if not p.name.startswith(".")] == ["Dataset502_other"]
     assert json.loads((pre / "Dataset502_other" / "splits_final.json").read_text()) == \
         json.loads((raw / "Dataset502_other" / "splits_final.json").read_text())
-    with pytest.raises(ExportError, match="ggo.*do not type"):
+    with pytest.raises(ExportError, match="ggo: no training case of the plan annotates it"):
         export(plan_dir, raw, 503, classes=["ggo"], say=lambda *a: None)
+    # a source that types opacities beside sources that do not: typed classes are refused, not half-learned
+    plan = _plan(plan_dir)
+    typed = plan["roles"]["train"][0]
+    plan["cases"][typed]["annotated"] += ["ggo", "consolidation"]
+    (tmp_path / "typed").mkdir()
+    write_plan(tmp_path / "typed", plan)
+    with pytest.raises(ExportError, match=r"--classes ggo: training source\(s\) \[.*\] do not type opacities"):
+        export(tmp_path / "typed", raw, 503, classes=["lesion", "ggo"], say=lambda *a: None)
 
 
 def _nnunet_predictions(exported, plan, out: Path, change: int = 0) -> Path:
@@ -213,8 +221,7 @@ def _nnunet_predictions(exported, plan, out: Path, change: int = 0) -> Path:
         img = nib.load(str(p))
         lab = np.asarray(img.dataobj).astype(np.uint8)
         if change:
-            idx = np.flatnonzero(lab == 3)[::change]
-            lab.reshape(-1)[idx] = 0
+            lab[np.unravel_index(np.flatnonzero(lab == 3)[::change], lab.shape)] = 0
         out_img = nib.Nifti1Image(lab, img.affine)
         out_img.set_qform(img.affine, code=1)
         out_img.set_sform(img.affine, code=1)
@@ -271,7 +278,7 @@ def test_import_errors_name_the_file(plan_dir, exported, tmp_path):
     target = sorted(pred.glob("mosmed_*.nii.gz"))[0]
     img = nib.load(str(target))
     lab = np.asarray(img.dataobj).copy()
-    lab.reshape(-1)[0] = 7
+    lab[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(lab, img.affine), str(target))
     with pytest.raises(PredictionImportError, match=re.escape(target.name) + r".*label values \[7\]"):
         import_predictions(pred, plan_dir / "plan.json", tmp_path / "runs", say=lambda *a: None)
