@@ -15,7 +15,7 @@ QUICK ?=
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint demo smoke loso report bench clean sweep-transfer sweep-loso sweep
+.PHONY: help install test test-all lint demo smoke loso report bench clean sweep-transfer sweep-loso sweep sweep-nnunet
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ sweep-loso: install ## hold out each source in turn: $(RUNS)/loso-$(PRESET)/loso
 
 sweep: install ## any sweep in sweeps/: make sweep SWEEP=selection (LOSO with training-domain, last and oracle checkpoints)
 	$(PY) -m sweeps.launch $(SWEEP) --preset $(PRESET) --runs $(RUNS) --backend $(BACKEND) $(ARGS)
+
+sweep-nnunet: install ## nnU-Net v2 baseline on every plan of a finished sweep: make sweep-nnunet SWEEP_DIR=runs/loso-demo (needs nnU-Net, a GPU)
+	$(PY) -m sweeps.nnunet $(SWEEP_DIR) --backend $(BACKEND) $(ARGS)
 
 report: install ## tables and plots over every finished run under $(RUNS), into $(REPORT)
 	$(PY) -m experiments.report $(RUNS) --out $(REPORT)
