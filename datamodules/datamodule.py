@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 
 from datamodules import fingerprint
 from datamodules.alignment import summarize as summarize_statuses
-from datamodules.augment import WHERE, Augmenter
+from datamodules.augment import Augmenter
 from datamodules.cache import CachedCase, CaseCache, class_counts
 from datamodules.cases import Case, repeated_id_message, repeated_ids
+from datamodules.choices import ON_ERROR, WHERE
 from datamodules.datasets import EpochSampler, PatchDataset, VolumeDataset, patch_loader
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError
@@ -25,7 +26,6 @@ from datamodules.splits import Split, loso_split, merge_duplicate_patients, tran
 log = logging.getLogger(__name__)
 
 
-ON_ERROR = ("fail", "skip")
 # Errors that concern one case's files; anything else (a bug, a missing layout) always stops the run.
 CASE_ERRORS = (VolumeError, LabelError)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from experiments.checkpoints import LastCheckpoint
+from experiments.choices import SELECTIONS
 
-SELECTIONS = ("training_domain", "loso", "oracle", "last")
 # segmentation.aggregate() logs it: the lesion Dice where lesions are scored, else the mean Dice of the
 # classes scored (a lung-only task).
 MONITOR = {"training_domain": "val/mean/selection_dice", "loso": "val/mean/selection_dice",

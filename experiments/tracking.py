@@ -26,9 +26,7 @@ def config_hash(cfg: DictConfig, length: int | None = None) -> str:
 def make_wandb_logger(cfg: DictConfig, run_dir: Path, run_name: str, job_type: str, tags: Sequence[str]):
     """A WandbLogger in cfg.wandb.mode; `disabled` gives None. The run id derives from the run folder,
     so a resumed run continues the same W&B run (except under a W&B sweep agent, which sets the id)."""
-    mode = cfg.wandb.mode
-    if mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
+    mode = str(cfg.wandb.mode)  # one of experiments.choices.WandbMode: the config schema checked it
     if mode == "disabled":
         return None
     from pytorch_lightning.loggers import WandbLogger
