@@ -14,7 +14,8 @@ any data is touched, and a message from deep inside a loader names neither the k
 - Choice-valued keys are enums in the schema (experiments/config.py): OmegaConf refuses another value
   at merge time, and `choice_message` words that refusal like every other error here.
 - `check_config`: ranges, lengths, a few relations (window low < high, an existing few-shot fold),
-  the lists of choices (selection.report, data.harmonize_off), and every source name the config mentions.
+  the lists of choices (selection.report, data.harmonize_off), every entry of `networks` / `losses` /
+  `methods` against its registered params dataclass, and every source name the config mentions.
 """
 from __future__ import annotations
 
@@ -201,6 +202,24 @@ def check_choices(values: Mapping) -> None:
                          f"allowed: {list(ABLATABLE_STEPS)}")
 
 
+def check_registry_args(values: Mapping) -> None:
+    """Every entry of networks / losses / methods is a registered name whose arguments are exactly its
+    params dataclass's fields, typed (Registry.make_params: errors name `<group>.<name>.<key>`). A method's
+    `search` (its sweep space) is not an argument."""
+    from lightning_modules.losses import LOSSES
+    from lightning_modules.methods import METHODS
+    from lightning_modules.networks import NETWORKS
+
+    for registry in (NETWORKS, LOSSES, METHODS):
+        for name, args in values[registry.group].items():
+            if name not in registry:
+                raise ValueError(f"{registry.group}.{name}: no {registry.kind} of that name; registered: "
+                                 f"{sorted(registry)} (python -m experiments.list)")
+            if not isinstance(args, Mapping):
+                raise ValueError(f"{registry.group}.{name}={args!r}: needs a mapping of its arguments")
+            registry.make_params(name, {k: v for k, v in args.items() if not (registry is METHODS and k == "search")})
+
+
 def known_sources(custom_specs: list) -> dict[str, tuple[str, ...]]:
     """Source name -> its label policy names: the registered sources and the custom ones the config lists
     (their YAML read, never registered here: registering is the run's business)."""
@@ -259,6 +278,7 @@ def check_config(cfg: DictConfig) -> None:
     check_ranges(values)
     check_relations(values)
     check_choices(values)
+    check_registry_args(values)
     check_sources(values)
 
 
