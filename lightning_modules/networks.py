@@ -431,7 +431,6 @@ def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: 
     (a 2D network is built for the in-plane part of a 3D patch). kwargs: the network's arguments
     (`networks.<name>`), every field of its params dataclass without a default."""
     builder = NETWORKS.lookup(name)
-    params = NETWORKS.make_params(name, kwargs)
     if spatial_dims not in builder.dims:
         raise ValueError(f"network {name!r} supports spatial_dims {builder.dims}, got {spatial_dims}")
     if context_slices and spatial_dims != 2:
@@ -444,6 +443,7 @@ def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: 
         patch, sp = patch[:2] if len(patch) == 3 else patch, sp[:2] if len(sp) == 3 else sp
     if len(patch) != spatial_dims or len(sp) != spatial_dims:
         raise ValueError(f"{name}: patch_size {patch} and spacing {sp} need {spatial_dims} values")
+    params = NETWORKS.make_params(name, kwargs)
     built = builder(spatial_dims, in_channels * (2 * context_slices + 1), out_channels, patch, sp,
                     **{f.name: getattr(params, f.name) for f in fields(params)})
     if any(p % d for p, d in zip(patch, built.divisor)):

@@ -159,9 +159,9 @@ def test_inverse_frequency_weights_hand_value():
     assert w.tolist() == pytest.approx([1.25 / 3.125, 5 / 3.125, 5 / 3.125, 5 / 3.125])
 
 
-@pytest.mark.parametrize("cls", [WeightedCELoss, SoftKLLoss])
-def test_frequency_losses_without_frequencies_say_what_to_call(cls):
-    loss = cls()
+@pytest.mark.parametrize("cls, name", [(WeightedCELoss, "weighted_ce"), (SoftKLLoss, "soft_kl")])
+def test_frequency_losses_without_frequencies_say_what_to_call(cls, name):
+    loss = cls(**base_args("losses", name))
     assert loss.needs_frequencies
     with pytest.raises(RuntimeError, match=r"set_class_frequencies"):
         loss(_p1234(2, 2), _target([[0, 3], [1, IGN]]), FULL)
