@@ -4,9 +4,10 @@ allowed set from here (NORMALIZE, ON_ERROR, SAMPLING, WHERE), so the two cannot 
 
 A `Choice` member stands in for its string past the config: it compares and hashes equal to it, prints,
 formats and reprs as it, and dumps to JSON and YAML as it. Member names equal values (OmegaConf writes
-the name). Pickled, it stays an enum member: what goes into a checkpoint must be plain strings
-(`OmegaConf.to_container(..., enum_to_str=True)`, `str(member)`), since checkpoints load with
-`weights_only=True`, which refuses classes it does not know.
+the name). It is still its own class, though: pickled it stays an enum member, and W&B types table cells by
+their exact class. So values leaving the config for a checkpoint (loaded with `weights_only=True`, which
+refuses unknown classes), W&B or a library are made plain (`OmegaConf.to_container(..., enum_to_str=True)`,
+`str(member)`), as runner, selection, harmonize and datamodule do.
 """
 from __future__ import annotations
 

@@ -99,12 +99,14 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.harmonizer = harmonizer
         self.patch_size, self.batch_size = tuple(patch_size), batch_size
         self.samples_per_epoch, self.fg_fraction = samples_per_epoch, fg_fraction
-        self.val_fraction, self.sampling, self.num_workers, self.seed = val_fraction, sampling, num_workers, seed
+        self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        # a config's Choice members (datamodules.choices) kept as their plain strings, like every other value here
+        self.sampling = str(sampling)
         self.cache = CaseCache(cache_dir)
         self.source_ids = {s: i for i, s in enumerate(self.sources)}
         self.split: Split | None = None
         self.cached: dict[str, list[CachedCase]] = {}
-        self.on_error = on_error
+        self.on_error = str(on_error)
         self.policies = dict(policies or {})
         self.image_flips = dict(image_flips or {})
         self.find_duplicates = find_duplicates

@@ -373,7 +373,7 @@ def _run_locked(cfg: DictConfig, kind: str, split: dict, name: str, run_dir: Pat
         "kind": kind, "name": name, "data": metrics["data"], "data_root": str(data_root),
         "experiment": cfg.experiment, "preset": cfg.preset, "seed": int(cfg.run.seed), **variant(cfg),
         **({"task": cfg.fewshot.task, "fold": int(cfg.fewshot.fold)} if kind == "fewshot" else {}),
-        "config_hash": config_hash(cfg), "eval_space": cfg.evaluation.space,
+        "config_hash": config_hash(cfg), "eval_space": str(cfg.evaluation.space),
         "best_checkpoint": sel["checkpoints"][names[0]]["path"], "selection": sel,
         "train_sources": list(dm.split.train_sources), "test_sources": list(dm.split.test_sources),
         "split_args": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in split.items()},

@@ -40,4 +40,4 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path, run_name: str, job_type: s
     return WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,
                        save_dir=str(run_dir), job_type=job_type, group=cfg.wandb.group or f"{job_type}-{cfg.experiment}",
                        tags=list(tags) + list(cfg.wandb.tags), resume="allow",
-                       config=OmegaConf.to_container(cfg, resolve=True))
+                       config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
