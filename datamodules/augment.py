@@ -27,7 +27,6 @@ import torch
 from datamodules.label_policy import CLASS_INDEX
 
 AUGMENTS: dict[str, Callable] = {}
-WHERE = ("none", "loader", "device")
 LR_SWAP = (CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"])
 
 

@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 
 from datamodules import fingerprint
 from datamodules.alignment import summarize as summarize_statuses
-from datamodules.augment import WHERE, Augmenter
+from datamodules.augment import Augmenter
 from datamodules.cache import CachedCase, CaseCache, class_counts
 from datamodules.cases import Case, repeated_id_message, repeated_ids
+from datamodules.choices import ON_ERROR, WHERE
 from datamodules.datasets import EpochSampler, PatchDataset, VolumeDataset, patch_loader
 from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError
@@ -25,7 +26,6 @@ from datamodules.splits import Split, loso_split, merge_duplicate_patients, tran
 log = logging.getLogger(__name__)
 
 
-ON_ERROR = ("fail", "skip")
 # Errors that concern one case's files; anything else (a bug, a missing layout) always stops the run.
 CASE_ERRORS = (VolumeError, LabelError)
 
@@ -99,12 +99,14 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.harmonizer = harmonizer
         self.patch_size, self.batch_size = tuple(patch_size), batch_size
         self.samples_per_epoch, self.fg_fraction = samples_per_epoch, fg_fraction
-        self.val_fraction, self.sampling, self.num_workers, self.seed = val_fraction, sampling, num_workers, seed
+        self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        # a config's Choice members (datamodules.choices) kept as their plain strings, like every other value here
+        self.sampling = str(sampling)
         self.cache = CaseCache(cache_dir)
         self.source_ids = {s: i for i, s in enumerate(self.sources)}
         self.split: Split | None = None
         self.cached: dict[str, list[CachedCase]] = {}
-        self.on_error = on_error
+        self.on_error = str(on_error)
         self.policies = dict(policies or {})
         self.image_flips = dict(image_flips or {})
         self.find_duplicates = find_duplicates

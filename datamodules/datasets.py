@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from datamodules.augment import Augmenter
 from datamodules.cache import CachedCase
+from datamodules.choices import SAMPLING
 from datamodules.label_policy import OPACITY
 
 
@@ -84,8 +85,8 @@ class PatchDataset(Dataset):
                  augment: Augmenter | None = None, loader_buffers: int = 5):
         if not cases:
             raise ValueError("PatchDataset needs at least one training case")
-        if sampling not in ("uniform", "source_balanced"):
-            raise ValueError(f"data.sampling must be uniform or source_balanced, got {sampling!r}")
+        if sampling not in SAMPLING:
+            raise ValueError(f"data.sampling must be one of {list(SAMPLING)}, got {sampling!r}")
         self.cases = list(cases)
         self.source_ids = source_ids
         self.patch_size = tuple(int(p) for p in patch_size)

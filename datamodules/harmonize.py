@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from datamodules.alignment import AlignmentConfig, AlignmentError, flip_indices, measure_case
 from datamodules.cases import Case
+from datamodules.choices import NORMALIZE
 from datamodules.io import VolumeError, describe_scaling, header_scaling, read_volume, spacing_of
 from datamodules.label_policy import CLASSES, LabelPolicy, decide_labels, labels_from_probs
 from datamodules.resample import plan_grid, resample_linear, resample_nearest
@@ -54,7 +55,6 @@ MIN_PHYSICAL_FRACTION = 0.5
 SAMPLE_STEP = 2
 
 
-NORMALIZE = ("minmax", "zscore", "none")
 # Steps the harmonization ablation can switch off (data.harmonize_off; sweeps/harmonization.yaml).
 ABLATABLE_STEPS = ("decode", "resample", "normalize")
 
@@ -73,6 +73,8 @@ class HarmonizerConfig:
     alignment: AlignmentConfig = AlignmentConfig()
 
     def __post_init__(self) -> None:
+        # a config's Choice member becomes its plain string: this config is a checkpoint hyperparameter
+        object.__setattr__(self, "normalize", str(self.normalize))
         if self.normalize not in NORMALIZE:
             raise ValueError(f"harmonizer.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:

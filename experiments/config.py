@@ -3,7 +3,9 @@
 Merge order: schema <- configs/base.yaml <- configs/experiment/<name>.yaml (scale: smoke, demo; default
 is the full size) <- configs/preset/<name>.yaml (a paper's protocol: sources, policies, model) <- command
 line `key=value`. The schema holds types only; every number lives in YAML; the allowed ranges and the
-other checks of the merged result live in experiments/config_checks.py.
+other checks of the merged result live in experiments/config_checks.py. A choice-valued key is typed with
+its enum (datamodules.choices, experiments.choices), so OmegaConf itself refuses any other value; the
+value read back is the enum member, which compares, hashes and prints as its string.
 """
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from datamodules.alignment import AlignmentConfig
-from experiments.config_checks import apply_overrides, check_config, split_override
+from datamodules.choices import AugmentWhere, Normalize, OnError, Sampling
+from experiments.choices import EvalSpace, SelectionMethod, WandbMode
+from experiments.config_checks import apply_overrides, check_config, merge_error, split_override
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -44,7 +49,7 @@ class DataConfig:
     holdout: str | None = None
     target_spacing: list[float] = MISSING
     window: list[float] = MISSING
-    normalize: str = MISSING
+    normalize: Normalize = MISSING
     mean: float = MISSING
     std: float = MISSING
     harmonize_off: list[str] = field(default_factory=list)  # ablation: harmonizer steps switched off
@@ -55,10 +60,10 @@ class DataConfig:
     samples_per_epoch: int = MISSING
     fg_fraction: float = MISSING
     val_fraction: float = MISSING
-    sampling: str = MISSING
+    sampling: Sampling = MISSING
     num_workers: int = MISSING
     cache_workers: int = MISSING   # processes building missing harmonized cache entries
-    on_error: str = MISSING   # fail | skip: what a bad case file does
+    on_error: OnError = MISSING   # what a bad case file does
     policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
     find_duplicates: bool = MISSING  # fingerprint labelled scans; one scan under two names is one patient
     custom_sources: list[str] = field(default_factory=list)  # YAML files describing private sources
@@ -128,7 +133,7 @@ class EvalClassConfig:
 
 @dataclass
 class EvaluationConfig:
-    space: str = MISSING             # original | harmonized
+    space: EvalSpace = MISSING
     val_surface: bool = MISSING      # surface metrics during validation epochs
     save_predictions: bool = MISSING
     classes: dict[str, EvalClassConfig] = field(default_factory=dict)
@@ -136,14 +141,14 @@ class EvaluationConfig:
 
 @dataclass
 class SelectionConfig:
-    method: str = MISSING          # training_domain | loso | oracle | last: the checkpoint tested for the headline
+    method: SelectionMethod = MISSING  # the checkpoint tested for the headline
     report: list[str] = field(default_factory=list)  # further selections tested and recorded side by side
     val_source: str | None = None  # loso selection: the training source used whole for validation
 
 
 @dataclass
 class AugmentConfig:
-    where: str = "none"  # none | loader | device (datamodules/augment.py)
+    where: AugmentWhere = MISSING  # datamodules/augment.py
     # op name -> its parameters, applied in this order (ops are a registry: names are data)
     ops: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -158,7 +163,7 @@ class FewshotConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = MISSING        # offline | online | disabled
+    mode: WandbMode = MISSING
     project: str = MISSING
     entity: str | None = None
     group: str | None = None   # default <kind>-<experiment>; sweeps set the sweep's name
@@ -222,7 +227,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     OmegaConf.set_struct(cfg.augment.ops, False)
     for group in ("networks", "losses", "methods"):
         OmegaConf.set_struct(cfg[group], False)
-    cfg = OmegaConf.merge(cfg, OmegaConf.load(CONFIG_DIR / "base.yaml"))
+    cfg = _merge_file(cfg, CONFIG_DIR / "base.yaml")
     for kind in ("experiment", "preset"):
         name = chosen[kind]
         if name is None or (kind == "experiment" and name == "default"):
@@ -230,7 +235,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         path = CONFIG_DIR / kind / f"{name}.yaml"
         if not path.exists():
             raise ValueError(f"unknown {kind} preset {name!r}; available: {presets(kind)}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = _merge_file(cfg, path)
     cfg.experiment = chosen["experiment"]
     cfg.preset = chosen["preset"]
     cfg = apply_overrides(cfg, rest)
@@ -243,6 +248,14 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
                              f"configured: {sorted(cfg[group])} (python -m experiments.list shows what exists)")
     check_config(cfg)  # ranges, lengths, choices and source names, once, on the merged result
     return cfg
+
+
+def _merge_file(cfg: DictConfig, path: Path) -> DictConfig:
+    """`cfg` with the YAML file merged in; a value the schema refuses is one line naming the file and key."""
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.load(path))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{path}: {merge_error(cfg, e)}") from None
 
 
 def cli_config(parser, overrides: list[str]) -> DictConfig:

@@ -11,11 +11,15 @@ any data is touched, and a message from deep inside a loader names neither the k
 - `RANGES` (data): dotted key (a `*` segment matches any one name) -> interval in the usual notation,
   `[` / `]` closed and `(` / `)` open. A list value is checked element by element; `LENGTHS` fixes
   the number of elements of the per-axis lists.
+- Choice-valued keys are enums in the schema (experiments/config.py): OmegaConf refuses another value
+  at merge time, and `choice_message` words that refusal like every other error here.
 - `check_config`: ranges, lengths, a few relations (window low < high, an existing few-shot fold),
-  choices that other modules own, and every source name the config mentions.
+  the lists of choices (selection.report, data.harmonize_off), every entry of `networks` / `losses` /
+  `methods` against its registered params dataclass, and every source name the config mentions.
 """
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -23,7 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    InterpolationValidationError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from datamodules.label_policy import CLASSES
 
@@ -176,18 +186,12 @@ def check_relations(values: Mapping) -> None:
 
 
 def check_choices(values: Mapping) -> None:
-    """Values whose allowed set another module owns (imported here, so the two cannot drift apart)."""
-    from datamodules.augment import WHERE
-    from datamodules.datamodule import ON_ERROR
-    from datamodules.harmonize import ABLATABLE_STEPS, NORMALIZE
-    from experiments.selection import SELECTIONS
+    """Lists of choices, whose allowed sets other modules own (imported here, so the two cannot drift apart).
+    Single choices are enums in the schema: OmegaConf checked them while merging."""
+    from datamodules.harmonize import ABLATABLE_STEPS
+    from experiments.choices import SELECTIONS
 
     d = values["data"]
-    for key, value, allowed in (("data.normalize", d["normalize"], NORMALIZE), ("data.on_error", d["on_error"], ON_ERROR),
-                                ("augment.where", values["augment"]["where"], WHERE),
-                                ("selection.method", values["selection"]["method"], SELECTIONS)):
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r}: must be one of {list(allowed)}")
     unknown = [s for s in values["selection"]["report"] if s not in SELECTIONS]
     if unknown:
         raise ValueError(f"selection.report={list(values['selection']['report'])}: unknown rule(s) {unknown}; "
@@ -196,6 +200,24 @@ def check_choices(values: Mapping) -> None:
     if unknown:
         raise ValueError(f"data.harmonize_off={list(d['harmonize_off'])}: unknown step(s) {unknown}; "
                          f"allowed: {list(ABLATABLE_STEPS)}")
+
+
+def check_registry_args(values: Mapping) -> None:
+    """Every entry of networks / losses / methods is a registered name whose arguments are exactly its
+    params dataclass's fields, typed (Registry.make_params: errors name `<group>.<name>.<key>`). A method's
+    `search` (its sweep space) is not an argument."""
+    from lightning_modules.losses import LOSSES
+    from lightning_modules.methods import METHODS
+    from lightning_modules.networks import NETWORKS
+
+    for registry in (NETWORKS, LOSSES, METHODS):
+        for name, args in values[registry.group].items():
+            if name not in registry:
+                raise ValueError(f"{registry.group}.{name}: no {registry.kind} of that name; registered: "
+                                 f"{sorted(registry)} (python -m experiments.list)")
+            if not isinstance(args, Mapping):
+                raise ValueError(f"{registry.group}.{name}={args!r}: needs a mapping of its arguments")
+            registry.make_params(name, {k: v for k, v in args.items() if not (registry is METHODS and k == "search")})
 
 
 def known_sources(custom_specs: list) -> dict[str, tuple[str, ...]]:
@@ -249,11 +271,14 @@ def check_config(cfg: DictConfig) -> None:
     """Every check above on the merged config (interpolations resolved; an unresolvable one is named)."""
     try:
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except InterpolationValidationError as e:  # resolved, to a value the key's type refuses
+        raise ValueError(f"{e.full_key}: {_first_line(e)}") from None
     except InterpolationResolutionError as e:
         raise ValueError(f"{e.full_key}: cannot resolve {_first_line(e)}") from None
     check_ranges(values)
     check_relations(values)
     check_choices(values)
+    check_registry_args(values)
     check_sources(values)
 
 
@@ -283,8 +308,39 @@ def unknown_key_message(cfg: DictConfig, key: str) -> str:
     return f"unknown key {unknown}{where}; keys under {parent or 'the top level'}: {present}"
 
 
+def choice_type(cfg: DictConfig, key: str) -> type[enum.Enum] | None:
+    """The enum the schema types the dotted `key` with, or None (not a choice, or no such key). Read from
+    the node, never the value: the value may be an interpolation that does not resolve."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):
+            return None
+        node = node._get_node(part, throw_on_missing_key=False)
+        if node is None:
+            return None
+    return getattr(node, "enum_type", None)  # omegaconf.nodes.EnumNode
+
+
+def choice_message(key: str, value: Any, choices: type[enum.Enum]) -> str:
+    return f"{key}={value!r}: must be one of {[m.value for m in choices]}"
+
+
+def merge_error(cfg: DictConfig, e: OmegaConfBaseException) -> str:
+    """One line for a value OmegaConf refused while merging a YAML file into `cfg`, naming the key."""
+    key = str(e.full_key or e.key or "")
+    choices = choice_type(cfg, key) if isinstance(e, ValidationError) and key else None
+    if choices:
+        return choice_message(key, getattr(e, "value", None), choices)
+    if isinstance(e, ConfigKeyError) and key:
+        return unknown_key_message(cfg, key)
+    return f"{key}: {_first_line(e)}" if key else _first_line(e)
+
+
 def override_error(cfg: DictConfig, item: str, key: str, value: str, e: Exception) -> ValueError:
     """A one-line message for an override OmegaConf refused, naming the key."""
+    choices = choice_type(cfg, key) if isinstance(e, ValidationError) else None
+    if choices:
+        return ValueError(f"override {item!r}: {choice_message(key, value, choices)}")
     target = OmegaConf.select(cfg, key, default=None, throw_on_missing=False) if "." in key or key in cfg else None
     if isinstance(e, ConfigKeyError):
         return ValueError(f"override {item!r}: {unknown_key_message(cfg, key)}")

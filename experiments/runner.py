@@ -65,8 +65,6 @@ def harmonizer_config(cfg: DictConfig) -> HarmonizerConfig:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    if cfg.evaluation.space not in ("original", "harmonized"):
-        raise ValueError(f"evaluation.space must be original or harmonized, got {cfg.evaluation.space!r}")
     if "lesion" not in cfg.evaluation.classes:
         raise ValueError("evaluation.classes must define 'lesion' (the primary class metric keys refer to)")
     check_network(cfg)
@@ -101,7 +99,7 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         policies=OmegaConf.to_container(d.policies), image_flips=OmegaConf.to_container(d.image_flips),
         find_duplicates=d.find_duplicates,
         test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers,
-        augment=OmegaConf.to_container(cfg.augment), **split)
+        augment=OmegaConf.to_container(cfg.augment, enum_to_str=True), **split)
 
 
 def build_module(cfg: DictConfig, test_sources, trained_classes=(), train_sources=()) -> SegmentationModule:
@@ -110,9 +108,9 @@ def build_module(cfg: DictConfig, test_sources, trained_classes=(), train_source
     inference = dict(OmegaConf.to_container(cfg.inference), roi_size=list(cfg.data.patch_size))
     loss = {"name": cfg.loss.name, **selected_args(cfg, "losses", cfg.loss.name)}
     return SegmentationModule(network=network, loss=loss, optim=OmegaConf.to_container(cfg.optim), inference=inference,
-                              evaluation=OmegaConf.to_container(cfg.evaluation), test_sources=list(test_sources),
+                              evaluation=OmegaConf.to_container(cfg.evaluation, enum_to_str=True), test_sources=list(test_sources),
                               spatial_dims=m.spatial_dims, harmonizer=harmonizer_config(cfg).as_dict(),
-                              trained_classes=list(trained_classes), augment=OmegaConf.to_container(cfg.augment),
+                              trained_classes=list(trained_classes), augment=OmegaConf.to_container(cfg.augment, enum_to_str=True),
                               method=method_config(cfg), train_sources=list(train_sources))
 
 
@@ -351,7 +349,7 @@ def _run_locked(cfg: DictConfig, kind: str, split: dict, name: str, run_dir: Pat
     if dm.skipped:
         say(f"data.on_error=skip: {len(dm.skipped)} case(s) left out (listed above and in run.json)")
 
-    evaluation = OmegaConf.to_container(cfg.evaluation)
+    evaluation = OmegaConf.to_container(cfg.evaluation, enum_to_str=True)
     unscorable = sorted({c.meta["source"] for c in dm.cached["test"]} - {
         c.meta["source"] for c in dm.cached["test"] if eval_classes(evaluation, c.meta["annotated"])})
     if unscorable:
@@ -378,7 +376,7 @@ def _run_locked(cfg: DictConfig, kind: str, split: dict, name: str, run_dir: Pat
         "kind": kind, "name": name, "data": metrics["data"], "data_root": str(data_root),
         "experiment": cfg.experiment, "preset": cfg.preset, "seed": int(cfg.run.seed), **variant(cfg),
         **({"task": cfg.fewshot.task, "fold": int(cfg.fewshot.fold)} if kind == "fewshot" else {}),
-        "config_hash": config_hash(cfg), "eval_space": cfg.evaluation.space,
+        "config_hash": config_hash(cfg), "eval_space": str(cfg.evaluation.space),
         "best_checkpoint": sel["checkpoints"][names[0]]["path"], "selection": sel,
         "train_sources": list(dm.split.train_sources), "test_sources": list(dm.split.test_sources),
         "split_args": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in split.items()},

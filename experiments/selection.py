@@ -17,8 +17,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from experiments.checkpoints import LastCheckpoint
+from experiments.choices import SELECTIONS
 
-SELECTIONS = ("training_domain", "loso", "oracle", "last")
 # segmentation.aggregate() logs it: the lesion Dice where lesions are scored, else the mean Dice of the
 # classes scored (a lung-only task).
 MONITOR = {"training_domain": "val/mean/selection_dice", "loso": "val/mean/selection_dice",
@@ -26,8 +26,9 @@ MONITOR = {"training_domain": "val/mean/selection_dice", "loso": "val/mean/selec
 
 
 def wanted(method: str, report) -> list[str]:
-    """The selections to test, headline first, each once."""
-    names = list(dict.fromkeys([method, *report]))
+    """The selections to test, headline first, each once, as plain strings (a config's SelectionMethod
+    member would reach W&B tables and run.json, and W&B types table cells by their exact class)."""
+    names = list(dict.fromkeys(str(n) for n in [method, *report]))
     bad = [n for n in names if n not in SELECTIONS]
     if bad:
         raise ValueError(f"selection {bad} unknown; choose from {SELECTIONS}")

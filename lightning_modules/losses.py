@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,13 +39,49 @@ from datamodules.label_policy import (
 )
 from datamodules.registry import Registry
 
-LOSSES = Registry("loss")
+LOSSES = Registry("loss", group="losses")
 register_loss = LOSSES.register
 LUNGS = (CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"])
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:
-    return LOSSES.lookup(name)(**kwargs)
+    """The registered loss `name`; kwargs: its arguments (`losses.<name>`), checked against its params
+    dataclass (every field without a default is required: the values live in the config)."""
+    params = LOSSES.make_params(name, kwargs)
+    return LOSSES.lookup(name)(**{f.name: getattr(params, f.name) for f in fields(params)})
+
+
+# Each loss's arguments; their values live in experiments/configs (`losses:`), never here.
+
+@dataclass
+class DiceCEParams:
+    ce_weight: float
+    dice_weight: float
+    smooth: float
+
+
+@dataclass
+class WeightedCEParams:
+    weights: list[float] | None  # None: inverse training-set class frequencies
+
+
+@dataclass
+class LungJaccardParams:
+    smooth: float
+    ce_weight: float
+
+
+@dataclass
+class SoftKLParams:
+    sigma: Any        # voxels: one value, or one per axis
+    truncate: float
+    weighted: bool
+
+
+@dataclass
+class FocalParams:
+    gamma: float
+    alpha: list[float] | None
 
 
 def merge_destinations(annotated: torch.Tensor) -> torch.Tensor:
@@ -209,7 +247,7 @@ def inverse_frequency_weights(freq: torch.Tensor) -> torch.Tensor:
     return w
 
 
-@register_loss("dice_ce")
+@register_loss("dice_ce", params=DiceCEParams)
 class PartialDiceCELoss(nn.Module):
     """`ce_weight * CE + dice_weight * (1 - soft Dice)` on the marginalized distribution.
 
@@ -219,7 +257,7 @@ class PartialDiceCELoss(nn.Module):
 
     needs_frequencies = False
 
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5):
+    def __init__(self, ce_weight: float, dice_weight: float, smooth: float):
         super().__init__()
         self.ce_weight, self.dice_weight, self.smooth = ce_weight, dice_weight, smooth
 
@@ -243,7 +281,7 @@ class PartialDiceCELoss(nn.Module):
         return self.ce_weight * ce + self.dice_weight * (1.0 - dice)
 
 
-@register_loss("weighted_ce")
+@register_loss("weighted_ce", params=WeightedCEParams)
 class WeightedCELoss(FrequencyWeighted):
     """Class-weighted CE on the marginalized distribution (Lizzi et al.), inverse-frequency weights by default.
 
@@ -252,7 +290,7 @@ class WeightedCELoss(FrequencyWeighted):
     `inverse_frequency_weights` of `set_class_frequencies`, unless `weights` (one per channel) is given.
     """
 
-    def __init__(self, weights: Sequence[float] | None = None):
+    def __init__(self, weights: Sequence[float] | None):
         super().__init__()
         self.weights = None if weights is None else torch.tensor([float(w) for w in weights])
         self.needs_frequencies = weights is None  # explicit weights: frequencies are not used
@@ -272,7 +310,7 @@ class WeightedCELoss(FrequencyWeighted):
         return (w_vox * nll).sum() / w_vox.sum().clamp_min(1e-12)
 
 
-@register_loss("lung_jaccard")
+@register_loss("lung_jaccard", params=LungJaccardParams)
 class LungJaccardLoss(nn.Module):
     """Soft Jaccard of the opacity (lesion + GGO + consolidation) inside the lung mask (Chaganti et al.).
 
@@ -286,7 +324,7 @@ class LungJaccardLoss(nn.Module):
 
     needs_frequencies = False
 
-    def __init__(self, smooth: float = 1.0, ce_weight: float = 0.0):
+    def __init__(self, smooth: float, ce_weight: float):
         super().__init__()
         self.smooth, self.ce_weight = smooth, ce_weight
 
@@ -341,7 +379,7 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float], truncate: f
     return x
 
 
-@register_loss("soft_kl")
+@register_loss("soft_kl", params=SoftKLParams)
 class SoftKLLoss(FrequencyWeighted):
     """Class-weighted KL(soft target || prediction) on the marginalized distribution (Lensink et al.).
 
@@ -354,7 +392,7 @@ class SoftKLLoss(FrequencyWeighted):
     probabilistic label itself (not blurred); voxels whose probabilities sum to 0 are unlabelled.
     """
 
-    def __init__(self, sigma: float | Sequence[float] = 1.0, truncate: float = 3.0, weighted: bool = True):
+    def __init__(self, sigma: float | Sequence[float], truncate: float, weighted: bool):
         super().__init__()
         self.sigma, self.truncate, self.weighted = sigma, truncate, weighted
         self.needs_frequencies = weighted
@@ -386,7 +424,7 @@ class SoftKLLoss(FrequencyWeighted):
         return masked_mean(kl.sum(1), valid)
 
 
-@register_loss("focal")
+@register_loss("focal", params=FocalParams)
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al.) on the marginalized distribution: -alpha[t] (1 - q_t)^gamma log q_t.
 
@@ -396,7 +434,7 @@ class FocalLoss(nn.Module):
 
     needs_frequencies = False
 
-    def __init__(self, gamma: float = 2.0, alpha: Sequence[float] | None = None):
+    def __init__(self, gamma: float, alpha: Sequence[float] | None):
         super().__init__()
         self.gamma = gamma
         self.alpha = None if alpha is None else torch.tensor([float(a) for a in alpha])

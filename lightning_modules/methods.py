@@ -1,7 +1,7 @@
 """Domain-generalization methods: the METHODS registry; each method overrides one or two hooks of `Method`.
 
 `method.name` selects one and `methods.<name>` holds its arguments (YAML; `search` there is the sweep space,
-never passed here). The hooks, in the order a run meets them:
+never passed here), typed by the params dataclass each method registers. The hooks, in the order a run meets them:
 
 - `data_overrides()`     datamodule arguments (source_balanced: sampling)
 - `attach(module)`       adds submodules or forward hooks when the module is built, before the optimizer
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,15 @@ import torch.nn.functional as F
 from datamodules.registry import Registry
 
 METHODS = Registry("method")
-register_method = METHODS.register
+
+
+def register_method(name: str, params: type) -> Callable:
+    """Register a Method subclass under `name` with its params dataclass (its arguments, `methods.<name>`)."""
+    def wrap(cls):
+        cls.name = name
+        return METHODS.register(name, params=params)(cls)
+
+    return wrap
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -39,18 +48,14 @@ class Method:
     """Empirical risk minimization: every hook does nothing (the base every method overrides)."""
 
     test_time = False  # True: `adapt` runs on the unlabelled test images before testing (needs gradients there)
+    name = ""  # set by register_method
 
     def __init__(self, seed: int = 0, **params):
-        unknown = sorted(set(params) - set(self.defaults()))
-        if unknown:
-            raise ValueError(f"method {type(self).__name__}: unknown argument(s) {unknown}; "
-                             f"known: {sorted(self.defaults())}")
-        self.params = {**self.defaults(), **params}
+        # every argument of the registered params dataclass, checked (unknown, missing, mistyped: one line
+        # naming methods.<name>.<key>); kept as a dict, the way the hooks read them
+        checked = METHODS.make_params(self.name, params)
+        self.params = {f.name: getattr(checked, f.name) for f in fields(checked)}
         self.seed = seed
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {}
 
     @classmethod
     def data_overrides(cls) -> dict:
@@ -69,12 +74,72 @@ class Method:
         pass
 
 
-@register_method("erm")
+# Each method's arguments; their values live in experiments/configs (`methods:`), never here.
+
+@dataclass
+class NoParams:
+    pass
+
+
+@dataclass
+class BigAugParams:
+    p: float
+    blur_sigma: list[float]
+    sharpen_alpha: list[float]
+    noise_std: float
+    gamma: list[float]
+    contrast: float
+    brightness: float
+    thick_factor: list[int]
+    rotate_deg: float
+    scale: float
+    elastic: bool
+    elastic_sigma: list[float]
+    elastic_magnitude: list[float]
+
+
+@dataclass
+class RandConvParams:
+    p: float
+    kernel_sizes: list[int]
+    mix: bool
+
+
+@dataclass
+class StageHooksParams:
+    p: float
+    layers: int
+
+
+@dataclass
+class MixStyleParams(StageHooksParams):
+    alpha: float
+
+
+@dataclass
+class DANNParams:
+    weight: float
+    hidden: int
+    schedule: bool
+
+
+@dataclass
+class AdaptParams:
+    crops_per_case: int
+
+
+@dataclass
+class TentParams(AdaptParams):
+    lr: float
+    steps: int
+
+
+@register_method("erm", NoParams)
 class ERM(Method):
     """Empirical risk minimization: pooled training sources, no domain-specific step (the baseline)."""
 
 
-@register_method("source_balanced")
+@register_method("source_balanced", NoParams)
 class SourceBalanced(Method):
     """ERM on batches drawn from every training source equally often, whatever their sizes."""
 
@@ -95,16 +160,9 @@ def _thick_slices(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(low, size=x.shape[-3:], mode="trilinear", align_corners=False)[0]
 
 
-@register_method("bigaug")
+@register_method("bigaug", BigAugParams)
 class BigAug(Method):
     """BigAug (Zhang et al., TMI 2020): stacked image-quality, appearance and spatial transforms per patch."""
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {"p": 0.5, "blur_sigma": [0.25, 1.0], "sharpen_alpha": [5.0, 15.0], "noise_std": 0.05,
-                "gamma": [0.7, 1.5], "contrast": 0.2, "brightness": 0.1, "thick_factor": [2, 4],
-                "rotate_deg": 15.0, "scale": 0.1, "elastic_sigma": [5.0, 7.0], "elastic_magnitude": [20.0, 60.0],
-                "elastic": True}
 
     def _transforms(self):
         from monai.transforms import (
@@ -154,13 +212,9 @@ class BigAug(Method):
         return dict(batch, image=torch.stack(images), label=torch.stack(labels))
 
 
-@register_method("randconv")
+@register_method("randconv", RandConvParams)
 class RandConv(Method):
     """RandConv (Xu et al., ICLR 2021): the input through a freshly drawn random convolution, mixed with the original."""
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {"p": 0.5, "kernel_sizes": [1, 3, 5], "mix": True}
 
     def transform_batch(self, batch: dict, module) -> dict:
         if torch.rand(()) >= self.params["p"]:
@@ -195,10 +249,6 @@ def _stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tens
 class _StageHooks(Method):
     """Perturbs the outputs of the first `layers` encoder stages while training, with probability p."""
 
-    @classmethod
-    def defaults(cls) -> dict:
-        return {"p": 0.5, "layers": 2}
-
     def attach(self, module) -> None:
         stages = module.net.encoder_stages()
         n = int(self.params["layers"])
@@ -218,13 +268,9 @@ class _StageHooks(Method):
         raise NotImplementedError
 
 
-@register_method("mixstyle")
+@register_method("mixstyle", MixStyleParams)
 class MixStyle(_StageHooks):
     """MixStyle (Zhou et al., ICLR 2021): mixes per-channel feature statistics of two samples in the first encoder stages."""
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {**super().defaults(), "alpha": 0.1}
 
     def perturb(self, x: torch.Tensor) -> torch.Tensor:
         mu, sig = _stats(x)
@@ -237,7 +283,7 @@ class MixStyle(_StageHooks):
         return (x - mu) / sig * mix_sig + mix_mu
 
 
-@register_method("dsu")
+@register_method("dsu", StageHooksParams)
 class DSU(_StageHooks):
     """DSU (Li et al., ICLR 2022): feature statistics resampled from Gaussians whose spread is their batch variance."""
 
@@ -268,13 +314,9 @@ def grad_reverse(x: torch.Tensor, lam: float) -> torch.Tensor:
     return _GradReverse.apply(x, lam)
 
 
-@register_method("dann")
+@register_method("dann", DANNParams)
 class DANN(Method):
     """DANN (Ganin et al., JMLR 2016): a source classifier on the deepest encoder features, trained through gradient reversal."""
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {"weight": 0.1, "hidden": 64, "schedule": True}
 
     def attach(self, module) -> None:
         sources = list(module.hparams.get("train_sources") or ())
@@ -376,10 +418,6 @@ def reestimate_statistics(net: nn.Module, crops: Iterable[torch.Tensor], who: st
 class _TestTime(Method):
     test_time = True
 
-    @classmethod
-    def defaults(cls) -> dict:
-        return {"crops_per_case": 4}
-
     def _crops(self, module, images) -> list[torch.Tensor]:
         """One batch of `crops_per_case` random patches per test volume: batch statistics over several
         patches (a lone small patch can leave a 1-voxel bottleneck, which batch norm cannot normalize)."""
@@ -389,7 +427,7 @@ class _TestTime(Method):
         return [torch.cat(crops[i:i + k]).to(module.device) for i in range(0, len(crops), k)]
 
 
-@register_method("bn_adapt")
+@register_method("bn_adapt", AdaptParams)
 class BNAdapt(_TestTime):
     """AdaBN (Li et al., 2016): batch-norm statistics re-estimated on the held-out source's unlabelled test images."""
 
@@ -397,13 +435,9 @@ class BNAdapt(_TestTime):
         reestimate_statistics(module.net, self._crops(module, images), "bn_adapt")
 
 
-@register_method("tent")
+@register_method("tent", TentParams)
 class Tent(_TestTime):
     """Tent (Wang et al., ICLR 2021): normalization affine parameters tuned to minimize prediction entropy on unlabelled test images."""
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {**super().defaults(), "lr": 0.001, "steps": 1}
 
     def adapt(self, module, images: Iterable[torch.Tensor]) -> None:
         net = module.net

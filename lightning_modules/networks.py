@@ -1,4 +1,5 @@
-"""NETWORKS registry: builders taking `spatial_dims`, channel counts, the training patch size and its spacing.
+"""NETWORKS registry: builders taking `spatial_dims`, channel counts, the training patch size and its spacing,
+plus their own arguments, typed by the params dataclass each registers (`networks.<name>` in the config).
 
 A builder returns a `Built` (the module, its encoder stages shallow -> deep, the input-size divisor);
 `build_network` wraps it in `Network`, the one interface the rest of the project sees: a (B, C, X, Y, Z)
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,14 +21,20 @@ from datamodules.registry import Registry
 NETWORKS = Registry("network")
 
 
-def register_network(name: str, dims: Sequence[int] = (2, 3)) -> Callable:
-    """Register a builder under `name`, recording which `spatial_dims` it supports as `builder.dims`.
-    The builder's first docstring line is its one-line description (`python -m experiments.list`)."""
+def register_network(name: str, params: type, dims: Sequence[int] = (2, 3)) -> Callable:
+    """Register a builder under `name` with its params dataclass, recording which `spatial_dims` it
+    supports as `builder.dims`. The builder's first docstring line is its one-line description
+    (`python -m experiments.list`)."""
     def wrap(fn):
         fn.dims = tuple(dims)
-        return NETWORKS.register(name)(fn)
+        return NETWORKS.register(name, params=params)(fn)
 
     return wrap
+
+
+def _given(**kwargs) -> dict:
+    """The optional arguments that were set: None leaves the library's own default in place."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 @dataclass
@@ -80,12 +88,101 @@ def plan_dynunet(patch_size: Sequence[int], spacing: Sequence[float], max_levels
 
 
 # ---------------------------------------------------------------------------------------------- builders
-# Defaults are only fallbacks; the numbers experiments use live in experiments/configs (`networks:`).
+# Each builder's arguments are its params dataclass's fields; their values live in experiments/configs
+# (`networks:`), never here. A field defaulting to None is optional: None means the library's default (or,
+# for `filters`, base_filters doubled per level up to max_filters). `norm`: a name or [name, {arguments}].
 
-@register_network("unet")
+@dataclass
+class UNetParams:
+    channels: list[int]
+    strides: list[Any]     # per level: an int, or one per axis
+    num_res_units: int
+    norm: Any
+    dropout: float
+
+
+@dataclass
+class BasicUNetParams:
+    features: list[int]
+    norm: Any
+    dropout: float
+    upsample: str
+
+
+@dataclass
+class DynUNetParams:
+    max_levels: int
+    min_size: int
+    base_filters: int
+    max_filters: int
+    norm: Any
+    res_block: bool
+    deep_supervision: bool
+    deep_supr_num: int
+    filters: list[int] | None = None
+    dropout: float | None = None
+
+
+@dataclass
+class AnisotropicUNetParams:
+    levels: int
+    anisotropic_levels: int
+    base_filters: int
+    max_filters: int
+    norm: Any
+    res_block: bool
+    deep_supervision: bool
+    deep_supr_num: int | None = None
+    filters: list[int] | None = None
+    dropout: float | None = None
+
+
+@dataclass
+class SegResNetParams:
+    init_filters: int
+    blocks_down: list[int]
+    blocks_up: list[int]
+    norm: Any
+    dropout_prob: float | None
+    upsample_mode: str
+
+
+@dataclass
+class AttentionUNetParams:
+    channels: list[int]
+    strides: list[Any]
+    dropout: float
+
+
+@dataclass
+class UNETRParams:
+    feature_size: int
+    hidden_size: int
+    mlp_dim: int
+    num_heads: int
+    norm: Any
+    dropout: float
+    res_block: bool | None = None
+
+
+@dataclass
+class SwinUNETRParams:
+    feature_size: int
+    depths: list[int]
+    num_heads: list[int]
+    window_size: int
+    norm: Any
+    dropout_path_rate: float
+    use_checkpoint: bool
+    drop_rate: float | None = None
+    attn_drop_rate: float | None = None
+    use_v2: bool | None = None
+
+
+@register_network("unet", UNetParams)
 def unet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-         spacing: tuple[float, ...], channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2),
-         num_res_units: int = 2, norm: str | Sequence = "instance", dropout: float = 0.0) -> Built:
+         spacing: tuple[float, ...], *, channels: Sequence[int], strides: Sequence[int], num_res_units: int,
+         norm: str | Sequence, dropout: float) -> Built:
     """MONAI residual UNet (Kerfoot et al.): strided-conv encoder, one residual block per level."""
     from monai.networks.nets import UNet
 
@@ -101,11 +198,10 @@ def unet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tup
     return Built(net, stages, stride_divisor(strides, spatial_dims))
 
 
-@register_network("basic_unet")
+@register_network("basic_unet", BasicUNetParams)
 def basic_unet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-               spacing: tuple[float, ...], features: Sequence[int] = (32, 32, 64, 128, 256, 32),
-               norm: str | Sequence = ("instance", {"affine": True}), dropout: float = 0.0,
-               upsample: str = "deconv") -> Built:
+               spacing: tuple[float, ...], *, features: Sequence[int], norm: str | Sequence, dropout: float,
+               upsample: str) -> Built:
     """MONAI BasicUNet (Falk et al.): two convs per level, four max-pool levels, no residuals."""
     from monai.networks.nets import BasicUNet
 
@@ -134,25 +230,23 @@ def _dynunet(spatial_dims: int, in_channels: int, out_channels: int, kernels: li
     return Built(net, stages, stride_divisor(strides, spatial_dims))
 
 
-@register_network("dynunet")
+@register_network("dynunet", DynUNetParams)
 def dynunet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-            spacing: tuple[float, ...], max_levels: int = 5, min_size: int = 4, filters: Sequence[int] | None = None,
-            base_filters: int = 32, max_filters: int = 320, norm: str | Sequence = "instance",
-            res_block: bool = False, deep_supervision: bool = False, deep_supr_num: int = 1,
-            dropout: float | None = None) -> Built:
+            spacing: tuple[float, ...], *, max_levels: int, min_size: int, base_filters: int, max_filters: int,
+            norm: str | Sequence, res_block: bool, deep_supervision: bool, deep_supr_num: int,
+            filters: Sequence[int] | None, dropout: float | None) -> Built:
     """MONAI DynUNet, nnU-Net style: kernels and strides planned from patch size and spacing."""
     kernels, strides = plan_dynunet(patch_size, spacing, max_levels=max_levels, min_size=min_size)
     return _dynunet(spatial_dims, in_channels, out_channels, kernels, strides, filters, base_filters,
                     max_filters, norm_name=norm, res_block=res_block, deep_supervision=deep_supervision,
-                    deep_supr_num=deep_supr_num, dropout=dropout)
+                    deep_supr_num=deep_supr_num, **_given(dropout=dropout))
 
 
-@register_network("anisotropic_unet", dims=(3,))
+@register_network("anisotropic_unet", AnisotropicUNetParams, dims=(3,))
 def anisotropic_unet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-                     spacing: tuple[float, ...], levels: int = 5, anisotropic_levels: int = 2,
-                     filters: Sequence[int] | None = None, base_filters: int = 32, max_filters: int = 320,
-                     norm: str | Sequence = "batch", res_block: bool = False, deep_supervision: bool = False,
-                     deep_supr_num: int = 1, dropout: float | None = None) -> Built:
+                     spacing: tuple[float, ...], *, levels: int, anisotropic_levels: int, base_filters: int,
+                     max_filters: int, norm: str | Sequence, res_block: bool, deep_supervision: bool,
+                     deep_supr_num: int | None, filters: Sequence[int] | None, dropout: float | None) -> Built:
     """Thick-slice 3D UNet (seed 001): (3,3,1) kernels and in-plane downsampling first, then isotropic.
 
     Seed 001 (Chaganti et al.): 1x3x3 input conv, batch norm + LeakyReLU, five DenseNet blocks, the first
@@ -169,15 +263,14 @@ def anisotropic_unet(spatial_dims: int, in_channels: int, out_channels: int, pat
     strides = [(1, 1, 1)] + [(2, 2, 1)] * anisotropic_levels + [(2, 2, 2)] * (levels - anisotropic_levels)
     return _dynunet(spatial_dims, in_channels, out_channels, kernels, strides, filters, base_filters,
                     max_filters, norm_name=norm, act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
-                    res_block=res_block, deep_supervision=deep_supervision, deep_supr_num=deep_supr_num,
-                    dropout=dropout)
+                    res_block=res_block, deep_supervision=deep_supervision,
+                    **_given(deep_supr_num=deep_supr_num, dropout=dropout))
 
 
-@register_network("segresnet")
+@register_network("segresnet", SegResNetParams)
 def segresnet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-              spacing: tuple[float, ...], init_filters: int = 8, blocks_down: Sequence[int] = (1, 2, 2, 4),
-              blocks_up: Sequence[int] = (1, 1, 1), norm: str | Sequence = ("group", {"num_groups": 8}),
-              dropout_prob: float | None = None, upsample_mode: str = "nontrainable") -> Built:
+              spacing: tuple[float, ...], *, init_filters: int, blocks_down: Sequence[int], blocks_up: Sequence[int],
+              norm: str | Sequence, dropout_prob: float | None, upsample_mode: str) -> Built:
     """MONAI SegResNet (Myronenko): residual encoder, light additive decoder, group norm."""
     from monai.networks.nets import SegResNet
 
@@ -191,10 +284,10 @@ def segresnet(spatial_dims: int, in_channels: int, out_channels: int, patch_size
                  (2 ** (len(blocks_down) - 1),) * spatial_dims)
 
 
-@register_network("attention_unet")
+@register_network("attention_unet", AttentionUNetParams)
 def attention_unet(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-                   spacing: tuple[float, ...], channels: Sequence[int] = (16, 32, 64, 128),
-                   strides: Sequence[int] = (2, 2, 2), dropout: float = 0.0) -> Built:
+                   spacing: tuple[float, ...], *, channels: Sequence[int], strides: Sequence[int],
+                   dropout: float) -> Built:
     """MONAI Attention UNet (Oktay et al.): additive attention gates on the skips; batch norm only."""
     from monai.networks.nets import AttentionUnet
 
@@ -211,18 +304,17 @@ def attention_unet(spatial_dims: int, in_channels: int, out_channels: int, patch
                  stride_divisor(strides, spatial_dims))
 
 
-@register_network("unetr")
+@register_network("unetr", UNETRParams)
 def unetr(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-          spacing: tuple[float, ...], feature_size: int = 16, hidden_size: int = 768, mlp_dim: int = 3072,
-          num_heads: int = 12, norm: str | Sequence = "instance", dropout: float = 0.0,
-          res_block: bool = True) -> Built:
+          spacing: tuple[float, ...], *, feature_size: int, hidden_size: int, mlp_dim: int, num_heads: int,
+          norm: str | Sequence, dropout: float, res_block: bool | None) -> Built:
     """MONAI UNETR (Hatamizadeh et al.): 12-layer ViT on 16-voxel tokens, conv decoder; fixed input size."""
     from monai.networks.nets import UNETR
 
     # MONAI fixes num_layers at 12 (it reads hidden states 3, 6, 9), so only the width can shrink.
     net = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=tuple(patch_size),
                 feature_size=feature_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads,
-                norm_name=norm, res_block=res_block, dropout_rate=dropout, spatial_dims=spatial_dims)
+                norm_name=norm, dropout_rate=dropout, spatial_dims=spatial_dims, **_given(res_block=res_block))
     # MONAI's transformer blocks build a cross-attention LayerNorm even without cross-attention; frozen,
     # these never-used parameters no longer trip DDP's unused-parameter check.
     for block in net.vit.blocks:
@@ -234,12 +326,11 @@ def unetr(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tu
                  fixed_size=tuple(int(p) for p in patch_size))
 
 
-@register_network("swinunetr")
+@register_network("swinunetr", SwinUNETRParams)
 def swinunetr(spatial_dims: int, in_channels: int, out_channels: int, patch_size: tuple[int, ...],
-              spacing: tuple[float, ...], feature_size: int = 24, depths: Sequence[int] = (2, 2, 2, 2),
-              num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7, norm: str | Sequence = "instance",
-              drop_rate: float = 0.0, attn_drop_rate: float = 0.0, dropout_path_rate: float = 0.0,
-              use_checkpoint: bool = False, use_v2: bool = False) -> Built:
+              spacing: tuple[float, ...], *, feature_size: int, depths: Sequence[int], num_heads: Sequence[int],
+              window_size: int, norm: str | Sequence, dropout_path_rate: float, use_checkpoint: bool,
+              drop_rate: float | None, attn_drop_rate: float | None, use_v2: bool | None) -> Built:
     """MONAI SwinUNETR (Hatamizadeh et al.): shifted-window transformer encoder, conv decoder."""
     from monai.networks.nets import SwinUNETR
 
@@ -248,8 +339,8 @@ def swinunetr(spatial_dims: int, in_channels: int, out_channels: int, patch_size
     # voxel in total while training.
     net = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                     depths=tuple(depths), num_heads=tuple(num_heads), window_size=window_size, norm_name=norm,
-                    drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, dropout_path_rate=dropout_path_rate,
-                    use_checkpoint=use_checkpoint, spatial_dims=spatial_dims, use_v2=use_v2)
+                    dropout_path_rate=dropout_path_rate, use_checkpoint=use_checkpoint, spatial_dims=spatial_dims,
+                    **_given(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, use_v2=use_v2))
     stages = ["swinViT.patch_embed"] + [f"swinViT.layers{i}.0" for i in range(1, 5)]
     return Built(net, stages, (32,) * spatial_dims)
 
@@ -337,7 +428,8 @@ class Network(nn.Module):
 def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: int, patch_size: Sequence[int],
                   spacing: Sequence[float], context_slices: int = 0, **kwargs) -> Network:
     """The registered network `name` as a `Network`. patch_size / spacing: (x, y, z), or (x, y) for 2D
-    (a 2D network is built for the in-plane part of a 3D patch). kwargs go to the builder."""
+    (a 2D network is built for the in-plane part of a 3D patch). kwargs: the network's arguments
+    (`networks.<name>`), every field of its params dataclass without a default."""
     builder = NETWORKS.lookup(name)
     if spatial_dims not in builder.dims:
         raise ValueError(f"network {name!r} supports spatial_dims {builder.dims}, got {spatial_dims}")
@@ -351,7 +443,9 @@ def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: 
         patch, sp = patch[:2] if len(patch) == 3 else patch, sp[:2] if len(sp) == 3 else sp
     if len(patch) != spatial_dims or len(sp) != spatial_dims:
         raise ValueError(f"{name}: patch_size {patch} and spacing {sp} need {spatial_dims} values")
-    built = builder(spatial_dims, in_channels * (2 * context_slices + 1), out_channels, patch, sp, **kwargs)
+    params = NETWORKS.make_params(name, kwargs)
+    built = builder(spatial_dims, in_channels * (2 * context_slices + 1), out_channels, patch, sp,
+                    **{f.name: getattr(params, f.name) for f in fields(params)})
     if any(p % d for p, d in zip(patch, built.divisor)):
         raise ValueError(f"{name}: patch_size {patch} must be a multiple of {built.divisor} per axis "
                          f"(next valid: {tuple(math.ceil(p / d) * d for p, d in zip(patch, built.divisor))})")

@@ -7,19 +7,16 @@ two placeholders resolved against the preset's `data.sources`: `$sources` (each 
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
+from rundir.naming import run_hash
+
 SWEEP_DIR = Path(__file__).resolve().parent
 PLACEHOLDERS = ("$sources", "$[sources]")
-# Overrides that do not change what a run computes: they never enter its folder name.
-NOT_HASHED = ("paths.runs", "paths.cache", "wandb.", "trainer.threads", "data.num_workers", "data.cache_workers",
-              "run.overwrite", "trainer.checkpoint_every_n_steps")
 
 
 class SweepError(ValueError):
@@ -95,10 +92,10 @@ def expand(spec: dict, sources: Sequence[str]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*params.values())]
 
 
-def overrides_hash(overrides: Sequence[str], length: int = 10) -> str:
-    """Names a run folder: sha256 of the sorted overrides that change the computation."""
-    kept = sorted(o for o in overrides if not o.split("=", 1)[0].startswith(NOT_HASHED))
-    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:length]
+def overrides_hash(overrides: Sequence[str]) -> str:
+    """The hash in a sweep run's folder name: rundir.naming.run_hash of its overrides (the keys that do not
+    change the computation left out, order ignored)."""
+    return run_hash(list(overrides))
 
 
 def wandb_spec(spec: dict, sources: Sequence[str], fixed: Sequence[str]) -> dict:

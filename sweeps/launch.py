@@ -1,7 +1,7 @@
 """Run a sweep: `python -m sweeps.launch transfer --preset smoke --runs runs --backend local [key=value ...]`.
 
 Backends are thin launchers, never a scheduler of our own:
-- `local` (default): the grid's runs one after another, each in its own process (`sweeps.run_one`),
+- `local` (default): the grid's runs one after another, each in its own process (`experiments.sweep_run`),
   offline unless WANDB_MODE says otherwise. Finished runs are skipped, unfinished ones resume.
 - `wandb`: creates the W&B sweep from the resolved file and starts `wandb agent` here; any number of
   machines sharing the runs folder join with the printed `wandb agent ENTITY/PROJECT/ID`. Needs W&B online.
@@ -16,6 +16,7 @@ overrides, folder and state), the run folders, `report/` and the sweep's headlin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -26,14 +27,15 @@ from pathlib import Path
 
 import yaml
 
-from experiments.config import load_config
-from experiments.runfolder import check_component
-from experiments.tracking import atomic_write_text, write_json
-from sweeps.expand import SweepError, expand, load_sweep, wandb_spec
-from sweeps.run_one import plan_run
+from rundir.atomic import atomic_write_text, write_json
+from sweeps.expand import SweepError, load_sweep, wandb_spec
 
 PRESETS = {"smoke": "smoke", "demo": "demo", "full": "default"}
 BACKENDS = ("local", "wandb", "slurm")
+# The experiments, as programs: the sweep layer launches them and imports nothing from them (their config,
+# protocols and run folders stay theirs). PLAN answers what a sweep's runs are; RUN is one run.
+PLAN_PROGRAM = "experiments.sweep_plan"
+RUN_PROGRAM = "experiments.sweep_run"
 
 
 @dataclass
@@ -51,21 +53,19 @@ class Sweep:
 
 
 def sweep_runs(spec: dict, preset: str, runs_root: Path, extra: list[str]) -> Sweep:
-    """The sweep's runs, each with its overrides, folder and whether it is done."""
-    # the sweep file's `name` becomes a folder: one plain name, never a path out of the runs folder
-    sweep_dir = (runs_root / check_component(f"{spec['name']}-{preset}", "sweep name")).resolve()
-    fixed = [f"experiment={PRESETS[preset]}", *extra]
-    # the preset decides the sources; the sweep grid over them is resolved once, here
-    base = load_config([o for o in fixed if not o.startswith("protocol=")])
-    sources = list(base.data.sources)
-    fixed += [f"paths.runs={sweep_dir}", f"wandb.group={sweep_dir.name}"]
-    runs = []
-    for overrides in expand(spec, sources):
-        full = fixed + overrides
-        _protocol, _cfg, _plan, run_dir = plan_run(full)
-        runs.append({"overrides": full, "run_dir": str(run_dir), "done": (run_dir / "done").exists(),
-                     "started": run_dir.exists()})
-    return Sweep(sweep_dir, fixed, sources, base.wandb.project, runs)
+    """The sweep's runs, each with its overrides, folder and whether it is done (planned by PLAN_PROGRAM)."""
+    request = {"spec": spec, "preset": preset, "runs": str(runs_root),
+               "fixed": [f"experiment={PRESETS[preset]}", *extra]}
+    proc = subprocess.run([sys.executable, "-m", PLAN_PROGRAM], input=json.dumps(request), capture_output=True,
+                          text=True, encoding="utf-8", env=run_env())
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or [f"{PLAN_PROGRAM} failed with exit status {proc.returncode}"]
+        message = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
+        raise SweepError(message.removeprefix("error: "))
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = [{**r, "done": (Path(r["run_dir"]) / "done").exists(), "started": Path(r["run_dir"]).exists()}
+            for r in plan["runs"]]
+    return Sweep(Path(plan["dir"]), plan["fixed"], plan["sources"], plan["project"], runs)
 
 
 def run_env() -> dict[str, str]:
@@ -114,7 +114,7 @@ def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
         log = log_dir / f"{Path(r['run_dir']).name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
-            code = run_child([sys.executable, "-m", "sweeps.run_one", *r["overrides"]], stdout=fh,
+            code = run_child([sys.executable, "-m", RUN_PROGRAM, *r["overrides"]], stdout=fh,
                              stderr=subprocess.STDOUT, env=run_env())
         r["done"] = (Path(r["run_dir"]) / "done").exists()
         if code or not r["done"]:
@@ -151,7 +151,7 @@ def _run_slurm(runs: list[dict], sweep_dir: Path, params: list[str], cluster: st
         key, value = item.split("=", 1)
         kwargs[key] = int(value) if value.isdigit() else value
     executor.update_parameters(**{"timeout_min": 600, "name": sweep_dir.name, **kwargs})
-    commands = [submitit.helpers.CommandFunction([sys.executable, "-m", "sweeps.run_one", *r["overrides"]],
+    commands = [submitit.helpers.CommandFunction([sys.executable, "-m", RUN_PROGRAM, *r["overrides"]],
                                                  cwd=str(Path.cwd()), env=run_env()) for r in todo]
     jobs = executor.map_array(lambda command: command(), commands) if commands else []
     for job, r in zip(jobs, todo):

@@ -20,7 +20,7 @@ from evaluation.reporting.plots import _heatmap, make_plots
 from evaluation.reporting.render import fmt, to_markdown, write_report
 from evaluation.reporting.runs import collect_runs
 from evaluation.reporting.tables import build_tables
-from experiments.tracking import atomic_write_text, write_csv
+from rundir.atomic import atomic_write_text, write_csv
 
 
 def _pm(cell: dict | None) -> str:

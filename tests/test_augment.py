@@ -5,6 +5,7 @@ import torch
 
 from datamodules.augment import AUGMENTS, Augmenter
 from datamodules.label_policy import CLASS_INDEX
+from tests.args import base_args
 
 LEFT, RIGHT, LESION = CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"], CLASS_INDEX["lesion"]
 
@@ -85,8 +86,8 @@ def test_device_side_augmentation_only_while_training():
     from lightning_modules.segmentation import SegmentationModule
 
     module = SegmentationModule(
-        network={"name": "unet", "channels": [4, 8], "strides": [2], "num_res_units": 0},
-        loss={"name": "dice_ce"}, optim={"lr": 1e-3}, inference={"roi_size": [8, 8, 4]},
+        network={"name": "unet", **base_args("networks", "unet", channels=[4, 8], strides=[2], num_res_units=0)},
+        loss={"name": "dice_ce", **base_args("losses", "dice_ce")}, optim={"lr": 1e-3}, inference={"roi_size": [8, 8, 4]},
         evaluation={"classes": {}}, augment={"where": "device", "ops": {"flip": {"p": 1.0, "axes": [0]}}})
     image, label = _batch()
     module._trainer = SimpleNamespace(training=True)
@@ -96,8 +97,8 @@ def test_device_side_augmentation_only_while_training():
     out = module.on_after_batch_transfer({"image": image, "label": label}, 0)
     assert out["image"] is image
     loader_side = SegmentationModule(
-        network={"name": "unet", "channels": [4, 8], "strides": [2], "num_res_units": 0},
-        loss={"name": "dice_ce"}, optim={"lr": 1e-3}, inference={"roi_size": [8, 8, 4]},
+        network={"name": "unet", **base_args("networks", "unet", channels=[4, 8], strides=[2], num_res_units=0)},
+        loss={"name": "dice_ce", **base_args("losses", "dice_ce")}, optim={"lr": 1e-3}, inference={"roi_size": [8, 8, 4]},
         evaluation={"classes": {}}, augment={"where": "loader", "ops": {"flip": {"p": 1.0}}})
     loader_side._trainer = SimpleNamespace(training=True)
     assert loader_side.on_after_batch_transfer({"image": image, "label": label}, 0)["image"] is image

@@ -12,6 +12,7 @@ from experiments.config import load_config, selected_args
 from lightning_modules.methods import METHODS
 from lightning_modules.networks import NETWORKS
 from lightning_modules.segmentation import SegmentationModule
+from tests.args import base_args
 
 SOURCES3 = ["covid19_20", "mosmed", "ctseg"]
 EVALUATION = {"space": "harmonized", "val_surface": False, "save_predictions": False,
@@ -54,7 +55,7 @@ def make_module(name: str, dims: int, method: str, patch=None, **model) -> Segme
     method_args = selected_args(cfg, "methods", method)
     torch.manual_seed(0)
     return SegmentationModule(
-        network={"name": name, **net_args, **model}, loss={"name": "dice_ce"}, optim={"lr": 3e-3, "weight_decay": 0.0},
+        network={"name": name, **net_args, **model}, loss={"name": "dice_ce", **base_args("losses", "dice_ce")}, optim={"lr": 3e-3, "weight_decay": 0.0},
         inference={"roi_size": list(patch), "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"},
         evaluation=EVALUATION, spatial_dims=dims, harmonizer={"target_spacing": list(SPACING)},
         method={"name": method, **method_args}, train_sources=["covid19_20", "ctseg"], test_sources=["mosmed"])

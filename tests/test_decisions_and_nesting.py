@@ -8,6 +8,7 @@ import torch
 
 from datamodules.label_policy import CLASS_INDEX, CLASSES, labels_from_probs
 from datamodules.sources import SOURCES
+from tests.args import base_args
 
 N = len(CLASSES)
 BG, LL, LR = 0, CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"]
@@ -59,8 +60,8 @@ def test_validation_scores_the_group_decision(tmp_path):
 
     ev = {"space": "harmonized", "val_surface": False, "save_predictions": False,
           "classes": {"lesion": {"values": [3, 6, 7], "tolerance_mm": 3.0}}}
-    module = SegmentationModule(network={"name": "unet", "channels": [4, 8], "strides": [2], "num_res_units": 0},
-                                loss={"name": "dice_ce"}, optim={"lr": 1e-3, "weight_decay": 0.0},
+    module = SegmentationModule(network={"name": "unet", **base_args("networks", "unet", channels=[4, 8], strides=[2], num_res_units=0)},
+                                loss={"name": "dice_ce", **base_args("losses", "dice_ce")}, optim={"lr": 1e-3, "weight_decay": 0.0},
                                 inference={"roi_size": [8, 8, 8], "sw_batch_size": 1, "overlap": 0.0,
                                            "mode": "constant"}, evaluation=ev)
     label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.uint8)
@@ -96,7 +97,7 @@ def test_lesion_inside_a_lung_only_mask_is_not_pushed_to_background(name):
     from lightning_modules.losses import build_loss
 
     kwargs = {"weights": [1.0] * N} if name == "weighted_ce" else ({"dice_weight": 0.0} if name == "dice_ce" else {})
-    loss = build_loss(name, **kwargs)
+    loss = build_loss(name, **base_args("losses", name, **kwargs))
     ann = lung_only()
     assert not ann[0, LES] and ann[0, LL]
     on_lung = loss(one_voxel(LL), torch.tensor([[LL]]), ann).item()
@@ -121,7 +122,7 @@ def test_nested_merge_hand_value_and_gradient():
     # without the target (no voxel labels known) the lesion stays merged into background, as before
     assert merged_log_probs(logits, ann).exp()[0, BG, 0].item() == pytest.approx(0.5)
     x = logits.clone().requires_grad_(True)
-    loss = PartialDiceCELoss(dice_weight=0.0)(x, torch.tensor([[LL]]), ann)
+    loss = PartialDiceCELoss(**base_args("losses", "dice_ce", dice_weight=0.0))(x, torch.tensor([[LL]]), ann)
     assert loss.item() == pytest.approx(-math.log(0.6))
     loss.backward()
     assert x.grad[0, 3, 0].item() < 0 and x.grad[0, LL, 0].item() < 0 < x.grad[0, BG, 0].item()

@@ -6,8 +6,8 @@ import pytest
 from experiments.config import load_config
 from experiments.list import catalogue
 from experiments.runner import variant
+from experiments.sweep_run import plan_run
 from sweeps.expand import expand, load_sweep
-from sweeps.run_one import plan_run
 from sweeps.summary import summarize_sweep
 from tests.test_report import write_run
 

@@ -19,7 +19,7 @@ def test_merged_probability_hand_value():
 
 
 def test_ce_part_hand_value_and_no_penalty_on_unannotated_lung():
-    loss = PartialDiceCELoss(ce_weight=1.0, dice_weight=0.0)
+    loss = PartialDiceCELoss(**base_args("losses", "dice_ce", ce_weight=1.0, dice_weight=0.0))
     logits = torch.log(torch.tensor([1.0, 2.0, 3.0, 4.0]))[None, :, None]
     target = torch.tensor([[0]])
     lesion_only = torch.tensor([[True, False, False, True]])
@@ -37,7 +37,7 @@ def test_ce_part_hand_value_and_no_penalty_on_unannotated_lung():
 
 
 def test_dice_part_hand_value_ignores_unannotated_classes():
-    loss = PartialDiceCELoss(ce_weight=0.0, dice_weight=1.0, smooth=0.0)
+    loss = PartialDiceCELoss(**base_args("losses", "dice_ce", ce_weight=0.0, dice_weight=1.0, smooth=0.0))
     # Two voxels: perfectly confident lesion on voxel 0, background on voxel 1.
     big = 50.0
     logits = torch.tensor([[[-big, big], [-big, -big], [-big, -big], [big, -big]]])  # [1, 4, 2]
@@ -51,7 +51,7 @@ def test_dice_part_hand_value_ignores_unannotated_classes():
 
 
 def test_target_in_unannotated_class_is_an_error():
-    loss = PartialDiceCELoss()
+    loss = PartialDiceCELoss(**base_args("losses", "dice_ce"))
     with pytest.raises(ValueError, match="does not annotate"):
         loss(torch.zeros(1, 4, 2), torch.tensor([[1, 0]]), torch.tensor([[True, False, False, True]]))
 
@@ -69,7 +69,7 @@ def test_ignored_voxels_take_no_part_in_the_loss():
     logits = torch.randn(1, 4, 2, 2, 1)
     target = torch.tensor([[[[0], [3]], [[IGNORE], [IGNORE]]]])
     annotated = torch.tensor([[True, False, False, True]])
-    loss = PartialDiceCELoss()
+    loss = PartialDiceCELoss(**base_args("losses", "dice_ce"))
     base = loss(logits, target, annotated)
     changed = logits.clone()
     changed[:, :, 1] = torch.randn(1, 4, 2, 1) * 10  # anything at the ignored voxels
@@ -93,7 +93,7 @@ def test_untyped_lesions_merge_ggo_and_consolidation_into_lesion_not_background(
     def ce(logit_class, target_class, annotated):
         logits = torch.full((1, n, 1), -20.0)
         logits[0, logit_class, 0] = 20.0
-        return PartialDiceCELoss(dice_weight=0.0)(logits, torch.tensor([[target_class]]), annotated).item()
+        return PartialDiceCELoss(**base_args("losses", "dice_ce", dice_weight=0.0))(logits, torch.tensor([[target_class]]), annotated).item()
 
     assert ce(ggo, les, merged_view) < 1e-6        # lesion voxel, mass on GGO: fine in the merged view
     assert ce(cons, les, merged_view) < 1e-6
@@ -118,6 +118,7 @@ from lightning_modules.losses import (  # noqa: E402
     class_frequencies,
     inverse_frequency_weights,
 )
+from tests.args import base_args  # noqa: E402
 
 FULL = torch.tensor([[True, True, True, True]])
 LESION_ONLY = torch.tensor([[True, False, False, True]])
@@ -158,9 +159,9 @@ def test_inverse_frequency_weights_hand_value():
     assert w.tolist() == pytest.approx([1.25 / 3.125, 5 / 3.125, 5 / 3.125, 5 / 3.125])
 
 
-@pytest.mark.parametrize("cls", [WeightedCELoss, SoftKLLoss])
-def test_frequency_losses_without_frequencies_say_what_to_call(cls):
-    loss = cls()
+@pytest.mark.parametrize("cls, name", [(WeightedCELoss, "weighted_ce"), (SoftKLLoss, "soft_kl")])
+def test_frequency_losses_without_frequencies_say_what_to_call(cls, name):
+    loss = cls(**base_args("losses", name))
     assert loss.needs_frequencies
     with pytest.raises(RuntimeError, match=r"set_class_frequencies"):
         loss(_p1234(2, 2), _target([[0, 3], [1, IGN]]), FULL)
@@ -169,40 +170,40 @@ def test_frequency_losses_without_frequencies_say_what_to_call(cls):
 
 
 def test_frequencies_are_not_saved_in_checkpoints():
-    loss = _with_freq(WeightedCELoss())
+    loss = _with_freq(WeightedCELoss(**base_args("losses", "weighted_ce")))
     assert "class_freq" not in loss.state_dict()
-    assert not WeightedCELoss(weights=[1, 1, 1, 1]).needs_frequencies and not SoftKLLoss(weighted=False).needs_frequencies
+    assert not WeightedCELoss(**base_args("losses", "weighted_ce", weights=[1, 1, 1, 1])).needs_frequencies and not SoftKLLoss(**base_args("losses", "soft_kl", weighted=False)).needs_frequencies
 
 
 def test_weighted_ce_hand_value():
-    loss = _with_freq(WeightedCELoss())
+    loss = _with_freq(WeightedCELoss(**base_args("losses", "weighted_ce")))
     w0, w1, w3 = 2 / 5.5, 5 / 5.5, 10 / 5.5  # scale cancels in the weighted mean; written for clarity
     expect = (w0 * math.log(10) + w3 * math.log(2.5) + w1 * math.log(5)) / (w0 + w3 + w1)
     assert loss(_p1234(2, 2), _target([[0, 3], [1, IGN]]), FULL).item() == pytest.approx(expect, rel=1e-5)
     # lesion-only: background voxels score the merged q = 0.1 + 0.2 + 0.3, weighted as background
     expect = (2 * w0 * -math.log(0.6) + w3 * -math.log(0.4)) / (2 * w0 + w3)
     assert loss(_p1234(2, 2), _target([[0, 3], [0, IGN]]), LESION_ONLY).item() == pytest.approx(expect, rel=1e-5)
-    explicit = WeightedCELoss(weights=[1.0, 1.0, 1.0, 3.0])
+    explicit = WeightedCELoss(**base_args("losses", "weighted_ce", weights=[1.0, 1.0, 1.0, 3.0]))
     expect = (math.log(10) + 3 * math.log(2.5) + math.log(5)) / 5
     assert explicit(_p1234(2, 2), _target([[0, 3], [1, IGN]]), FULL).item() == pytest.approx(expect, rel=1e-5)
 
 
 def test_lung_jaccard_hand_value():
-    loss = LungJaccardLoss(smooth=0.0)
+    loss = LungJaccardLoss(**base_args("losses", "lung_jaccard", smooth=0.0))
     # lung sample: region = lung voxel (p 0.4, y 0) + lesion voxel (p 0.4, y 1): 1 - 0.4 / (0.8 + 1 - 0.4)
     assert loss(_p1234(2, 2), _target([[0, 1], [3, IGN]]), FULL).item() == pytest.approx(1 - 0.4 / 1.4)
     # lesion-only sample: no lung mask, all 3 valid voxels count: 1 - 0.4 / (1.2 + 1 - 0.4)
     assert loss(_p1234(2, 2), _target([[0, 0], [3, IGN]]), LESION_ONLY).item() == pytest.approx(1 - 0.4 / 1.8)
-    assert LungJaccardLoss(smooth=1.0)(_p1234(2, 2), _target([[0, 1], [3, IGN]]), FULL).item() == pytest.approx(
+    assert LungJaccardLoss(**base_args("losses", "lung_jaccard", smooth=1.0))(_p1234(2, 2), _target([[0, 1], [3, IGN]]), FULL).item() == pytest.approx(
         1 - 1.4 / 2.4)
     # typed source (8 channels, uniform p = 1/8): opacity = lesion + GGO + consolidation = 3/8
     ann = torch.tensor([[True, True, True, True, False, False, True, True]])
-    val = LungJaccardLoss(smooth=0.0)(torch.zeros(1, 8, 1, 2), _target([[6, 7]]), ann).item()
+    val = LungJaccardLoss(**base_args("losses", "lung_jaccard", smooth=0.0))(torch.zeros(1, 8, 1, 2), _target([[6, 7]]), ann).item()
     assert val == pytest.approx(1 - 0.75 / (0.75 + 2 - 0.75))
 
 
 def test_lung_jaccard_ignores_lesion_predicted_outside_the_lung_only_where_lungs_are_known():
-    loss = LungJaccardLoss()
+    loss = LungJaccardLoss(**base_args("losses", "lung_jaccard"))
     logits = _p1234(2, 2)
     outside = logits.clone()
     outside[0, 3, 0, 0] = 5.0  # strong lesion at the background voxel, outside the lung
@@ -215,7 +216,7 @@ def test_lung_jaccard_ignores_lesion_predicted_outside_the_lung_only_where_lungs
 
 
 def test_soft_kl_hard_limit_is_weighted_ce_with_complement_weights():
-    loss = _with_freq(SoftKLLoss(sigma=0.0))
+    loss = _with_freq(SoftKLLoss(**base_args("losses", "soft_kl", sigma=0.0)))
     # w = 1 - f = [0.5, 0.8, 0.8, 0.9]; KL to a one-hot = -log q_t; mean over the 3 valid voxels
     expect = (0.5 * math.log(10) + 0.9 * math.log(2.5) + 0.8 * math.log(5)) / 3
     assert loss(_p1234(2, 2), _target([[0, 3], [1, IGN]]), FULL).item() == pytest.approx(expect, rel=1e-5)
@@ -228,7 +229,7 @@ def test_soft_kl_blurred_boundary_hand_value_and_ignore_does_not_leak():
     # [e^-1/2, 1, e^-1/2]; normalized over valid voxels each voxel keeps a = 1 / (1 + e^-1/2) of its class.
     a = 1 / (1 + math.exp(-0.5))
     kl = a * math.log(a / 0.5) + (1 - a) * math.log((1 - a) / 0.5)  # prediction q = [0.5, 0.5]
-    loss = SoftKLLoss(sigma=[0.0, 1.0], truncate=1.0, weighted=False)
+    loss = SoftKLLoss(**base_args("losses", "soft_kl", sigma=[0.0, 1.0], truncate=1.0, weighted=False))
     ann = torch.tensor([[True, True]])
     assert loss(torch.zeros(1, 2, 1, 2), _target([[0, 1]]), ann).item() == pytest.approx(kl, rel=1e-5)
     assert loss(torch.zeros(1, 2, 1, 3), _target([[0, 1, IGN]]), ann).item() == pytest.approx(kl, rel=1e-5)
@@ -237,7 +238,7 @@ def test_soft_kl_blurred_boundary_hand_value_and_ignore_does_not_leak():
 
 
 def test_soft_kl_takes_probabilistic_labels_as_they_are():
-    loss = SoftKLLoss(weighted=False)
+    loss = SoftKLLoss(**base_args("losses", "soft_kl", weighted=False))
     y = torch.tensor([0.7, 0.3])[None, :, None].expand(1, 2, 2).clone()
     y[0, :, 1] = 0.0  # unlabelled voxel
     expect = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5)
@@ -249,13 +250,13 @@ def test_soft_kl_takes_probabilistic_labels_as_they_are():
 def test_focal_hand_value():
     t = _target([[0, 3], [1, IGN]])
     expect = (0.81 * math.log(10) + 0.36 * math.log(2.5) + 0.64 * math.log(5)) / 3  # (1 - q)^2 * -log q
-    assert FocalLoss()(_p1234(2, 2), t, FULL).item() == pytest.approx(expect, rel=1e-5)
+    assert FocalLoss(**base_args("losses", "focal"))(_p1234(2, 2), t, FULL).item() == pytest.approx(expect, rel=1e-5)
     expect = (1 * 0.81 * math.log(10) + 4 * 0.36 * math.log(2.5) + 2 * 0.64 * math.log(5)) / 3
-    assert FocalLoss(alpha=[1, 2, 3, 4])(_p1234(2, 2), t, FULL).item() == pytest.approx(expect, rel=1e-5)
+    assert FocalLoss(**base_args("losses", "focal", alpha=[1, 2, 3, 4]))(_p1234(2, 2), t, FULL).item() == pytest.approx(expect, rel=1e-5)
     expect = (2 * 0.16 * -math.log(0.6) + 0.36 * -math.log(0.4)) / 3
-    assert FocalLoss()(_p1234(2, 2), _target([[0, 3], [0, IGN]]), LESION_ONLY).item() == pytest.approx(expect, rel=1e-5)
-    assert FocalLoss(gamma=0.0)(_p1234(2, 2), t, FULL).item() == pytest.approx(
-        PartialDiceCELoss(dice_weight=0.0)(_p1234(2, 2), t, FULL).item(), rel=1e-6)
+    assert FocalLoss(**base_args("losses", "focal"))(_p1234(2, 2), _target([[0, 3], [0, IGN]]), LESION_ONLY).item() == pytest.approx(expect, rel=1e-5)
+    assert FocalLoss(**base_args("losses", "focal", gamma=0.0))(_p1234(2, 2), t, FULL).item() == pytest.approx(
+        PartialDiceCELoss(**base_args("losses", "dice_ce", dice_weight=0.0))(_p1234(2, 2), t, FULL).item(), rel=1e-6)
 
 
 # ---- contract over the whole registry ---------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_registry_holds_the_losses_with_one_line_descriptions():
 @pytest.mark.parametrize("spatial", [(4, 5), (3, 4, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("name", ALL)
 def test_every_loss_2d_3d_finite_gradients(name, spatial):
-    loss = _with_freq(build_loss(name))
+    loss = _with_freq(build_loss(name, **base_args("losses", name)))
     logits, target, ann = _batch(spatial)
     x = logits.clone().requires_grad_(True)
     val = loss(x, target, ann)
@@ -294,7 +295,7 @@ def test_every_loss_2d_3d_finite_gradients(name, spatial):
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_loss_ignores_unannotated_classes_and_ignore_voxels(name):
-    loss = _with_freq(build_loss(name))
+    loss = _with_freq(build_loss(name, **base_args("losses", name)))
     logits, target, ann = _batch((4, 5))
     base = loss(logits, target, ann).item()
     # lesion-only sample 1: redistribute background + lungs, keeping their summed probability

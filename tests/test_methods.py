@@ -1,5 +1,6 @@
 """DG methods: each hook does what it says and nothing more (hand-checked statistics, only the right
 parameters change, test-time methods never see labels), and their YAML arguments match the code."""
+from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from lightning_modules.methods import (
     reestimate_statistics,
 )
 from lightning_modules.segmentation import SegmentationModule
+from tests.args import base_args
 
 EVALUATION = {"space": "harmonized", "val_surface": False, "save_predictions": False,
               "classes": {"lesion": {"values": [3], "tolerance_mm": 3.0}}}
@@ -26,10 +28,10 @@ EVALUATION = {"space": "harmonized", "val_surface": False, "save_predictions": F
 def tiny_module(method: str = "erm", norm: str = "batch", spatial_dims: int = 3, **params) -> SegmentationModule:
     torch.manual_seed(0)
     return SegmentationModule(
-        network={"name": "unet", "channels": [4, 8, 8], "strides": [2, 2], "num_res_units": 0, "norm": norm},
-        loss={"name": "dice_ce"}, optim={"lr": 1e-3, "weight_decay": 0.0},
+        network={"name": "unet", **base_args("networks", "unet", channels=[4, 8, 8], strides=[2, 2], num_res_units=0, norm=norm)},
+        loss={"name": "dice_ce", **base_args("losses", "dice_ce")}, optim={"lr": 1e-3, "weight_decay": 0.0},
         inference={"roi_size": [16, 16, 8], "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian"},
-        evaluation=EVALUATION, spatial_dims=spatial_dims, method={"name": method, **params},
+        evaluation=EVALUATION, spatial_dims=spatial_dims, method={"name": method, **base_args("methods", method, **params)},
         train_sources=["covid19_20", "ctseg"], test_sources=["mosmed"])
 
 
@@ -38,10 +40,12 @@ def test_yaml_arguments_are_the_methods_arguments():
     assert set(cfg.methods) == set(METHODS), "every registered method has its YAML block and vice versa"
     for name, block in cfg.methods.items():
         args = {k for k in block if k != "search"}
-        assert args == set(METHODS[name].defaults()), name
+        assert args == {f.name for f in fields(METHODS.params[name])}, name
         assert set(block.get("search") or {}) <= args, f"{name}: search over unknown arguments"
-    with pytest.raises(ValueError, match="unknown argument.*'alpah'"):
-        build_method("mixstyle", alpah=0.3)
+    with pytest.raises(ValueError, match=r"methods\.mixstyle\.alpah: method 'mixstyle' has no argument 'alpah'"):
+        build_method("mixstyle", **base_args("methods", "mixstyle"), alpah=0.3)
+    with pytest.raises(ValueError, match=r"methods\.mixstyle: missing argument\(s\) \['layers'\]"):
+        build_method("mixstyle", p=0.5, alpha=0.1)
 
 
 def test_reestimated_statistics_are_the_crops_mean_and_variance():
@@ -164,7 +168,7 @@ def test_stage_hooks_perturb_only_in_training_and_mix_statistics():
         a, b = module.net(x), module.net(x)
     assert torch.equal(a, b)  # eval: no perturbation
     # MixStyle on a hand-made feature map: two samples with equal statistics are left as they are...
-    ms = MixStyle(p=1.0, alpha=0.1)
+    ms = MixStyle(**base_args("methods", "mixstyle", p=1.0, alpha=0.1))
     f = torch.randn(1, 3, 4, 4, 2)
     same = torch.cat([f, f.flip(-1)])  # same per-channel mean/std, other layout
     assert torch.allclose(ms.perturb(same), same, atol=1e-5)
@@ -184,7 +188,7 @@ def test_stage_hooks_perturb_only_in_training_and_mix_statistics():
 
 
 def test_randconv_keeps_each_samples_intensity_statistics():
-    rc = RandConv(p=1.0, kernel_sizes=[3], mix=False)
+    rc = RandConv(**base_args("methods", "randconv", p=1.0, kernel_sizes=[3], mix=False))
     x = torch.rand(2, 1, 12, 12, 6) * torch.tensor([1.0, 4.0]).view(2, 1, 1, 1, 1)
     module = SimpleNamespace(hparams=SimpleNamespace(spatial_dims=3))
     out = rc.transform_batch({"image": x, "label": torch.zeros_like(x)}, module)["image"]
@@ -194,7 +198,7 @@ def test_randconv_keeps_each_samples_intensity_statistics():
 
 
 def test_bigaug_moves_images_and_keeps_labels_in_their_values():
-    m = build_method("bigaug", p=1.0, seed=3)
+    m = build_method("bigaug", **base_args("methods", "bigaug", p=1.0), seed=3)
     label = torch.zeros(2, 1, 24, 24, 8, dtype=torch.uint8)
     label[:, :, 6:18, 6:18] = 3
     label[:, :, 8:10, 8:10, :2] = 254  # ignore
@@ -211,10 +215,10 @@ def test_gradient_reversal_and_dann_domain_head():
     grad_reverse(x, 0.5).sum().backward()
     assert x.grad.tolist() == [-0.5, -0.5]
     with pytest.raises(ValueError, match="at least two training sources"):
-        SegmentationModule(network={"name": "unet", "channels": [4, 8], "strides": [2], "num_res_units": 0},
-                           loss={"name": "dice_ce"}, optim={"lr": 1e-3, "weight_decay": 0.0},
+        SegmentationModule(network={"name": "unet", **base_args("networks", "unet", channels=[4, 8], strides=[2], num_res_units=0)},
+                           loss={"name": "dice_ce", **base_args("losses", "dice_ce")}, optim={"lr": 1e-3, "weight_decay": 0.0},
                            inference={"roi_size": [16, 16, 8], "sw_batch_size": 1, "overlap": 0.25, "mode": "gaussian"},
-                           evaluation=EVALUATION, method={"name": "dann"}, train_sources=["ctseg"])
+                           evaluation=EVALUATION, method={"name": "dann", **base_args("methods", "dann")}, train_sources=["ctseg"])
     module = tiny_module("dann", weight=1.0, schedule=False)
     assert isinstance(module.method, DANN)
     head = module.domain_head

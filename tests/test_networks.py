@@ -5,14 +5,15 @@ import torch
 import torch.nn as nn
 
 from lightning_modules.networks import NETWORKS, Network, build_network, neighbour_index, plan_dynunet
+from tests.args import base_args
 
 SPACING = (1.5, 1.5, 5.0)  # thick slices: exercises the anisotropic plans
 N_CLASSES = 8
-# The tiny settings of the report's YAML block: each forward+backward on (2, 1, 32, 32, 16) well under 1 s.
+# Tiny settings over base.yaml's (tests.args.base_args): each forward+backward on (2, 1, 32, 32, 16) well under 1 s.
 TINY = {
     "unet": dict(channels=(8, 16, 32), strides=(2, 2), num_res_units=1),
     "basic_unet": dict(features=(4, 4, 8, 8, 16, 4)),
-    "dynunet": dict(max_levels=3, base_filters=8, max_filters=32),
+    "dynunet": dict(max_levels=3, base_filters=8, max_filters=32, deep_supervision=False),  # one head unless asked
     "anisotropic_unet": dict(levels=3, anisotropic_levels=1, base_filters=8, max_filters=32),
     "segresnet": dict(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1)),
     "attention_unet": dict(channels=(8, 16, 32), strides=(2, 2)),
@@ -26,7 +27,7 @@ CASES = [(name, d) for name in sorted(NETWORKS) for d in NETWORKS[name].dims]
 
 def tiny(name: str, dims: int, **extra) -> tuple[Network, tuple[int, int, int]]:
     patch = TINY_PATCH.get(name, (32, 32, 16))
-    return build_network(name, dims, 1, N_CLASSES, patch, SPACING, **{**TINY[name], **extra}), patch
+    return build_network(name, dims, 1, N_CLASSES, patch, SPACING, **base_args("networks", name, **{**TINY[name], **extra})), patch
 
 
 # ------------------------------------------------------------------------------------------ plan_dynunet
@@ -63,8 +64,8 @@ def test_plan_very_thick_slices_keep_kernel_one_where_z_is_still_coarse():
 
 
 def test_anisotropic_unet_uses_the_plan_of_thick_slices():
-    net = build_network("anisotropic_unet", 3, 1, N_CLASSES, (128, 128, 32), (0.7, 0.7, 5.0), base_filters=4,
-                        max_filters=8)
+    net = build_network("anisotropic_unet", 3, 1, N_CLASSES, (128, 128, 32), (0.7, 0.7, 5.0),
+                        **base_args("networks", "anisotropic_unet", base_filters=4, max_filters=8))
     assert (list(net.net.kernel_size), list(net.net.strides)) == plan_dynunet((128, 128, 32), (0.7, 0.7, 5.0))
     assert net.divisor == (32, 32, 8) and net.stage_names[0] == "input_block"
 
@@ -147,7 +148,7 @@ def test_context_slices_are_neighbours_in_order_with_edge_replication():
 
 
 def test_context_slices_widen_the_first_conv_only():
-    net = build_network("unet", 2, 1, N_CLASSES, (32, 32, 16), SPACING, context_slices=2, **TINY["unet"])
+    net = build_network("unet", 2, 1, N_CLASSES, (32, 32, 16), SPACING, context_slices=2, **base_args("networks", "unet", **TINY["unet"]))
     first = next(m for m in net.net.modules() if isinstance(m, nn.Conv2d))
     assert first.in_channels == 5 and net.margin == 2 and net.context == 2
     assert net(torch.randn(1, 1, 32, 32, 6)).shape == (1, N_CLASSES, 32, 32, 6)
@@ -157,7 +158,7 @@ def test_context_slices_widen_the_first_conv_only():
 
 def test_chunked_eval_equals_one_pass():
     torch.manual_seed(0)
-    net = build_network("unet", 2, 1, N_CLASSES, (32, 32, 16), SPACING, context_slices=1, **TINY["unet"])
+    net = build_network("unet", 2, 1, N_CLASSES, (32, 32, 16), SPACING, context_slices=1, **base_args("networks", "unet", **TINY["unet"]))
     calls = []
     net.net.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
     x = torch.randn(2, 1, 32, 32, 7)
@@ -203,9 +204,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="context_slices=1 .* needs spatial_dims=2"):
         build_network("unet", 3, 1, N_CLASSES, (32, 32, 16), SPACING, context_slices=1)
     with pytest.raises(ValueError, match=r"multiple of \(4, 4, 4\).*next valid: \(32, 32, 20\)"):
-        build_network("unet", 3, 1, N_CLASSES, (30, 32, 18), SPACING, **TINY["unet"])
+        build_network("unet", 3, 1, N_CLASSES, (30, 32, 18), SPACING, **base_args("networks", "unet", **TINY["unet"]))
     with pytest.raises(ValueError, match="need 3 values"):
-        build_network("unet", 3, 1, N_CLASSES, (32, 32), SPACING[:2])
+        build_network("unet", 3, 1, N_CLASSES, (32, 32), SPACING[:2], **base_args("networks", "unet"))
     with pytest.raises(ValueError, match="2D network"):
         Network(nn.Identity(), 3, context=1)
     net, _ = tiny("unet", 2)

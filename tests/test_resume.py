@@ -282,9 +282,9 @@ def test_a_second_process_on_a_run_folder_gets_a_one_line_error(tmp_path, phanto
 
 
 def test_a_sweep_run_waits_for_its_folder(tmp_path, monkeypatch, capsys):
-    """sweeps.run_one queues behind a process holding the run folder (another launcher, a W&B agent)."""
+    """experiments.sweep_run queues behind a process holding the run folder (another launcher, a W&B agent)."""
     from experiments import runner
-    from sweeps import run_one
+    from experiments import sweep_run as run_one
 
     overrides = ["protocol=loso", "data.holdout=mosmed", "experiment=smoke", f"paths.runs={tmp_path}"]
     _protocol, _cfg, _plan, run_dir = run_one.plan_run(overrides)

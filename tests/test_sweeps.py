@@ -2,9 +2,9 @@
 import pytest
 import yaml
 
+from experiments.sweep_run import plan_run
 from sweeps.expand import SweepError, expand, load_sweep, overrides_hash, wandb_spec
 from sweeps.launch import sweep_runs
-from sweeps.run_one import plan_run
 
 SOURCES = ["covid19_20", "mosmed", "ctseg"]
 

@@ -6,6 +6,7 @@ from datamodules.datamodule import MultiSourceDataModule
 from datamodules.harmonize import HarmonizerConfig
 from evaluation.scoring import score_case
 from lightning_modules.segmentation import SegmentationModule, aggregate, eval_classes
+from tests.args import base_args
 
 SOURCES3 = ["covid19_20", "mosmed", "ctseg"]
 EVALUATION = {"space": "original", "val_surface": False, "save_predictions": False,
@@ -41,8 +42,8 @@ def test_batches_carry_sources_and_never_the_holdout(dm):
 def test_a_few_steps_lower_the_loss(dm):
     torch.manual_seed(0)
     module = SegmentationModule(
-        network={"name": "unet", "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
-        loss={"name": "dice_ce"}, optim={"lr": 3e-3, "weight_decay": 0.0},
+        network={"name": "unet", **base_args("networks", "unet", channels=[8, 16, 32], strides=[2, 2], num_res_units=1)},
+        loss={"name": "dice_ce", **base_args("losses", "dice_ce")}, optim={"lr": 3e-3, "weight_decay": 0.0},
         inference={"roi_size": [32, 32, 16], "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"},
         evaluation=EVALUATION, test_sources=["mosmed"])
     batch = next(iter(dm.train_dataloader()))

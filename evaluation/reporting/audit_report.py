@@ -17,7 +17,7 @@ from datamodules.audit_flags import LUNG_LITRES, SPACING_RATIO
 from evaluation.reporting.common import PHANTOM_MARK
 from evaluation.reporting.plots import _figure, _save_png, _title
 from evaluation.reporting.render import to_markdown
-from experiments.tracking import atomic_write_text, write_json
+from rundir.atomic import atomic_write_text, write_json
 
 DIGITS = {"mm": 2, "L": 2, "mL": 1, "%": 1, "HU": 0, "": 0}  # printed precision per unit
 

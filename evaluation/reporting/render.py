@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.reporting.common import METRICS, PHANTOM_MARK, SEVERITY
-from experiments.tracking import atomic_write_text, write_csv, write_json
+from rundir.atomic import atomic_write_text, write_csv, write_json
 
 
 def fmt(v, digits: int = 3) -> str:

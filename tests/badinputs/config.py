@@ -135,5 +135,5 @@ def case_cli_transfer_unclosed_bracket(tmp):
            names=("data.val_fraction",))
 def case_cli_sweep_run_val_fraction(tmp):
     # "exit 1: error:" in `match`: the log starts with the message, not with a traceback
-    cli("sweeps.run_one", "protocol=loso", "data.holdout=mosmed", "experiment=smoke", "data.val_fraction=2",
+    cli("experiments.sweep_run", "protocol=loso", "data.holdout=mosmed", "experiment=smoke", "data.val_fraction=2",
         f"paths.runs={tmp}", f"paths.cache={tmp}/cache")

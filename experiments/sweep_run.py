@@ -1,8 +1,11 @@
-"""One sweep run: `python -m sweeps.run_one protocol=NAME key=value ...` (what every backend executes).
+"""One sweep run: `python -m experiments.sweep_run protocol=NAME key=value ...` (what every sweep backend
+executes: sweeps.launch's local and SLURM backends, and `wandb agent` through the sweep file's `command`).
 
-The run folder is `<paths.runs>/<kind>/<label>-<hash of the overrides>`: the same overrides always
-reach the same folder, so a finished run (its `done` marker) is skipped and an unfinished one resumes
-from its last checkpoint with the same W&B run id (experiments.tracking derives the id from the folder).
+The run folder is `<paths.runs>/<kind>/<label>-<hash of the overrides>` (rundir.naming): the same
+overrides always reach the same folder, so a finished run (its `done` marker) is skipped and an unfinished
+one resumes from its last checkpoint with the same W&B run id (experiments.tracking derives the id from the
+folder). It lives here, not in `sweeps`: the sweep layer launches experiments as a program and imports
+nothing from them.
 """
 from __future__ import annotations
 
@@ -21,12 +24,12 @@ from sweeps.expand import overrides_hash
 def split_protocol(overrides: list[str]) -> tuple[str, list[str]]:
     protocol = [o.split("=", 1)[1] for o in overrides if o.startswith("protocol=")]
     if len(protocol) != 1:
-        raise SystemExit("sweeps.run_one needs exactly one protocol=NAME (loso, transfer, fewshot)")
+        raise ValueError("a sweep run needs exactly one protocol=NAME (loso, transfer, fewshot)")
     return protocol[0], [o for o in overrides if not o.startswith("protocol=")]
 
 
 def plan_run(overrides: list[str]) -> tuple[str, DictConfig, Plan, Path]:
-    """(protocol, config with run.name set, plan, run folder) for one sweep run; imports no torch."""
+    """(protocol, config with run.name set, plan, run folder) for one sweep run; trains nothing."""
     protocol, rest = split_protocol(list(overrides))
     cfg = load_config(rest)
     plan = PROTOCOLS.lookup(protocol)(cfg)
