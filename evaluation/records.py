@@ -57,9 +57,8 @@ class RunInfo:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> RunInfo:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in obj.items() if k in names}
-        # a null in an older file means "not recorded": the default
-        known = {k: v for k, v in known.items() if v is not None or k not in VARIANT_DEFAULTS}
+        # a null means "not recorded": the field's default
+        known = {k: v for k, v in obj.items() if k in names and v is not None}
         return cls(**known, extra={k: v for k, v in obj.items() if k not in names})
 
     def to_json(self) -> dict[str, Any]:
