@@ -21,7 +21,7 @@ from datamodules.harmonize import HarmonizerConfig
 from datamodules.io import VolumeError
 from datamodules.label_policy import LabelError
 from datamodules.sources import get_source
-from datamodules.splits import Split, loso_split, merge_duplicate_patients, transfer_split
+from datamodules.splits import Split, loso_split, merge_duplicate_patients, split_from_roles, transfer_split
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,14 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  image_flips: dict[str, dict] | None = None,
                  find_duplicates: bool = True, test_fraction: float = 0.2, fixed_test_part: bool = False,
                  train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = (),
-                 cache_workers: int = 1, augment: dict | None = None):
+                 cache_workers: int = 1, augment: dict | None = None,
+                 roles: dict[str, Sequence[str]] | None = None):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if roles is not None and holdout is not None and not (train_sources and test_sources):
+            train_sources = [s for s in sources if s != holdout]
+            test_sources = [holdout]
         if holdout is None and not (train_sources and test_sources):
             raise ValueError("give either holdout or both train_sources and test_sources")
         self.data_root, self.sources, self.holdout = Path(data_root), list(sources), holdout
@@ -123,6 +127,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
         # transfer_split's in-domain / few-shot / model-selection options (see its docstring)
         self.split_options = {"test_fraction": test_fraction, "fixed_test_part": fixed_test_part,
                               "train_cases": dict(train_cases or {}), "val_sources": tuple(val_sources)}
+        # a plan's split (experiments.plan): case keys per role, used as listed (and leakage-checked)
+        self.roles = {r: list(keys) for r, keys in roles.items()} if roles is not None else None
 
     def make_split(self) -> Split:
         cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error, self.policies,
@@ -130,6 +136,10 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.skipped += [str(p) for a in self.adapters.values() for p in a.problems]
         if self.find_duplicates:
             cases = self._merge_duplicates(cases)
+        if self.roles is not None:
+            # validation sources train nothing (loso selection): they are not trained-on sources
+            trained = [s for s in self.train_sources if s not in self.split_options["val_sources"]]
+            return split_from_roles(cases, self.roles, trained, self.test_sources)
         if self.holdout is not None:
             return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed,
                               val_sources=self.split_options["val_sources"])
@@ -251,3 +261,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
     def test_dataloader(self, source: str | None = None) -> DataLoader:
         """Every test case; `source`: that source's only (test-time methods adapt per source)."""
         return self._volume_loader("test", source)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test cases, for the predict stage (experiments.stages.predict)."""
+        return self._volume_loader("test")

@@ -419,3 +419,21 @@ def restore_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarra
         raise AssertionError(f"restoring {meta.get('source')}/{meta.get('case')}: got shape {out.shape} "
                              f"affine\n{restored_affine}\nexpected {orig_shape}\n{orig_affine}")
     return out
+
+
+def probabilities_to_original(scores: torch.Tensor, meta: dict[str, Any]) -> np.ndarray:
+    """Class probabilities on the harmonized grid (C, X, Y, Z) -> float32 (X, Y, Z, C) on the stored grid:
+    every channel resampled as `restore_to_original` resamples the group sums, then the stored axis order
+    restored (what `experiments.predict --probabilities` and `evaluation.save_probabilities` write)."""
+    orig_affine = np.asarray(meta["original"]["affine"], dtype=np.float64)
+    can_affine = np.asarray(meta["canonical_affine"], dtype=np.float64)
+    can_shape = canonical_shape(tuple(meta["original"]["shape"]), orig_affine)
+    scale = spacing_of(can_affine) / np.asarray(meta["spacing"], dtype=np.float64)
+    scores = scores.detach().float().cpu()
+    same = np.allclose(scale, 1.0, rtol=1e-6, atol=0) and tuple(scores.shape[1:]) == can_shape
+    back = _orientation_back(orig_affine)
+    channels = []
+    for c in range(scores.shape[0]):
+        t = scores[c] if same else _resize_to(scores[c][None, None], scale, can_shape)
+        channels.append(nib.orientations.apply_orientation(t.numpy(), back))
+    return np.ascontiguousarray(np.stack(channels, axis=-1), dtype=np.float32)

@@ -234,6 +234,31 @@ def loso_split(cases: Iterable[Case], sources: Sequence[str], holdout: str, val_
     return transfer_split(cases, train_sources, [holdout], val_fraction, seed, val_sources=val_sources)
 
 
+def split_from_roles(cases: Iterable[Case], roles: Mapping[str, Sequence[str]], train_sources: Sequence[str],
+                     test_sources: Sequence[str], where: str = "plan") -> Split:
+    """The split a plan lists: case keys (`<source>/<case_id>`) per role, taken as given (a user may have
+    edited them), then checked like every split: a held-out source's case in train or validation, or a
+    patient on two sides, raises LeakageError naming the case. `train_sources`: the sources trained on
+    (the test sources outside them are held out: none of their cases may train or validate)."""
+    by_key = {c.key: c for c in cases}
+    unknown = sorted(set(roles) - {"train", "val", "test"})
+    if unknown:
+        raise ValueError(f"{where}: roles {unknown} unknown; allowed: train, val, test")
+    picked: dict[str, tuple[Case, ...]] = {}
+    for role in ("train", "val", "test"):
+        keys = list(roles.get(role, ()))
+        missing = [k for k in keys if k not in by_key]
+        if missing:
+            raise ValueError(f"{where}: roles.{role} lists {missing[:5]}, not found among the discovered cases")
+        unlabelled = [k for k in keys if not by_key[k].labelled]
+        if unlabelled:
+            raise ValueError(f"{where}: roles.{role} lists unlabelled case(s) {unlabelled[:5]}")
+        picked[role] = tuple(by_key[k] for k in keys)
+    split = Split(picked["train"], picked["val"], picked["test"], tuple(train_sources), tuple(test_sources))
+    assert_no_leakage(split)
+    return split
+
+
 def assert_no_leakage(split: Split) -> None:
     """Raise LeakageError if a test source or a test/validation patient reaches training."""
     for role in ("train", "val"):
@@ -261,5 +286,5 @@ def check_batch_sources(batch_sources: Iterable[str], test_sources: Sequence[str
         raise LeakageError(f"training batch contains held-out source(s) {sorted(bad)}")
 
 
-__all__ = ["Split", "LeakageError", "transfer_split", "loso_split", "assert_no_leakage", "group_holdout",
+__all__ = ["Split", "LeakageError", "transfer_split", "loso_split", "split_from_roles", "assert_no_leakage", "group_holdout",
            "check_batch_sources", "merge_duplicate_patients"]

@@ -135,7 +135,8 @@ class EvalClassConfig:
 class EvaluationConfig:
     space: EvalSpace = MISSING
     val_surface: bool = MISSING      # surface metrics during validation epochs
-    save_predictions: bool = MISSING
+    save_predictions: bool = MISSING  # references/ beside predictions/ (always written), and overlays
+    save_probabilities: bool = False  # per-class probabilities/ (float32, stored grid) beside predictions/
     classes: dict[str, EvalClassConfig] = field(default_factory=dict)
 
 

@@ -27,6 +27,8 @@ import numpy as np
 from datamodules.harmonize import grid_mismatch
 from datamodules.io import read_volume
 from datamodules.label_policy import CLASSES
+from evaluation.aggregate import ROW_COLUMNS
+from evaluation.records import RunInfo
 from experiments.export_nnunet import FILE_ENDING, MAPPING_FILE
 from experiments.plan import PLAN_FILE, PlanError, plan_hash, read_plan
 from experiments.runfolder import mark_run_folder, remove_run_folder, run_folder
@@ -143,7 +145,8 @@ def import_predictions(pred_dir: Path, plan_path: Path, runs: Path, name: str | 
     info = {
         "kind": plan["kind"], "name": name, "data": metrics["data"], "data_root": plan.get("data_root"),
         "experiment": source_run.get("experiment", METHOD), "preset": source_run.get("preset"),
-        "seed": plan.get("seed"), "method": METHOD, "network": METHOD, "config_hash": plan_hash(plan),
+        "seed": plan.get("seed"), "method": METHOD, "network": METHOD, "loss": METHOD, "config_hash": plan_hash(plan),
+        "plan_hash": plan_hash(plan),
         "eval_space": (plan.get("evaluation") or {}).get("space", "original"),
         "train_sources": list(plan.get("train_sources") or []), "test_sources": list(plan.get("test_sources") or []),
         "split_args": plan.get("split_args", {}), "split": split, "duplicates": plan.get("duplicates", []),
@@ -153,11 +156,10 @@ def import_predictions(pred_dir: Path, plan_path: Path, runs: Path, name: str | 
                    **_nnunet_details(pred_dir)},
         "wall_s": round(time.time() - t0, 1),
     }
-    from experiments.runner import ROW_COLUMNS
-
     write_csv(run_dir / "per_case.csv", [dict(r, split="test") for r in rows], first=ROW_COLUMNS)
     write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "run.json", info)
+    # the typed record the runner writes and the report reads: a key it does not know stays in `extra`
+    write_json(run_dir / "run.json", RunInfo.from_json(info).to_json())
     atomic_write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     say(f"run folder: {run_dir}")
     for k in sorted(metrics):

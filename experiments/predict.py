@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from datamodules.alignment import parse_flips
 from datamodules.cases import Case
-from datamodules.harmonize import HarmonizerConfig, harmonize_case, load_original, restore_to_original
+from datamodules.harmonize import HarmonizerConfig, harmonize_case, load_original
 from datamodules.io import VolumeError, dicom_series, read_dicom_series, read_volume, spacing_of, write_volume
 from datamodules.label_policy import CLASS_INDEX, OPACITY
 from datamodules.sources import get_source
@@ -107,13 +107,24 @@ def load_module(ckpt: Path, device: str):
     return module.eval().to(device)
 
 
-def predict_case(module, case: Case, harmonizer: HarmonizerConfig, device: str) -> np.ndarray:
-    """Common-class label map (uint8) on the input's stored grid."""
+def infer_case(module, case: Case, harmonizer: HarmonizerConfig, device: str,
+               probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(common-class label map uint8, per-class probabilities X, Y, Z, C or None) on the input's stored grid:
+    the harmonizer, the module's sliding-window logits and the predict stage's `restore` (the one predictor
+    a run's test and `experiments.test_run` use)."""
+    from experiments.stages.predict import restore
+
     h = harmonize_case(case, None, harmonizer)
     image = torch.from_numpy(h.image)[None, None].to(device)
     with torch.no_grad():
         logits = module.predict_volume(image)
-    return restore_to_original(torch.softmax(logits[0].float(), 0), h.meta)
+    labels, _affine, probs = restore(logits, h.meta, "original", probabilities)
+    return labels, probs
+
+
+def predict_case(module, case: Case, harmonizer: HarmonizerConfig, device: str) -> np.ndarray:
+    """Common-class label map (uint8) on the input's stored grid."""
+    return infer_case(module, case, harmonizer, device)[0]
 
 
 def severity_report(labels: np.ndarray, hu: np.ndarray, spacing, lungs: bool) -> dict:
@@ -178,7 +189,7 @@ def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefi
 
 def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = None, encoding: str = "auto",
                 window: tuple[float, float] = WINDOW_8BIT, image_flips: tuple[str, ...] | None = None,
-                device: str = "cpu", overlays: int = 3) -> list[dict]:
+                device: str = "cpu", overlays: int = 3, probabilities: bool = False) -> list[dict]:
     module = load_module(ckpt, device)
     harmonizer = HarmonizerConfig.from_dict(module.hparams["harmonizer"])
     trained = set(module.hparams.get("trained_classes") or ["lesion"])
@@ -205,8 +216,10 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
                 decoding["image_flips"] = tuple(image_flips)
             case = Case(source=source or "input", case_id=item.case_id, patient_id=item.case_id, image=image_path,
                         **decoding)
-            labels = predict_case(module, case, harmonizer, device)
+            labels, probs = infer_case(module, case, harmonizer, device, probabilities)
             hu, _, affine = load_original(case, None)
+            if probs is not None:
+                write_volume(out / f"{item.case_id}_probabilities.nii.gz", probs, affine)
             write_volume(out / f"{item.case_id}_lesion.nii.gz", np.isin(labels, OPACITY).astype(np.uint8), affine)
             if lungs:
                 write_volume(out / f"{item.case_id}_labels.nii.gz", labels, affine)
@@ -250,11 +263,13 @@ def main(argv=None) -> int:
                          "would be (R-L, A-P, S-I), e.g. A-P; applied unconfirmed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--overlays", type=int, default=3, help="overlay PNGs per case (0: none)")
+    ap.add_argument("--probabilities", action="store_true",
+                    help="also write <case>_probabilities.nii.gz (float32, X, Y, Z, class in the common label space)")
     args = ap.parse_args(argv)
     try:
         flips = parse_flips(args.image_flips, "--image-flips") if args.image_flips is not None else None
         rows = run_predict(args.ckpt, args.input, args.out, args.source, args.encoding,
-                           _pair(args.window, "--window"), flips, args.device, args.overlays)
+                           _pair(args.window, "--window"), flips, args.device, args.overlays, args.probabilities)
     except (VolumeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,51 +1,59 @@
-"""Score prediction files of a plan's cases the way a run scores itself (minimal version for the nnU-Net
-bridge; the persisted score stage replaces it with the same signature).
+"""Re-score a run's predictions on files, without a GPU and without the network:
 
-`score_predictions(plan, pred_dir)` reads `pred_dir/<source>/<case_id>.nii.gz` (common label values on
-each case's stored grid) for every case of a role, scores it against the stored reference with the
-run's evaluation classes (`lightning_modules.segmentation.eval_classes`), ignore label and severity
-columns, and aggregates as the test stage does.
+    python -m experiments.score RUN [--out DIR] [--no-hu]
+
+Reads RUN/plan.json (which cases were tested, where their stored images and masks are, which classes each
+source annotates), RUN/predictions/<source>/<case_id>.nii.gz and the references through the plan's case
+records, and writes per_case.csv and metrics.json into DIR (default: RUN itself), with the keys and values
+the run wrote: the run's own test numbers come from this same function. Other selection rules' predictions
+(RUN/selection/<rule>/predictions/) are re-scored into DIR/selection/<rule>/per_case.csv.
+
+For other code: `score_predictions(plan, pred_dir, role="test", hu=True) -> (metrics, rows)` scores any
+folder of predictions in the common label space for a plan's role (the nnU-Net import calls it), and
+`score_run(run_dir, out=None)` does what the command does.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 
-import numpy as np
+from experiments.plan import PlanError
+from experiments.stages.score import MissingPredictions, score_predictions, score_run
 
-from datamodules.harmonize import check_pair, load_original
-from datamodules.io import read_volume, spacing_of
-from datamodules.sources import policy_named
-from evaluation.scoring import attach_severity, score_case
-from experiments.plan import case_from_record
-from lightning_modules.segmentation import aggregate, eval_classes
+__all__ = ["score_predictions", "score_run", "main"]
 
 
-def annotated_vector(plan: dict, rec: dict) -> list[bool]:
-    names = set(rec.get("annotated") or ())
-    return [c in names for c in plan["classes"]]
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run folder (with plan.json and predictions/)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write per_case.csv and metrics.json "
+                                                               "(default: the run folder)")
+    parser.add_argument("--no-hu", action="store_true", help="leave the severity columns out (no image read)")
+    args = parser.parse_args(argv)
+    before = None
+    if (args.run_dir / "metrics.json").is_file():
+        before = json.loads((args.run_dir / "metrics.json").read_text(encoding="utf-8"))
+    try:
+        metrics = score_run(args.run_dir, args.out, hu=not args.no_hu)
+    except (PlanError, MissingPredictions, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or args.run_dir
+    changed = sorted(k for k in metrics if k.startswith("test/") and before is not None and before.get(k) != metrics[k])
+    for k in sorted(metrics):
+        if k.startswith("test/") and k.rsplit("/", 1)[-1] in ("dice", "nsd", "hd95"):
+            print(f"  {k} = {metrics[k]:.4f}")
+    if before is None:
+        print(f"scored {args.run_dir}: {out / 'metrics.json'}")
+    elif changed:
+        print(f"{len(changed)} test value(s) differ from the run's metrics.json: {changed[:8]}")
+    else:
+        print(f"the run's test metrics reproduced exactly: {out / 'metrics.json'}")
+    return 0
 
 
-def score_predictions(plan: dict, pred_dir: Path, role: str = "test") -> tuple[dict, list[dict]]:
-    """(metrics as `aggregate` names them, per-case rows) of the predictions of `role`'s cases."""
-    pred_dir = Path(pred_dir)
-    rows: list[dict] = []
-    space = plan.get("evaluation", {}).get("space", "original")
-    for key in plan["roles"][role]:
-        rec = plan["cases"][key]
-        path = pred_dir / rec["source"] / f"{rec['case_id']}.nii.gz"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no prediction for {key}")
-        case = case_from_record(rec)
-        hu, ref, affine = load_original(case, policy_named(rec["label_policy"]) if rec.get("label_policy") else None)
-        if ref is None:
-            raise ValueError(f"{key}: no reference mask to score against ({case.image})")
-        pred, pred_affine = read_volume(path)
-        check_pair(case.image, ref.shape, affine, path, pred.shape, pred_affine)
-        pred = np.asarray(pred).astype(np.uint8)
-        classes = eval_classes(plan["evaluation"], annotated_vector(plan, rec))
-        spacing = spacing_of(affine).tolist()
-        scored = score_case(pred, ref, spacing, classes, ignore=plan.get("ignore"))
-        attach_severity(scored, classes, pred, ref, spacing, hu=hu)
-        rows.extend({"case": rec["case_id"], "source": rec["source"], "space": space, **r} for r in scored)
-    rows.sort(key=lambda r: (r["source"], r["case"]))
-    return aggregate(rows, role), rows
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

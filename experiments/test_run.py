@@ -1,15 +1,16 @@
 """Re-test a finished run's checkpoint: `python -m experiments.test_run RUN_DIR --out DIR [key=value ...]`.
 
-Rebuilds the run's data module from its `config.yaml` and `run.json` (same split), loads the checkpoint
-a selection rule chose (`--selection`, default the run's headline) and tests it with the trainer the
-overrides describe: e.g. on 2 processes (`trainer.devices=2 trainer.strategy=ddp`) or on a GPU
-(`trainer.accelerator=gpu`). Writes `DIR/per_case.csv` and `DIR/metrics.json`. Per-case rows are
-gathered over DDP ranks and de-duplicated by case, so the table is the same for any number of processes.
+Rebuilds the run's data module from its `config.yaml` and the split its `plan.json` lists (older runs
+without one: `run.json`'s split arguments), loads the checkpoint a selection rule chose (`--selection`,
+default the run's headline) and tests it as the run did, with the trainer the overrides describe: e.g. on
+2 processes (`trainer.devices=2 trainer.strategy=ddp`) or on a GPU (`trainer.accelerator=gpu`). The
+predict stage writes `DIR/predictions/` (each rank its cases; `--probabilities` adds `DIR/probabilities/`),
+and the score stage scores those files into `DIR/per_case.csv` and `DIR/metrics.json`: the same table
+for any number of processes.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,10 +19,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
+from evaluation.records import RunInfo
+from experiments.build import build_datamodule, is_rank_zero, resolve_data_root
 from experiments.checkpoints import CheckpointError, load_module, read_checkpoint
 from experiments.config import load_config
-from experiments.runner import ROW_COLUMNS, build_datamodule, is_rank_zero, resolve_data_root, test_checkpoint
-from experiments.tracking import write_csv, write_json
+from experiments.plan import PLAN_FILE, read_plan
+from experiments.stages.plan import plan_of
+from experiments.stages.predict import predict_checkpoint
+from experiments.stages.score import score_predictions, write_scores
 from lightning_modules.segmentation import SegmentationModule
 
 
@@ -31,15 +36,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run_dir", type=Path, help="a finished run folder (with run.json)")
     parser.add_argument("--out", type=Path, required=True, help="folder for per_case.csv and metrics.json")
     parser.add_argument("--selection", default=None, help="which selection's checkpoint (default: the headline)")
+    parser.add_argument("--probabilities", action="store_true", help="also write per-class probabilities")
     parser.add_argument("overrides", nargs="*", help="trainer/evaluation overrides, key=value")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING)
     info_path = args.run_dir / "run.json"
     if not info_path.exists():
         raise SystemExit(f"error: {info_path} missing: not a finished run folder")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    chosen = info["selection"]["checkpoints"]
-    name = args.selection or info["selection"]["method"]
+    info = RunInfo.read(info_path)
+    chosen = info.selection["checkpoints"]
+    name = args.selection or info.selection["method"]
     if name not in chosen:
         raise SystemExit(f"error: {args.run_dir} recorded no {name!r} checkpoint; it has {sorted(chosen)}")
     ckpt = chosen[name]["path"]
@@ -53,10 +59,15 @@ def main(argv: list[str] | None = None) -> dict:
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
-    data_root, _phantom = resolve_data_root(cfg)
-    dm = build_datamodule(cfg, data_root, **info["split_args"])
+    data_root, phantom = resolve_data_root(cfg)
+    plan = read_plan(args.run_dir) if (args.run_dir / PLAN_FILE).is_file() else None
+    roles = {"roles": plan["roles"]} if plan else {}
+    dm = build_datamodule(cfg, data_root, **(plan["split_args"] if plan else info.split_args), **roles)
     dm.prepare_data()
     dm.setup("test")
+    if plan is None:  # a run of a version before plan.json: its split, planned now
+        plan = plan_of(cfg, dm, info.kind or "run", "", info.name or args.run_dir.name, info.split_args,
+                       data_root, phantom)
     try:  # weights_only: a crafted checkpoint named in run.json is refused, never executed
         module = load_module(SegmentationModule, ckpt, map_location="cpu")
     except CheckpointError as e:
@@ -66,12 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = pl.Trainer(inference_mode=not module.method.test_time, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, precision=t.precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(args.out))
-    metrics, rows = test_checkpoint(trainer, module, dm, None)
-    if is_rank_zero():
-        write_csv(args.out / "per_case.csv", [dict(r, split="test") for r in rows], first=ROW_COLUMNS)
-        write_json(args.out / "metrics.json", {**metrics, "checkpoint": ckpt, "selection": name,
-                                               "world_size": trainer.world_size})
-        print(f"tested {ckpt} on {trainer.world_size} process(es): {args.out / 'per_case.csv'}")
+    pred_dir = predict_checkpoint(trainer, module, dm, None, args.out, cfg.evaluation.space, args.probabilities)
+    if not is_rank_zero():
+        return {}
+    metrics, rows = score_predictions(plan, pred_dir)
+    write_scores(args.out, {**metrics, "checkpoint": ckpt, "selection": name, "world_size": trainer.world_size}, rows)
+    print(f"tested {ckpt} on {trainer.world_size} process(es): {args.out / 'per_case.csv'}")
     return metrics
 
 

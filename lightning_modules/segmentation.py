@@ -1,120 +1,42 @@
-"""SegmentationModule: network from the registry, partial-label loss, per-source evaluation.
+"""SegmentationModule: network from the registry, partial-label loss, validation scores, predictions.
 
-Validation and test run sliding-window inference on whole harmonized volumes (batch size 1) and
-score only the evaluation classes the case's source annotates, with `evaluation.scoring` (the same
-code `experiments.evaluate` runs). Validation scores on the harmonized grid (model selection); test
-scores in original geometry by default: the prediction is resampled back onto the stored grid and
-compared with the stored mask, and both are written as NIfTI so anyone can re-score them. Metric keys
-follow `{stage}/{source}/{metric}` (lesion) and `{metric}_{class}` for other classes;
-`{stage}/mean/...` averages the sources equally.
+The module reads no case files and writes none. Validation (and oracle selection) runs sliding-window
+inference on whole harmonized volumes (batch size 1) and scores, in memory on the harmonized grid, only
+the evaluation classes the case's source annotates, with `evaluation.scoring` (the same code the score
+stage and `experiments.evaluate` run). Testing is `predict_step`: the logits of one harmonized volume
+(after test-time adaptation to its source, for bn_adapt/tent); the predict stage (`experiments.stages.
+predict`) restores them to the case's stored grid and writes them, and the score stage scores the files.
+Metric keys follow `{stage}/{source}/{metric}` (lesion) and `{metric}_{class}` for other classes;
+`{stage}/mean/...` averages the sources equally (`evaluation.aggregate`).
 
-Under DDP every rank scores its share of the cases; `_eval_end` gathers the rows of all ranks and keeps
-one row per (case, class), so DistributedSampler's padding (repeated cases) never counts a case twice
-and every rank logs the same exact numbers. Stage `oracle` (optional second validation loader) scores
-the test cases during training, for oracle model selection (reported, never the default).
+Under DDP every rank scores its share of the validation cases; `_eval_end` gathers the rows of all ranks
+and keeps one row per (case, class), so DistributedSampler's padding (repeated cases) never counts a case
+twice and every rank logs the same exact numbers. Stage `oracle` (optional second validation loader)
+scores the test cases during training, for oracle model selection (reported, never the default).
 """
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 
 from datamodules.augment import Augmenter
-from datamodules.harmonize import load_original, restore_to_original
-from datamodules.io import spacing_of, write_volume
-from datamodules.label_policy import CLASS_INDEX, CLASSES, IGNORE, ancestors, labels_from_probs
-from datamodules.sources import case_from_meta, policy_named
+from datamodules.label_policy import CLASSES, IGNORE, labels_from_probs
 from datamodules.splits import check_batch_sources
-from evaluation.metrics import METRIC_NAMES
-from evaluation.scoring import EvalClass, attach_severity, describe, score_case
+from evaluation.aggregate import COUNT_SUFFIXES, aggregate, eval_classes, is_count, metric_key, unique_rows
+from evaluation.scoring import score_case
 from lightning_modules.losses import build_loss, class_frequencies
 from lightning_modules.methods import build_method
 from lightning_modules.networks import build_network
 
-
-def eval_classes(evaluation: dict, annotated: Sequence[bool]) -> list[EvalClass]:
-    """The configured evaluation classes this case's source annotates completely: every value of the
-    class (or of its `requires` list) is annotated, or is a typed child (GGO, consolidation) of an
-    annotated value in the class. A class merging a value the source leaves unlabelled would be scored
-    against voxels nobody delineated; `requires` names the exceptions, e.g. whole lungs from a lung
-    mask that already contains the lesions (COVID-19-CT-Seg's Lung_Mask, StructSeg's lungs)."""
-    def known(v: int, values: Sequence[int]) -> bool:
-        if v < len(annotated) and annotated[v]:
-            return True
-        return any(CLASS_INDEX[a] in values and annotated[CLASS_INDEX[a]] for a in ancestors(CLASSES[v]))
-
-    out = []
-    for name, spec in evaluation["classes"].items():
-        values = [int(v) for v in spec["values"]]
-        required = [int(v) for v in (spec.get("requires") or values)]
-        if all(known(v, values) for v in required):
-            out.append(EvalClass(name, tuple(values), float(spec["tolerance_mm"]), bool(spec.get("lesions_by_side"))))
-    return out
-
-
-def metric_key(stage: str, source: str, metric: str, cls: str, primary: str) -> str:
-    """`{stage}/{source}/{metric}` for the primary class (lesion), `{metric}_{class}` for the others."""
-    return f"{stage}/{source}/{metric}" if cls == primary else f"{stage}/{source}/{metric}_{cls}"
-
-
-# Every logged mean `<key>` comes with `<key>/n` (values that entered it) and `<key>/n_undefined` (NaN values
-# left out): a child of the mean's own key, so `{metric}_{class}` names stay unambiguous.
-COUNT_SUFFIXES = ("/n", "/n_undefined")
-
-
-def is_count(key: str) -> bool:
-    return key.endswith(COUNT_SUFFIXES)
-
-
-def _mean_with_counts(key: str, mean: float, n: int, n_undefined: int) -> dict[str, float]:
-    return {key: mean, f"{key}/n": float(n), f"{key}/n_undefined": float(n_undefined)}
-
-
-def aggregate(rows: Sequence[dict], stage: str, primary: str = "lesion") -> dict[str, float]:
-    """Mean of each metric per source and class, and the mean over sources (each source weighs the same),
-    each with its counts (COUNT_SUFFIXES). Undefined values (RV against an empty reference, surface metrics
-    of a validation without them) are left out of the means and counted; `{stage}/mean/...` counts the
-    case values of all its sources. A metric with no defined value gets no key rather than NaN."""
-    by_src: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_src[r["source"]].append(r)
-    out: dict[str, float] = {}
-    source_means: dict[str, list[float]] = defaultdict(list)
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for src, rs in sorted(by_src.items()):
-        for cls in sorted({r["class"] for r in rs}):
-            for m in METRIC_NAMES:
-                stats = describe(r[m] for r in rs if r["class"] == cls)
-                mean_key = metric_key(stage, "mean", m, cls, primary)
-                counts[mean_key][0] += stats["n"]
-                counts[mean_key][1] += stats["n_undefined"]
-                if stats["n"]:
-                    out.update(_mean_with_counts(metric_key(stage, src, m, cls, primary), stats["mean"],
-                                                 stats["n"], stats["n_undefined"]))
-                    source_means[mean_key].append(stats["mean"])
-        out[f"{stage}/{src}/cases"] = float(len({r["case"] for r in rs}))
-    for key, vals in source_means.items():
-        out.update(_mean_with_counts(key, float(np.mean(vals)), *counts[key]))
-    # The model-selection score: the primary class's Dice (lesion) where it is scored; a task that scores
-    # no lesion (lungs only) selects on the mean Dice of the classes it scores. Its counts are those of the
-    # Dice keys it copies or averages.
-    if f"{stage}/mean/dice" in out:
-        out[f"{stage}/mean/selection_dice"] = out[f"{stage}/mean/dice"]
-    else:
-        dice = [out[k] for k in source_means if k.startswith(f"{stage}/mean/dice_")]
-        if dice:
-            out[f"{stage}/mean/selection_dice"] = float(np.mean(dice))
-    return out
-
+# evaluation-side since the stages split; imported from here by older code
+__all__ = ["SegmentationModule", "NonFiniteLoss", "aggregate", "eval_classes", "is_count", "metric_key",
+           "COUNT_SUFFIXES", "gather_rows", "deep_supervision_weights"]
 
 # Lightning suggests sync_dist for epoch-level logs under DDP; our values are computed from rows already
 # gathered from every rank (identical everywhere), and a sync would average equal numbers: silence it.
@@ -130,13 +52,7 @@ def gather_rows(rows: list[dict]) -> list[dict]:
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, rows)
         rows = [r for part in parts for r in part]
-    seen, out = set(), []
-    for r in rows:
-        key = (r["source"], r["case"], r["class"])
-        if key not in seen:  # a padded (repeated) case scores identically: keep the first
-            seen.add(key)
-            out.append(r)
-    return sorted(out, key=lambda r: (r["source"], r["case"]))
+    return unique_rows(rows)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -166,10 +82,8 @@ class SegmentationModule(pl.LightningModule):
                                  context_slices=int(network.get("context_slices", 0)), **net_kwargs)
         self.loss_fn = build_loss(loss["name"], **{k: v for k, v in loss.items() if k != "name"})
         self.test_sources = list(test_sources)
-        self.rows: dict[str, list[dict]] = {"val": [], "oracle": [], "test": []}
+        self.rows: dict[str, list[dict]] = {"val": [], "oracle": []}
         self.last_rows: dict[str, list[dict]] = {}
-        # Set by the runner before testing: where test predictions and references are written as NIfTI.
-        self.prediction_dir: Path | None = None
         # augment.where == device: training batches are augmented after the transfer, i.e. on the GPU
         # when training on one (the loader then only crops); loader-side augmentation is the dataset's
         augment = dict(augment or {})
@@ -252,31 +166,30 @@ class SegmentationModule(pl.LightningModule):
         if self.trainer.state.fn == "fit":  # validation inside fit: never score (or select) diverged weights
             self.check_finite_loss()
 
-    def on_test_start(self) -> None:
+    def on_predict_start(self) -> None:
         """Test-time methods keep the trained state: every test source is adapted from it (`adapt_to_source`)."""
         if self.method.test_time:
             # a deep copy: state_dict() shares its tensors with the network, which adaptation changes in place
             self._trained_state = copy.deepcopy(self.net.state_dict())
             self._adapted_to = None
 
-    def on_test_end(self) -> None:
-        if self.method.test_time:
+    def on_predict_end(self) -> None:
+        if self.method.test_time and self._trained_state is not None:
             self.net.load_state_dict(self._trained_state)  # the module leaves the test as it was trained
             self._trained_state = None
 
     def adapt_to_source(self, source: str) -> None:
         """Test-time methods: the trained state, adapted on every test volume of `source`, before a case of it is
-        scored. Each source starts from the trained state, so its numbers never depend on which other sources
-        are tested. Methods get images only: labels never leave the loader's batches. (The runner disables
+        predicted. Each source starts from the trained state, so its numbers never depend on which other sources
+        are tested. Methods get images only: labels never leave the loader's batches. (The trainer runs without
         inference mode for them.)"""
         if source == self._adapted_to:
             return
         self.net.load_state_dict(self._trained_state)
         # Every DDP rank adapts on ALL the source's test volumes (the datamodule's plain loader, not the rank's
-        # shard): the ranks hold one model, and the table is the same for any number of processes. A rank whose
-        # padded shard returns to a source adapts to it again, deterministically the same.
+        # shard): the ranks hold one model, and the table is the same for any number of processes.
         dm = getattr(self.trainer, "datamodule", None)
-        loaders = [dm.test_dataloader(source)] if dm is not None else self.trainer.test_dataloaders
+        loaders = [dm.test_dataloader(source)] if dm is not None else self.trainer.predict_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         seen = []
 
@@ -316,45 +229,27 @@ class SegmentationModule(pl.LightningModule):
         return logits
 
     def _eval_step(self, batch: dict, stage: str) -> None:
+        """Score one validation (or oracle) volume in memory on the harmonized grid."""
         logits = self.predict_volume(batch["image"])
         ev = self.hparams.evaluation
         classes = eval_classes(ev, batch["annotated"][0].tolist())
-        space = "original" if stage == "test" and ev["space"] == "original" else "harmonized"
-        row = {"case": batch["case"][0], "source": batch["source"][0], "space": space}
-        if space == "original":
-            scored = self._score_original(logits, batch["meta_path"][0], classes)
-        else:
-            pred = labels_from_probs(torch.softmax(logits[0].float(), 0)).cpu().numpy()
-            ref = batch["label"][0, 0].cpu().numpy()
-            surface = stage == "test" or ev.get("val_surface", False)
-            scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=surface, ignore=IGNORE)
+        row = {"case": batch["case"][0], "source": batch["source"][0], "space": "harmonized"}
+        pred = labels_from_probs(torch.softmax(logits[0].float(), 0)).cpu().numpy()
+        ref = batch["label"][0, 0].cpu().numpy()
+        scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=ev.get("val_surface", False),
+                            ignore=IGNORE)
         self.rows[stage].extend(dict(row, **r) for r in scored)
-
-    def _score_original(self, logits: torch.Tensor, meta_path: str, classes: list[EvalClass]) -> list[dict]:
-        """Resample the prediction onto the stored grid and score it against the stored mask there."""
-        meta = json.loads((Path(meta_path) / "meta.json").read_text())
-        pred = restore_to_original(torch.softmax(logits[0].float(), 0), meta)
-        case = case_from_meta(meta)
-        hu, ref, affine = load_original(case, policy_named(meta["policy"]) if meta.get("policy") else None)
-        if ref is None:
-            raise ValueError(f"{case.key}: test case without a reference mask ({case.image})")
-        spacing = spacing_of(affine).tolist()
-        rows = score_case(pred, ref, spacing, classes, ignore=IGNORE)
-        attach_severity(rows, classes, pred, ref, spacing, hu=hu)
-        if self.prediction_dir is not None:
-            name = f"{case.source}/{case.case_id}.nii.gz"
-            write_volume(self.prediction_dir / "predictions" / name, pred, affine)
-            write_volume(self.prediction_dir / "references" / name, ref, affine)
-        return rows
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         # loader 1 (when the datamodule serves it) holds the test cases: oracle selection only
         self._eval_step(batch, "val" if dataloader_idx == 0 else "oracle")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The logits of one harmonized test volume (1, C, *grid), after adapting a test-time method to the
+        volume's source; the predict stage's writer restores and writes them."""
         if self.method.test_time:
             self.adapt_to_source(batch["source"][0])
-        self._eval_step(batch, "test")
+        return self.predict_volume(batch["image"])
 
     def _eval_end(self, stage: str) -> None:
         rows, self.rows[stage] = gather_rows(self.rows[stage]), []
@@ -368,9 +263,6 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
         self._eval_end("oracle")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
 
     def configure_optimizers(self):
         o = self.hparams.optim

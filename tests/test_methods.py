@@ -75,15 +75,15 @@ def test_bn_adapt_changes_only_normalization_statistics_and_never_reads_labels()
             return super().__getitem__(key)
 
     batches = [NoLabels(image=torch.rand(1, 1, 20, 18, 10) * 3 + 1, label=None, source=["mosmed"]) for _ in range(2)]
-    module._trainer = SimpleNamespace(datamodule=None, test_dataloaders=[batches], is_global_zero=True)
-    module.on_test_start()
+    module._trainer = SimpleNamespace(datamodule=None, predict_dataloaders=[batches], is_global_zero=True)
+    module.on_predict_start()
     module.adapt_to_source("mosmed")
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "bn_adapt changed nothing"
     assert all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed), changed
     assert not module.net.training
-    module.on_test_end()
+    module.on_predict_end()
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())  # the trained state again
 
 
@@ -107,20 +107,24 @@ def test_each_test_source_is_adapted_alone_from_the_trained_state(method, params
     def rows_of_a(batches):
         module = tiny_module(method, **params)
         trained = {k: v.clone() for k, v in module.state_dict().items()}
-        module._trainer = SimpleNamespace(datamodule=None, test_dataloaders=[batches], is_global_zero=True)
+        module._trainer = SimpleNamespace(datamodule=None, predict_dataloaders=[batches], is_global_zero=True)
         module.eval()
-        module.on_test_start()
-        with torch.no_grad():  # as Lightning's test loop (inference mode off for test-time methods)
+        module.on_predict_start()
+        out = []
+        with torch.no_grad():  # as Lightning's predict loop (inference mode off for test-time methods)
             for i, batch in enumerate(batches):
-                module.test_step(batch, i)
-        module.on_test_end()
+                logits = module.predict_step(batch, i)
+                if batch["source"][0] == "a":
+                    out.append((batch["case"][0], logits))
+        module.on_predict_end()
         restored = all(torch.equal(v, module.state_dict()[k]) for k, v in trained.items())
-        return [r for r in module.rows["test"] if r["source"] == "a"], restored
+        return out, restored
 
     alone, restored = rows_of_a(a)
     said_alone = capsys.readouterr().out
     with_b, restored_too = rows_of_a([b[0], a[0], b[1], a[1]])
-    assert len(alone) == 2 and with_b == alone
+    assert len(alone) == 2 and [c for c, _ in with_b] == [c for c, _ in alone]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(alone, with_b))
     assert restored and restored_too  # the module leaves the test as it was trained
     assert f"[method {method}] adapted on 2 unlabelled test volume(s) of a" in said_alone
     assert "volume(s) of b" in capsys.readouterr().out

@@ -228,18 +228,19 @@ def _crafted(path: Path, marker: Path) -> Path:
 
 
 def test_a_crafted_checkpoint_is_refused_not_executed(tmp_path):
-    """Fails on the code before this change: `runner._progress_of` unpickled with weights_only=False, so the
-    payload ran (the marker appeared) when a rerun read last.ckpt's progress."""
-    from experiments import runner
+    """Fails on the code before this change: `runner._progress_of` (now `experiments.stages.test.progress_of`)
+    unpickled with weights_only=False, so the payload ran (the marker appeared) when a rerun read last.ckpt's
+    progress."""
+    from experiments.stages.test import progress_of
 
     marker = tmp_path / "PWNED"
     ckpt = _crafted(tmp_path / "last.ckpt", marker)
     with contextlib.suppress(Exception):
-        runner._progress_of(str(ckpt))
+        progress_of(str(ckpt))
     assert not marker.exists()
     from experiments.checkpoints import CheckpointError
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(ckpt))}: refused to load: .*could run code"):
-        runner._progress_of(str(ckpt))
+        progress_of(str(ckpt))
     assert not marker.exists()
 
 

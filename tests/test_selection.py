@@ -1,6 +1,7 @@
 """Model selection rules recorded side by side, and CPU determinism of a whole run."""
 import csv
 import json
+from pathlib import Path
 
 from evaluation.reporting.runs import collect_runs
 from evaluation.reporting.tables import build_tables
@@ -54,9 +55,8 @@ def test_every_rules_choice_is_read_before_validate_and_test_restore_callback_st
     from types import SimpleNamespace as NS
 
     import torch
-    from omegaconf import OmegaConf
 
-    from experiments.runner import select_and_test
+    from experiments.stages.test import select_and_test
 
     paths = {}
     for name, epoch in (("last", 5), ("best-epoch004", 4), ("oracle-epoch002", 2)):
@@ -72,19 +72,22 @@ def test_every_rules_choice_is_read_before_validate_and_test_restore_callback_st
             callbacks["oracle"].best_model_path = str(tmp_path / "oracle-epoch001.ckpt")  # the restore
             return [{"val/mean/dice": 0.7}]
 
-        def test(self, module, datamodule, ckpt_path, verbose, weights_only):
-            assert weights_only is True  # never unpickle code from a runs folder
-            module.last_rows["test"] = rows
-            return [{"test/mean/dice": float(torch.load(ckpt_path)["epoch"])}]
+    tested = []
 
-    module = NS(last_rows={"val": []}, prediction_dir=None)
+    def test(ckpt_path, out, headline):  # the predict and score stages of one checkpoint
+        tested.append((Path(ckpt_path).name, out, headline))
+        return {"test/mean/dice": float(torch.load(ckpt_path)["epoch"])}, rows
+
+    module = NS(last_rows={"val": []})
     dm = NS(split=NS(val=("v",), test=(NS(case_id="c1"),)))
-    cfg = OmegaConf.create({"evaluation": {"save_predictions": False}})
-    metrics, _, _, record = select_and_test(cfg, Trainer(), module, dm, tmp_path,
-                                            callbacks, ["training_domain", "oracle", "last"])
+    metrics, _, _, record = select_and_test(Trainer(), module, dm, tmp_path, callbacks,
+                                            ["training_domain", "oracle", "last"], test)
     assert record["checkpoints"]["oracle"]["path"] == str(paths["oracle-epoch002"])
     assert record["test"]["oracle"]["test/mean/dice"] == 2.0 and metrics["test/mean/dice"] == 4.0
     assert record["test"]["last"]["test/mean/dice"] == 5.0 and record["checkpoints"]["last"]["global_step"] == 50
+    # the headline predicts into the run folder, the other rules into selection/<rule>/
+    assert tested == [("best-epoch004.ckpt", tmp_path, True), ("oracle-epoch002.ckpt", tmp_path / "selection" / "oracle", False),
+                      ("last.ckpt", tmp_path / "selection" / "last", False)]
 
 
 def test_validation_never_shifts_the_training_patches(tmp_path, phantom_root):

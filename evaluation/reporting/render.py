@@ -171,7 +171,7 @@ def _all_tables(tables: dict) -> list[Table]:
     if tables["severity"]:
         out.append(_severity_table(tables["severity"]))
     out.append(_simple_table("runs", "runs used", tables["runs"],
-                             ["data", "config", "seed", "kind", "experiment", "name", "config_hash", "path"]))
+                             ["data", "config", "seed", "kind", "experiment", "name", "config_hash", "plan", "path"]))
     return out
 
 

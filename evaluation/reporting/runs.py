@@ -15,10 +15,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from evaluation.records import VARIANT_DEFAULTS, RunInfo
 from evaluation.reporting.common import DEFAULT_SPACE, METRICS, ReportError, warn
 
-# run.json's registry names of what trained; runs written before they were recorded read as these
-VARIANT_DEFAULTS = {"method": "erm", "network": "unet3d", "loss": "dice_ce", "harmonize_off": "none"}
+__all__ = ["VARIANT_DEFAULTS", "RunRecord", "read_run", "read_per_case", "find_run_dirs", "collect_runs"]
 
 
 @dataclass
@@ -37,16 +37,17 @@ class RunRecord:
     metrics: dict
     cases: list[dict]  # test rows: source, case, class, floats per metric/severity column (NaN = undefined)
     columns: tuple[str, ...] = ()  # METRICS present in per_case.csv
-    info: dict = field(default_factory=dict)
+    info: RunInfo = field(default_factory=RunInfo)  # run.json, typed (older files: defaults)
+    plan: dict = field(default_factory=dict)  # plan.json's split summary (`plan_summary`); empty for older runs
 
     @property
     def method(self) -> str:
-        return str(self.info.get("method", VARIANT_DEFAULTS["method"]))
+        return str(self.info.method)
 
     @property
     def harmonize_off(self) -> str:
         """Harmonizer steps switched off (`none`, `decode`, `decode+resample`, ...; sweeps/harmonization.yaml)."""
-        return str(self.info.get("harmonize_off", VARIANT_DEFAULTS["harmonize_off"]))
+        return str(self.info.harmonize_off)
 
     @property
     def key(self) -> tuple:
@@ -142,8 +143,27 @@ def read_per_case(path: Path, split: str = "test") -> tuple[list[dict], tuple[st
     return rows, metrics
 
 
+def plan_summary(run_dir: Path) -> dict:
+    """What the report shows of a run's plan.json: cases per role and source, and whether the run was
+    trained from a plan file (`experiments.train --plan`) that had been edited. Empty without a plan."""
+    path = run_dir / "plan.json"
+    if not path.is_file():
+        return {}
+    plan = _read_json(path)
+    cases = plan.get("cases") or {}
+    counts: dict[str, dict[str, int]] = {}
+    for role, keys in (plan.get("roles") or {}).items():
+        for key in keys:
+            src = (cases.get(key) or {}).get("source") or key.split("/", 1)[0]
+            counts.setdefault(role, {}).setdefault(src, 0)
+            counts[role][src] += 1
+    origin = plan.get("origin") or {}
+    return {"cases": counts, "hash": plan.get("hash"), "from_plan": origin.get("path"),
+            "edited": bool(origin.get("edited"))}
+
+
 def read_run(run_dir: Path) -> RunRecord:
-    info = _read_json(run_dir / "run.json")
+    info = RunInfo.from_json(_read_json(run_dir / "run.json"))
     metrics = _read_json(run_dir / "metrics.json")
     cfg: dict | None = None
 
@@ -156,7 +176,7 @@ def read_run(run_dir: Path) -> RunRecord:
             node = node.get(k) if isinstance(node, dict) else None
         return node
 
-    seed = info.get("seed")
+    seed = info.seed
     if seed is None:
         seed = config_value("run", "seed")
     try:
@@ -166,15 +186,15 @@ def read_run(run_dir: Path) -> RunRecord:
         seed = None
     if seed is None:
         warn(f"{run_dir}: no seed in run.json or config.yaml; treated as an unknown seed")
-    experiment = info.get("experiment") or config_value("experiment")
+    experiment = info.experiment or config_value("experiment")
     if not experiment:
         warn(f"{run_dir}: no experiment in run.json or config.yaml; grouped as 'unknown'")
         experiment = "unknown"
     # a protocol preset and a few-shot task are part of what was run: never averaged across
     # ...and so is what trained, where it is not the default: runs of two DG methods are two configurations
-    variant = [f"{k}={info[k]}" for k, default in VARIANT_DEFAULTS.items() if info.get(k, default) != default]
-    experiment = "/".join(str(x) for x in (experiment, info.get("preset"), info.get("task"), *variant) if x)
-    data, mdata = info.get("data"), metrics.get("data")
+    variant = [f"{k}={getattr(info, k)}" for k, default in VARIANT_DEFAULTS.items() if getattr(info, k) != default]
+    experiment = "/".join(str(x) for x in (experiment, info.preset, info.task, *variant) if x)
+    data, mdata = info.data, metrics.get("data")
     if data and mdata and data != mdata:
         raise ReportError(f"{run_dir}: run.json says data={data!r} but metrics.json says {mdata!r}")
     data = data or mdata
@@ -185,8 +205,8 @@ def read_run(run_dir: Path) -> RunRecord:
     if not cases:
         warn(f"{run_dir / 'per_case.csv'}: no test rows")
     found = sorted({c["source"] for c in cases})
-    test = tuple(sorted(info.get("test_sources") or found))
-    train = info.get("train_sources")
+    test = tuple(sorted(info.test_sources or found))
+    train = info.train_sources
     if not train:
         sources, holdout = config_value("data", "sources") or [], config_value("data", "holdout")
         train = [s for s in sources if s != holdout] if holdout else []
@@ -199,13 +219,14 @@ def read_run(run_dir: Path) -> RunRecord:
     spaces = sorted({c["space"] for c in cases} - {""})
     if len(spaces) > 1:
         raise ReportError(f"{run_dir / 'per_case.csv'}: cases scored in several spaces {spaces}")
-    space = info.get("eval_space") or (spaces[0] if spaces else DEFAULT_SPACE)
-    named = info.get("train_set")
-    return RunRecord(path=run_dir.resolve(), kind=info.get("kind") or run_dir.parent.name,
-                     name=info.get("name") or run_dir.name, data=str(data), experiment=str(experiment), seed=seed,
-                     config_hash=info.get("config_hash"), train_sources=tuple(sorted(train)), test_sources=test,
+    space = info.eval_space or (spaces[0] if spaces else DEFAULT_SPACE)
+    named = info.train_set
+    return RunRecord(path=run_dir.resolve(), kind=info.kind or run_dir.parent.name,
+                     name=info.name or run_dir.name, data=str(data), experiment=str(experiment), seed=seed,
+                     config_hash=info.config_hash, train_sources=tuple(sorted(train)), test_sources=test,
                      eval_space=str(space), train_label=named if isinstance(named, str) and named else
-                     "+".join(sorted(train)), metrics=metrics, cases=cases, columns=columns, info=info)
+                     "+".join(sorted(train)), metrics=metrics, cases=cases, columns=columns, info=info,
+                     plan=plan_summary(run_dir))
 
 
 def find_run_dirs(paths: Iterable[str | Path], skipped: list | None = None) -> list[Path]:

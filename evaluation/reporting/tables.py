@@ -305,7 +305,8 @@ def build_tables(runs: Sequence[RunRecord], metric: str = "dice", cls: str = "le
         "runs": [{"data": r.data, "kind": r.kind, "experiment": r.experiment, "config": c.label, "seed": r.seed,
                   "config_hash": r.config_hash, "name": r.name, "path": str(r.path), "eval_space": r.eval_space,
                   "train_sources": list(r.train_sources), "test_sources": list(r.test_sources),
-                  "wall_s": r.info.get("wall_s")} for c in configs for r in c.runs],
+                  "wall_s": r.info.get("wall_s"), "plan": _plan_cell(r.plan), "plan_hash": r.plan.get("hash"),
+                  "plan_edited": r.plan.get("edited", False)} for c in configs for r in c.runs],
         "configurations": [{"config": c.label, "slug": c.slug, "data": c.data, "seeds": [r.seed for r in c.runs]}
                            for c in configs],
         "results": results, "gap": gap, "matrices": _matrices(configs, cells, metric, cls, notes),
@@ -313,3 +314,14 @@ def build_tables(runs: Sequence[RunRecord], metric: str = "dice", cls: str = "le
         "plots": [], "_configs": configs,
     }
 
+
+def _plan_cell(plan: dict) -> str:
+    """A run's plan.json in one cell: cases per role and source (`train covid19_20 11, ctseg 15; val ...`),
+    marked `EDITED PLAN` when the run was trained from a plan file whose roles or settings had been edited."""
+    if not plan:
+        return ""
+    parts = ["; ".join(f"{role} " + ", ".join(f"{src} {n}" for src, n in sorted(srcs.items()))
+                       for role, srcs in plan.get("cases", {}).items())]
+    if plan.get("from_plan"):
+        parts.append(("EDITED PLAN " if plan.get("edited") else "plan ") + str(plan["from_plan"]))
+    return " | ".join(p for p in parts if p)

@@ -191,7 +191,7 @@ def case_checkpoint_of_another_configuration_is_moved_aside(tmp):
 @bad_input("run", match=r"refused to load: it holds objects a checkpoint never contains",
            names=("{tmp}/checkpoints/best-epoch003.ckpt",))
 def case_crafted_best_checkpoint_read_by_the_selection(tmp):
-    from experiments.runner import _progress_of
+    from experiments.stages.test import progress_of as _progress_of
 
     ckpt = _crafted(tmp / "checkpoints" / "best-epoch003.ckpt")
     _survives(ckpt, lambda: _progress_of(str(ckpt)))
