@@ -7,7 +7,8 @@
   reported beside the others, never the default;
 - `last`: the final epoch (no validation needed: few-shot folds train on every listed case).
 
-Each rule is one Lightning ModelCheckpoint; the runner tests the chosen checkpoint of the headline rule
+Each rule is one Lightning ModelCheckpoint (ties to the later epoch, as evaluation.selection_rules, the
+same rules as pure functions over a run's `records.jsonl`); the runner tests the chosen checkpoint of the headline rule
 and of every rule in `selection.report`, and records them side by side in run.json.
 """
 from __future__ import annotations
@@ -23,6 +24,25 @@ from experiments.choices import SELECTIONS
 # classes scored (a lung-only task).
 MONITOR = {"training_domain": "val/mean/selection_dice", "loso": "val/mean/selection_dice",
            "oracle": "oracle/mean/selection_dice"}
+
+
+class LaterOnTies(pl.callbacks.ModelCheckpoint):
+    """ModelCheckpoint (save_top_k=1, mode max) whose ties go to the LATER epoch, as the rules over records
+    (evaluation.selection_rules.best_by) break them: Lightning keeps the earlier one (strict `>`), and a
+    flat validation score then silently picks an early, undertrained epoch (issue 19). A NaN score never
+    replaces a saved one (NaN >= x is false); Lightning saves a first NaN (as -inf) when it has nothing yet,
+    where the record rules choose nothing. Its state is saved under ModelCheckpoint's key, so runs
+    checkpointed before this class existed resume with their rules' choices."""
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current=None) -> bool:
+        if current is None or self.save_top_k != 1 or self.mode != "max" or not self.best_k_models:
+            return super().check_monitor_top_k(trainer, current)
+        better = bool(current >= self.best_k_models[self.kth_best_model_path])
+        return trainer.strategy.reduce_boolean_decision(better)
 
 
 def wanted(method: str, report) -> list[str]:
@@ -56,12 +76,12 @@ def checkpoint_callbacks(run_dir: Path, names: list[str], has_val: bool,
             raise ValueError(f"selection {name!r} needs validation cases, and the split has none (few-shot folds "
                              "train on every listed case): use selection.method=last")
         prefix = "best" if name in ("training_domain", "loso") else name
-        out[name] = pl.callbacks.ModelCheckpoint(dirpath=folder, filename=f"{prefix}-epoch{{epoch:03d}}",
-                                                 auto_insert_metric_name=False, monitor=MONITOR[name], mode="max",
-                                                 save_top_k=1, save_last=False, save_on_train_epoch_end=False,
-                                                 # a resumed run that re-selects an epoch rewrites its file
-                                                 # (atomically) instead of adding best-epochNNN-v1.ckpt
-                                                 enable_version_counter=False)
+        out[name] = LaterOnTies(dirpath=folder, filename=f"{prefix}-epoch{{epoch:03d}}",
+                                auto_insert_metric_name=False, monitor=MONITOR[name], mode="max",
+                                save_top_k=1, save_last=False, save_on_train_epoch_end=False,
+                                # a resumed run that re-selects an epoch rewrites its file
+                                # (atomically) instead of adding best-epochNNN-v1.ckpt
+                                enable_version_counter=False)
     out["last"] = LastCheckpoint(folder, every_n_steps)
     return out
 

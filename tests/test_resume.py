@@ -66,6 +66,7 @@ def _results(run_dir: Path) -> dict:
             "per_case": (run_dir / "per_case.csv").read_text(encoding="utf-8"),
             "val_per_case": (run_dir / "val_per_case.csv").read_text(encoding="utf-8"),
             "selection": info["selection"]["test"],
+            "records": (run_dir / "records.jsonl").read_text(encoding="utf-8"),  # stale epochs dropped on resume
             "weights": {k: v.tolist() for k, v in state["state_dict"].items()}}
 
 

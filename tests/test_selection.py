@@ -5,6 +5,7 @@ from pathlib import Path
 
 from evaluation.reporting.runs import collect_runs
 from evaluation.reporting.tables import build_tables
+from evaluation.selection_rules import choose, read_records, validated_sources
 from experiments.loso import main as loso_main
 
 SHORT = ["experiment=smoke", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=4",
@@ -32,6 +33,11 @@ def test_loso_selection_validates_on_a_whole_training_source_and_reports_oracle_
         assert {r["source"] for r in rows} == {"mosmed"} and len({r["case"] for r in rows}) == 6
     # the oracle picked its epoch by the test Dice it saw: no other epoch's checkpoint scores higher there
     assert sel["checkpoints"]["oracle"]["score"] >= 0.0
+    # the same choices from the run's records (evaluation.selection_rules): validated on ctseg alone
+    records = read_records(run_dir)
+    assert [r["epoch"] for r in records] == [0, 1] and all(validated_sources(r) == {"ctseg"} for r in records)
+    for rule in ("loso", "oracle", "last"):
+        assert choose(rule, records, val_source="ctseg")["step"] == sel["checkpoints"][rule]["global_step"], rule
     tables = build_tables(collect_runs([tmp_path]), n_boot=50)
     (row,) = tables["selection"]
     assert row["headline"] == "loso" and {"loso_mean", "last_mean", "oracle_mean"} <= set(row)

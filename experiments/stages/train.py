@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from experiments.build import build_module, is_rank_zero, run_tags, say
 from experiments.checkpoints import AtomicCheckpointIO, resume_point
+from experiments.epoch_records import EpochRecords, truncate_records
 from experiments.selection import checkpoint_callbacks
 from experiments.stages.plan import Planned
 from experiments.tracking import make_wandb_logger
@@ -76,9 +77,14 @@ def train_stage(cfg: DictConfig, planned: Planned, run_dir: Path, name: str, kin
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     callbacks = checkpoint_callbacks(run_dir, names, bool(dm.split.val), int(cfg.trainer.checkpoint_every_n_steps))
-    trainer = make_trainer(cfg, run_dir, loggers, list(callbacks.values()), bool(dm.split.val) or dm.oracle)
+    # records.jsonl (experiments.epoch_records): listed before LastCheckpoint, so an epoch's record is on disk
+    # before the last.ckpt a resume would start after it
+    records = EpochRecords(run_dir, oracle="oracle" in names)
+    trainer = make_trainer(cfg, run_dir, loggers, [records, *callbacks.values()], bool(dm.split.val) or dm.oracle)
     resume, finished, mid_epoch = resume_point(run_dir / "checkpoints", module, say, repair=is_rank_zero())
     if resume is not None:
         say(f"resuming from epoch {finished}{mid_epoch} ({resume})")
+    if is_rank_zero():  # the records of epochs the resumed run redoes (all of them when it starts afresh)
+        truncate_records(records.path, finished if resume is not None else 0)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None, weights_only=True)
     return Trained(trainer, module, callbacks, wandb_logger)
