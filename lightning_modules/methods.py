@@ -6,7 +6,10 @@ never passed here), typed by the params dataclass each method registers. The hoo
 - `data_overrides()`     datamodule arguments (source_balanced: sampling)
 - `attach(module)`       adds submodules or forward hooks when the module is built, before the optimizer
 - `transform_batch(...)` the training batch after its transfer to the device (bigaug, randconv)
-- `extra_loss(...)`      a term added to the segmentation loss (dann)
+- `begin_step(batch, module)` the training batch just before the network's forward pass: each sample's
+                         source reaches the feature hooks here (mixstyle, dsu: cross-domain pairing)
+- `extra_loss(...)`      a term added to the segmentation loss (dann; randconv's consistency), given the
+                         main head's logits of the step
 - `adapt(module, images)` test time: unlabelled test images only (bn_adapt, tent)
 
 DomainBed has these as classification algorithms; MONAI and nnU-Net have none as selectable methods, so
@@ -24,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from datamodules.choices import Choice
 from datamodules.registry import Registry
 
 METHODS = Registry("method")
@@ -67,7 +71,10 @@ class Method:
     def transform_batch(self, batch: dict, module) -> dict:
         return batch
 
-    def extra_loss(self, batch: dict, module) -> torch.Tensor | None:
+    def begin_step(self, batch: dict, module) -> None:
+        pass
+
+    def extra_loss(self, batch: dict, module, logits: torch.Tensor | None = None) -> torch.Tensor | None:
         return None
 
     def adapt(self, module, images: Iterable[torch.Tensor]) -> None:
@@ -98,22 +105,32 @@ class BigAugParams:
     elastic_magnitude: list[float]
 
 
+class Pairing(Choice):
+    """methods.mixstyle.pairing: whose statistics a sample's are mixed with. random: any other sample of the
+    batch (never itself); crossdomain: a sample of another training source (MixStyle's `crossdomain`
+    variant), random when the batch holds one source only."""
+    random = "random"
+    crossdomain = "crossdomain"
+
+
 @dataclass
 class RandConvParams:
     p: float
     kernel_sizes: list[int]
     mix: bool
+    consistency: float  # weight of the KL consistency term between three views (0: off)
 
 
 @dataclass
 class StageHooksParams:
     p: float
-    layers: int
+    layers: int | None  # the first `layers` encoder stages; None: every one
 
 
 @dataclass
 class MixStyleParams(StageHooksParams):
     alpha: float
+    pairing: Pairing
 
 
 @dataclass
@@ -212,17 +229,31 @@ class BigAug(Method):
         return dict(batch, image=torch.stack(images), label=torch.stack(labels))
 
 
+def consistency_kl(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """RandConv's consistency term (Xu et al. 2021, their code's `-cl`): the mean over the m views of
+    KL(p_i || p_mix), p_mix = clamp(mean_i p_i, 1e-7, 1) (a generalized Jensen-Shannon divergence, as in AugMix),
+    p_i the softmax over channels of view i's logits [B, C, *spatial]. Summed over channels, averaged over
+    samples and voxels (per voxel what their `batchmean` is per image)."""
+    probs = [torch.softmax(z.float(), 1) for z in logits]
+    log_mix = torch.clamp(sum(probs) / len(probs), 1e-7, 1.0).log()
+    return sum(F.kl_div(log_mix, p, reduction="none").sum(1).mean() for p in probs) / len(probs)
+
+
 @register_method("randconv", RandConvParams)
 class RandConv(Method):
-    """RandConv (Xu et al., ICLR 2021): the input through a freshly drawn random convolution, mixed with the original."""
+    """RandConv (Xu et al., ICLR 2021): the input through a freshly drawn random convolution, mixed with the
+    original, and with `consistency` > 0 their consistency loss over three views (two more forward passes)."""
 
-    def transform_batch(self, batch: dict, module) -> dict:
+    _clean: torch.Tensor | None = None
+
+    def random_view(self, x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+        """With probability p (else x itself), x through a freshly drawn random convolution, each sample back
+        to its own intensity statistics, mixed with x by a uniform weight when `mix`."""
         if torch.rand(()) >= self.params["p"]:
-            return batch
-        x = batch["image"].float()
+            return x
         k = int(self.params["kernel_sizes"][torch.randint(len(self.params["kernel_sizes"]), ()).item()])
         # a 2D network sees slices: keep the filter in-plane so slices do not leak into one another
-        shape = (k, k, 1) if module.hparams.spatial_dims == 2 else (k, k, k)
+        shape = (k, k, 1) if spatial_dims == 2 else (k, k, k)
         c = x.shape[1]
         # He-style variance (RandConv's choice): the output keeps the input's scale on average
         w = torch.randn(c, c, *shape, device=x.device) / math.sqrt(c * math.prod(shape))
@@ -234,61 +265,123 @@ class RandConv(Method):
         if self.params["mix"]:
             a = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device)
             y = a * x + (1 - a) * y
-        return dict(batch, image=y)
+        return y
+
+    def transform_batch(self, batch: dict, module) -> dict:
+        x = batch["image"].float()
+        # the consistency views are drawn from the same (augmented) images as the first one
+        self._clean = x if self.params["consistency"] > 0 else None
+        y = self.random_view(x, module.hparams.spatial_dims)
+        return batch if y is x else dict(batch, image=y)
+
+    def extra_loss(self, batch: dict, module, logits: torch.Tensor | None = None) -> torch.Tensor | None:
+        x, self._clean = self._clean, None
+        if x is None or logits is None:
+            return None
+        # the segmentation loss saw view 1 (the batch); views 2 and 3 only enter this term, as in their code
+        m = module.net.margin
+        views = [logits]
+        for _ in range(2):
+            z = module.net.heads(self.random_view(x, module.hparams.spatial_dims))[0]
+            views.append(z[..., m:-m] if m else z)
+        return self.params["consistency"] * consistency_kl(views)
 
 
 # ---------------------------------------------------------------- feature-level: MixStyle, DSU
 
-def _stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(x: torch.Tensor, eps: float = 1e-6, detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     dims = tuple(range(2, x.dim()))
     mu = x.mean(dims, keepdim=True)
     sig = (x.var(dims, keepdim=True) + eps).sqrt()
-    return mu.detach(), sig.detach()
+    return (mu.detach(), sig.detach()) if detach else (mu, sig)
+
+
+def pair_partners(domains: torch.Tensor, cross_domain: bool = False,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """[N] long: each sample's partner, drawn uniformly among the other samples, never itself (a random
+    permutation of 2 samples is the identity half the time, and a sample mixed with itself is unchanged).
+    cross_domain: among the samples of another source (domains: [N] source ids), as long as the batch holds
+    two sources; with one source, any other sample."""
+    n = domains.shape[0]
+    if n < 2:
+        raise ValueError(f"pairing needs at least two samples, got {n}")
+    d = domains.cpu()
+    if cross_domain and d.unique().numel() > 1:
+        allowed = d[:, None] != d[None, :]
+    else:
+        allowed = ~torch.eye(n, dtype=torch.bool)
+    scores = torch.rand(n, n, generator=generator).masked_fill(~allowed, -1.0)
+    return scores.argmax(1).to(domains.device)
 
 
 class _StageHooks(Method):
-    """Perturbs the outputs of the first `layers` encoder stages while training, with probability p."""
+    """Perturbs the outputs of the first `layers` encoder stages (None: all) while training, with probability
+    p at each stage independently. `begin_step` hands the hooks the source of every sample of the batch."""
+
+    _domains: torch.Tensor | None = None
 
     def attach(self, module) -> None:
         stages = module.net.encoder_stages()
-        n = int(self.params["layers"])
+        n = self.params["layers"]
+        n = len(stages) if n is None else int(n)
         if not 1 <= n <= len(stages):
-            raise ValueError(f"{type(self).__name__}: layers={n}, but the network has {len(stages)} encoder stages")
+            raise ValueError(f"methods.{self.name}.layers={n}, but the network has {len(stages)} encoder stages "
+                             "(null: every one)")
         for stage in stages[:n]:
             stage.register_forward_hook(self._hook)
+
+    def begin_step(self, batch: dict, module) -> None:
+        names = list(batch["source"])
+        index = {s: i for i, s in enumerate(dict.fromkeys(names))}
+        self._domains = torch.tensor([index[s] for s in names])
+
+    def domains_of(self, n: int) -> torch.Tensor:
+        """[n] source ids of a feature batch: a 2D network's features are per slice, and every slice carries
+        its patch's source (slices of one patch are contiguous, as in DANN). Unknown: one id for all."""
+        d = self._domains
+        if d is None or d.numel() == 0 or n % d.numel():
+            return torch.zeros(n, dtype=torch.long)
+        return d.repeat_interleave(n // d.numel())
 
     def _hook(self, _mod, _inp, out):
         if not torch.is_grad_enabled() or not _mod.training or out.shape[0] < 2:
             return None
         if torch.rand(()) >= self.params["p"]:
             return None
-        return self.perturb(out)
+        return self.perturb(out, self.domains_of(out.shape[0]).to(out.device))
 
-    def perturb(self, x: torch.Tensor) -> torch.Tensor:
+    def perturb(self, x: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
 @register_method("mixstyle", MixStyleParams)
 class MixStyle(_StageHooks):
-    """MixStyle (Zhou et al., ICLR 2021): mixes per-channel feature statistics of two samples in the first encoder stages."""
+    """MixStyle (Zhou et al., ICLR 2021): mixes per-channel feature statistics of two samples in the first encoder
+    stages; the statistics are detached, as in their code. `pairing`: the partner is any other sample (random)
+    or one of another source (crossdomain)."""
 
-    def perturb(self, x: torch.Tensor) -> torch.Tensor:
+    def perturb(self, x: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
         mu, sig = _stats(x)
         b = x.shape[0]
         lam = torch.distributions.Beta(self.params["alpha"], self.params["alpha"]).sample((b,)).to(x)
         lam = lam.view(b, *([1] * (x.dim() - 1)))
-        perm = torch.randperm(b, device=x.device)
-        mix_mu = lam * mu + (1 - lam) * mu[perm]
-        mix_sig = lam * sig + (1 - lam) * sig[perm]
+        if domains is None:
+            domains = torch.zeros(b, dtype=torch.long, device=x.device)
+        partner = pair_partners(domains, cross_domain=self.params["pairing"] == Pairing.crossdomain)
+        mix_mu = lam * mu + (1 - lam) * mu[partner]
+        mix_sig = lam * sig + (1 - lam) * sig[partner]
         return (x - mu) / sig * mix_sig + mix_mu
 
 
 @register_method("dsu", StageHooksParams)
 class DSU(_StageHooks):
-    """DSU (Li et al., ICLR 2022): feature statistics resampled from Gaussians whose spread is their batch variance."""
+    """DSU (Li et al., ICLR 2022): feature statistics resampled from Gaussians whose spread is their variance over
+    the batch. As their `DistributionUncertainty`: statistics not detached (gradients flow through mean, std and
+    their batch spread), unbiased variances, eps 1e-6, one coin per insertion point; inserted after every encoder
+    stage by default (layers: null), as they insert it after the stem and after each ResNet stage."""
 
-    def perturb(self, x: torch.Tensor) -> torch.Tensor:
-        mu, sig = _stats(x)
+    def perturb(self, x: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
+        mu, sig = _stats(x, detach=False)
         std_mu = (mu.var(0, keepdim=True) + 1e-6).sqrt()
         std_sig = (sig.var(0, keepdim=True) + 1e-6).sqrt()
         beta = mu + torch.randn_like(mu) * std_mu
@@ -314,9 +407,21 @@ def grad_reverse(x: torch.Tensor, lam: float) -> torch.Tensor:
     return _GradReverse.apply(x, lam)
 
 
+def dann_lambda(step: int, total: float) -> float:
+    """Ganin et al.'s ramp lambda_p = 2 / (1 + exp(-10 p)) - 1, p = step / total in [0, 1] (training progress
+    in iterations). An unknown or infinite length (no max_epochs/max_steps): 1."""
+    if not total or math.isinf(total):
+        return 1.0
+    p = min(1.0, max(0.0, step / total))
+    return 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
+
+
 @register_method("dann", DANNParams)
 class DANN(Method):
-    """DANN (Ganin et al., JMLR 2016): a source classifier on the deepest encoder features, trained through gradient reversal."""
+    """DANN (Ganin et al., JMLR 2016): a source classifier on the deepest encoder features, trained through gradient
+    reversal. The classifier learns from its cross-entropy at full rate from step 0; only the reversed gradient
+    into the encoder is scaled, by weight * lambda_p (`dann_lambda` of the global step over the run's total
+    optimizer steps; weight alone with schedule: false)."""
 
     def attach(self, module) -> None:
         sources = list(module.hparams.get("train_sources") or ())
@@ -343,22 +448,25 @@ class DANN(Method):
         if self._probing or torch.is_grad_enabled():  # evaluation passes keep nothing alive
             self._features = out
 
-    def extra_loss(self, batch: dict, module) -> torch.Tensor | None:
+    def reversal(self, module) -> float:
+        """The reversed gradient's scale at this step: weight * lambda_p."""
+        lam = float(self.params["weight"])
+        trainer = module._trainer
+        if self.params["schedule"] and trainer is not None:
+            lam *= dann_lambda(trainer.global_step, trainer.estimated_stepping_batches)
+        return lam
+
+    def extra_loss(self, batch: dict, module, logits: torch.Tensor | None = None) -> torch.Tensor | None:
         feats, self._features = self._features, None
         if feats is None:
             raise RuntimeError("dann: the deepest encoder stage produced no features in this step")
-        lam = self.params["weight"]
-        if self.params["schedule"] and module._trainer is not None and module.trainer.max_epochs:
-            # DANN's ramp 2 / (1 + exp(-10 p)) - 1 over training progress p: the adversary starts gently
-            p = module.trainer.current_epoch / max(1, module.trainer.max_epochs)
-            lam *= 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
         target = torch.tensor([self.index[s] for s in batch["source"]], device=feats.device)
         # a 2D network's features are per slice: every slice carries its patch's source
         target = target.repeat_interleave(feats.shape[0] // target.shape[0])
-        logits = module.domain_head(grad_reverse(feats, 1.0))
-        module.log("train/domain_acc", (logits.argmax(1) == target).float().mean(), on_step=False, on_epoch=True,
-                   batch_size=target.shape[0])
-        return lam * F.cross_entropy(logits, target)
+        domain_logits = module.domain_head(grad_reverse(feats, self.reversal(module)))
+        module.log("train/domain_acc", (domain_logits.argmax(1) == target).float().mean(), on_step=False,
+                   on_epoch=True, batch_size=target.shape[0])
+        return F.cross_entropy(domain_logits, target)
 
 
 # ---------------------------------------------------------------- test time: BN-Adapt, Tent

@@ -121,6 +121,7 @@ class SegmentationModule(pl.LightningModule):
         2.5D context is complete, plus the method's own term."""
         check_batch_sources(batch["source"], self.test_sources)
         label = batch["label"].long()  # patches arrive as uint8
+        self.method.begin_step(batch, self)  # e.g. each sample's source, for feature hooks that pair sources
         heads = self.net.heads(batch["image"])
         m = self.net.margin
         if m:
@@ -131,7 +132,7 @@ class SegmentationModule(pl.LightningModule):
             label = label[..., m:-m]
         loss = sum(w * self.loss_fn(h, label, batch["annotated"])
                    for w, h in zip(deep_supervision_weights(len(heads)), heads))
-        extra = self.method.extra_loss(batch, self)
+        extra = self.method.extra_loss(batch, self, heads[0])
         if extra is not None:
             self.log("train/method_loss", extra, on_step=False, on_epoch=True, batch_size=label.shape[0])
             loss = loss + extra

@@ -45,7 +45,7 @@ def test_yaml_arguments_are_the_methods_arguments():
     with pytest.raises(ValueError, match=r"methods\.mixstyle\.alpah: method 'mixstyle' has no argument 'alpah'"):
         build_method("mixstyle", **base_args("methods", "mixstyle"), alpah=0.3)
     with pytest.raises(ValueError, match=r"methods\.mixstyle: missing argument\(s\) \['layers'\]"):
-        build_method("mixstyle", p=0.5, alpha=0.1)
+        build_method("mixstyle", p=0.5, alpha=0.1, pairing="random")
 
 
 def test_reestimated_statistics_are_the_crops_mean_and_variance():
