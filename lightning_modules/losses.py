@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from datamodules.choices import Choice
 from datamodules.label_policy import (
     BACKGROUND,
     CLASS_INDEX,
@@ -60,9 +61,18 @@ class DiceCEParams:
     smooth: float
 
 
+class Frequencies(Choice):
+    """losses.weighted_ce.frequencies: where the inverse-frequency weights' class frequencies come from.
+    patch: the training batch's own patches (what the loss sees, after lesion-centred sampling);
+    volume: the training cases' whole volumes (set once at fit start)."""
+    patch = "patch"
+    volume = "volume"
+
+
 @dataclass
 class WeightedCEParams:
-    weights: list[float] | None  # None: inverse training-set class frequencies
+    weights: list[float] | None  # None: inverse class frequencies (`frequencies`), else one weight per channel
+    frequencies: Frequencies
 
 
 @dataclass
@@ -206,6 +216,14 @@ def class_frequencies(counts: torch.Tensor, annotated: torch.Tensor) -> torch.Te
     return ((counts * a).sum(0) / (a * totals).sum(0)).float()
 
 
+def patch_class_frequencies(target: torch.Tensor, valid: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """[C] float: `class_frequencies` of a batch of patches, each patch a case: its valid voxels of each class.
+    target [B, *spatial] long (prepared), valid [B, *spatial] bool, annotated [B, C] bool."""
+    c = annotated.shape[1]
+    onehot = F.one_hot(target.flatten(1), c) * valid.flatten(1)[..., None]  # [B, N, C]
+    return class_frequencies(onehot.sum(1), annotated).to(target.device)
+
+
 class FrequencyWeighted(nn.Module):
     """Base of losses weighted by training-set class frequencies (`set_class_frequencies`)."""
 
@@ -287,25 +305,36 @@ class WeightedCELoss(FrequencyWeighted):
 
     L = sum_v w[t_v] * -log q[t_v] / sum_v w[t_v] over valid voxels (torch's weighted-CE reduction, so
     the scale of w cancels). The seed names "a weighted cross-entropy" without its weights; we take
-    `inverse_frequency_weights` of `set_class_frequencies`, unless `weights` (one per channel) is given.
+    `inverse_frequency_weights`, unless `weights` (one per channel) is given. Their frequencies:
+    - patch (default): of the batch's own patches (`patch_class_frequencies`). Patches are drawn lesion-centred
+      (data.fg_fraction), so whole-volume frequencies would correct an imbalance the sampler already
+      corrected, twice. With inverse batch frequencies every class present in the batch weighs the same in
+      total: L is the mean over those classes of their mean voxel CE.
+    - volume: of the training cases' whole volumes (`set_class_frequencies`, at fit start).
     """
 
-    def __init__(self, weights: Sequence[float] | None):
+    def __init__(self, weights: Sequence[float] | None, frequencies: str):
         super().__init__()
         self.weights = None if weights is None else torch.tensor([float(w) for w in weights])
-        self.needs_frequencies = weights is None  # explicit weights: frequencies are not used
+        self.mode = Frequencies(frequencies)
+        # only whole-volume frequencies come from the training set; explicit weights use none
+        self.needs_frequencies = weights is None and self.mode == Frequencies.volume
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         target, valid = prepare_target(target, logits, annotated)
         c = logits.shape[1]
+        logq = merged_log_probs(logits, annotated, target)
+        nll = -torch.gather(logq, 1, target[:, None])[:, 0]
         if self.weights is not None:
             if self.weights.numel() != c:
                 raise ValueError(f"weighted_ce: {self.weights.numel()} weights for {c} channels")
             w = self.weights.to(logits.device)
+        elif self.mode == Frequencies.patch:
+            if not valid.any():  # nothing labelled in the batch: no term, but keep the graph (DDP)
+                return 0.0 * nll.sum()
+            w = inverse_frequency_weights(patch_class_frequencies(target, valid, annotated))
         else:
             w = inverse_frequency_weights(self.frequencies(c, logits.device))
-        logq = merged_log_probs(logits, annotated, target)
-        nll = -torch.gather(logq, 1, target[:, None])[:, 0]
         w_vox = w[target] * valid
         return (w_vox * nll).sum() / w_vox.sum().clamp_min(1e-12)
 

@@ -161,7 +161,7 @@ def test_inverse_frequency_weights_hand_value():
 
 @pytest.mark.parametrize("cls, name", [(WeightedCELoss, "weighted_ce"), (SoftKLLoss, "soft_kl")])
 def test_frequency_losses_without_frequencies_say_what_to_call(cls, name):
-    loss = cls(**base_args("losses", name))
+    loss = cls(**base_args("losses", name, **({"frequencies": "volume"} if name == "weighted_ce" else {})))
     assert loss.needs_frequencies
     with pytest.raises(RuntimeError, match=r"set_class_frequencies"):
         loss(_p1234(2, 2), _target([[0, 3], [1, IGN]]), FULL)
@@ -170,13 +170,13 @@ def test_frequency_losses_without_frequencies_say_what_to_call(cls, name):
 
 
 def test_frequencies_are_not_saved_in_checkpoints():
-    loss = _with_freq(WeightedCELoss(**base_args("losses", "weighted_ce")))
+    loss = _with_freq(WeightedCELoss(**base_args("losses", "weighted_ce", frequencies="volume")))
     assert "class_freq" not in loss.state_dict()
     assert not WeightedCELoss(**base_args("losses", "weighted_ce", weights=[1, 1, 1, 1])).needs_frequencies and not SoftKLLoss(**base_args("losses", "soft_kl", weighted=False)).needs_frequencies
 
 
 def test_weighted_ce_hand_value():
-    loss = _with_freq(WeightedCELoss(**base_args("losses", "weighted_ce")))
+    loss = _with_freq(WeightedCELoss(**base_args("losses", "weighted_ce", frequencies="volume")))
     w0, w1, w3 = 2 / 5.5, 5 / 5.5, 10 / 5.5  # scale cancels in the weighted mean; written for clarity
     expect = (w0 * math.log(10) + w3 * math.log(2.5) + w1 * math.log(5)) / (w0 + w3 + w1)
     assert loss(_p1234(2, 2), _target([[0, 3], [1, IGN]]), FULL).item() == pytest.approx(expect, rel=1e-5)
