@@ -88,6 +88,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  image_flips: dict[str, dict] | None = None,
                  find_duplicates: bool = True, test_fraction: float = 0.2, fixed_test_part: bool = False,
                  train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = (),
+                 test_cases: dict[str, Sequence[str]] | None = None,
                  cache_workers: int = 1, augment: dict | None = None,
                  roles: dict[str, Sequence[str]] | None = None):
         super().__init__()
@@ -126,7 +127,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.augmenter = Augmenter(augment.get("ops")) if augment.get("where") == "loader" else None
         # transfer_split's in-domain / few-shot / model-selection options (see its docstring)
         self.split_options = {"test_fraction": test_fraction, "fixed_test_part": fixed_test_part,
-                              "train_cases": dict(train_cases or {}), "val_sources": tuple(val_sources)}
+                              "train_cases": dict(train_cases or {}), "val_sources": tuple(val_sources),
+                              "test_cases": dict(test_cases or {})}
         # a plan's split (experiments.plan): case keys per role, used as listed (and leakage-checked)
         self.roles = {r: list(keys) for r, keys in roles.items()} if roles is not None else None
 
@@ -142,7 +144,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
             return split_from_roles(cases, self.roles, trained, self.test_sources)
         if self.holdout is not None:
             return loso_split(cases, self.sources, self.holdout, self.val_fraction, self.seed,
-                              val_sources=self.split_options["val_sources"])
+                              val_sources=self.split_options["val_sources"],
+                              test_cases=self.split_options["test_cases"])
         return transfer_split(cases, self.train_sources, self.test_sources, self.val_fraction, self.seed,
                               **self.split_options)
 

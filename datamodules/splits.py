@@ -6,6 +6,8 @@ the training sources, so model selection never looks at a held-out source.
 """
 from __future__ import annotations
 
+import fnmatch
+
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -134,7 +136,7 @@ def group_holdout(cases: Sequence[Case], fraction: float, seed: int | str) -> tu
 def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sources: Sequence[str],
                    val_fraction: float, seed: int, test_fraction: float = 0.2, fixed_test_part: bool = False,
                    train_cases: Mapping[str, Sequence[str]] | None = None,
-                   val_sources: Sequence[str] = ()) -> Split:
+                   val_sources: Sequence[str] = (), test_cases: Mapping[str, Sequence[str]] | None = None) -> Split:
     """Train on `train_sources` (minus a patient-grouped validation part), test on `test_sources`.
 
     Only labelled cases take part. Per test source:
@@ -145,11 +147,18 @@ def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sou
       patients, chosen by a hash of the patient id (independent of the other sources), the rest trains;
     - few-shot (`train_cases[source]` lists case ids): exactly those cases train (official folds), the
       others test; a test case of a patient who also trains is left out (`Split.dropped`) and printed.
+    `test_cases[source]`: glob patterns of case ids (fnmatch); only the matching test cases of that source
+    test (a paper that tested a subset, e.g. seed 004's ten coronacases of COVID-19-CT-Seg); the others
+    are left out, never moved to training.
     `val_sources`: training sources used whole for validation instead of training (leave-one-source-out
     model selection; the other training sources then train whole); otherwise validation is `val_fraction` of each training source's patients, except
     for few-shot sources, whose listed cases all train.
     """
     train_cases = {s: list(ids) for s, ids in (train_cases or {}).items()}
+    test_cases = {s: list(globs) for s, globs in (test_cases or {}).items()}
+    not_tested = sorted(set(test_cases) - set(test_sources))
+    if not_tested:
+        raise ValueError(f"data.test_cases names source(s) {not_tested} that are not test sources {list(test_sources)}")
     unknown = sorted(set(train_cases) - set(train_sources))
     if unknown:
         raise ValueError(f"train_cases names source(s) {unknown} that are not training sources {list(train_sources)}")
@@ -199,6 +208,13 @@ def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sou
         tr, va = group_holdout(cs, 0.0 if val_sources else val_fraction, seed)
         train += tr
         val += va
+    for src, globs in test_cases.items():
+        ours = [c for c in test if c.source == src]
+        keep = [c for c in ours if any(fnmatch.fnmatchcase(c.case_id, g) for g in globs)]
+        if ours and not keep:
+            raise ValueError(f"data.test_cases.{src}: no test case of {src} matches {globs} "
+                             f"(its test cases: {sorted(c.case_id for c in ours)[:5]}...)")
+        test = [c for c in test if c.source != src or c in keep]
     if excluded:
         print(f"[splits] left out {len(excluded)} test case(s) whose patient is in training: "
               + ", ".join(f"{c.key} (patient {c.patient_id})" for c in excluded), flush=True)
@@ -225,13 +241,14 @@ def transfer_split(cases: Iterable[Case], train_sources: Sequence[str], test_sou
 
 
 def loso_split(cases: Iterable[Case], sources: Sequence[str], holdout: str, val_fraction: float, seed: int,
-               val_sources: Sequence[str] = ()) -> Split:
+               val_sources: Sequence[str] = (), test_cases: Mapping[str, Sequence[str]] | None = None) -> Split:
     if holdout not in sources:
         raise ValueError(f"holdout source {holdout!r} is not among the sources {list(sources)}")
     train_sources = [s for s in sources if s != holdout]
     if not train_sources:
         raise ValueError("leave-one-source-out needs at least two sources")
-    return transfer_split(cases, train_sources, [holdout], val_fraction, seed, val_sources=val_sources)
+    return transfer_split(cases, train_sources, [holdout], val_fraction, seed, val_sources=val_sources,
+                          test_cases=test_cases)
 
 
 def split_from_roles(cases: Iterable[Case], roles: Mapping[str, Sequence[str]], train_sources: Sequence[str],

@@ -95,6 +95,7 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         policies=OmegaConf.to_container(d.policies), image_flips=OmegaConf.to_container(d.image_flips),
         find_duplicates=d.find_duplicates,
         test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers,
+        test_cases=OmegaConf.to_container(d.test_cases),
         augment=OmegaConf.to_container(cfg.augment, enum_to_str=True), **split)
 
 

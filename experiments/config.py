@@ -72,6 +72,7 @@ class DataConfig:
     test_fraction: float = MISSING   # share of an in-domain test source's patients held out for testing
     fixed_test_part: bool = MISSING  # every test source tests on its test_fraction part only (matrix columns)
     train_cases: dict[str, list[str]] = field(default_factory=dict)  # source -> case ids that train (few-shot)
+    test_cases: dict[str, list[str]] = field(default_factory=dict)   # source -> case-id globs that test (a subset)
 
 
 @dataclass
@@ -225,6 +226,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     OmegaConf.set_struct(cfg.data.policies, False)
     OmegaConf.set_struct(cfg.data.image_flips, False)
     OmegaConf.set_struct(cfg.data.train_cases, False)
+    OmegaConf.set_struct(cfg.data.test_cases, False)
     OmegaConf.set_struct(cfg.augment.ops, False)
     for group in ("networks", "losses", "methods"):
         OmegaConf.set_struct(cfg[group], False)

@@ -99,7 +99,7 @@ LENGTHS: dict[str, int] = {"data.target_spacing": 3, "data.patch_size": 3, "data
 # Keys naming one source, or a list of sources, or a mapping keyed by source.
 SOURCE_KEYS = ("data.holdout", "fewshot.source", "selection.val_source")
 SOURCE_LIST_KEYS = ("data.sources", "data.train_sources", "data.test_sources")
-SOURCE_MAP_KEYS = ("data.policies", "data.image_flips", "data.train_cases")
+SOURCE_MAP_KEYS = ("data.policies", "data.image_flips", "data.train_cases", "data.test_cases")
 
 
 @dataclass(frozen=True)
