@@ -7,7 +7,6 @@ the training sources, so model selection never looks at a held-out source.
 from __future__ import annotations
 
 import fnmatch
-
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
