@@ -102,6 +102,12 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
 def build_module(cfg: DictConfig, test_sources, trained_classes=(), train_sources=()) -> SegmentationModule:
     m = cfg.model
     network = {"name": m.name, "context_slices": int(m.context_slices), **selected_args(cfg, "networks", m.name)}
+    # a method's needs (bn_adapt, tent: batch norm), for networks that take the argument; the others keep theirs
+    for key, value in METHODS.lookup(cfg.method.name).network_overrides().items():
+        if key in network and network[key] != value:
+            print(f"[method {cfg.method.name}] networks.{m.name}.{key}={value} (was {network[key]}): the method needs it",
+                  flush=True)
+            network[key] = value
     inference = dict(OmegaConf.to_container(cfg.inference), roi_size=list(cfg.data.patch_size))
     loss = {"name": cfg.loss.name, **selected_args(cfg, "losses", cfg.loss.name)}
     return SegmentationModule(network=network, loss=loss, optim=OmegaConf.to_container(cfg.optim), inference=inference,

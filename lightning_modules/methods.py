@@ -4,6 +4,8 @@
 never passed here), typed by the params dataclass each method registers. The hooks, in the order a run meets them:
 
 - `data_overrides()`     datamodule arguments (source_balanced: sampling)
+- `network_overrides()`  network arguments the method cannot do without (bn_adapt, tent: batch norm); every
+                         other method trains the configured network (instance norm by default)
 - `attach(module)`       adds submodules or forward hooks when the module is built, before the optimizer
 - `transform_batch(...)` the training batch after its transfer to the device (bigaug, randconv)
 - `begin_step(batch, module)` the training batch just before the network's forward pass: each sample's
@@ -63,6 +65,10 @@ class Method:
 
     @classmethod
     def data_overrides(cls) -> dict:
+        return {}
+
+    @classmethod
+    def network_overrides(cls) -> dict:
         return {}
 
     def attach(self, module) -> None:
@@ -525,6 +531,11 @@ def reestimate_statistics(net: nn.Module, crops: Iterable[torch.Tensor], who: st
 
 class _TestTime(Method):
     test_time = True
+
+    @classmethod
+    def network_overrides(cls) -> dict:
+        # they adapt batch-norm statistics (and affine parameters): the only methods that need batch norm
+        return {"norm": "batch"}
 
     def _crops(self, module, images) -> list[torch.Tensor]:
         """One batch of `crops_per_case` random patches per test volume: batch statistics over several

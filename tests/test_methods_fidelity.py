@@ -248,3 +248,21 @@ def test_seed004_preset_tests_the_ten_coronacases_only():
         transfer_split(cases, ["covid19_20"], ["ctseg"], 0.2, 0, test_cases={"nsclc": ["*"]})
     with pytest.raises(ValueError, match=r"data\.test_cases\.ctseg: no test case of ctseg matches"):
         transfer_split(cases, ["covid19_20"], ["ctseg"], 0.2, 0, test_cases={"ctseg": ["nope_*"]})
+
+# ---------------------------------------------------------------- methods comparison batch sizes
+
+
+def test_methods_preset_states_a_meaningful_batch_and_keeps_instance_norm():
+    from experiments.build import build_module
+
+    cfg = load_config(["experiment=methods"])
+    assert cfg.data.batch_size >= 8 and cfg.methods.mixstyle.pairing == "crossdomain"
+    assert cfg.networks.unet.norm == "instance"
+    norms = {}
+    for name in ("erm", "mixstyle", "dsu", "bn_adapt", "tent"):
+        c = load_config(["experiment=methods", f"method.name={name}"])
+        module = build_module(c, ["mosmed"], train_sources=["covid19_20", "ctseg"])
+        norms[name] = {type(m).__name__ for m in module.net.modules() if "Norm" in type(m).__name__}
+    # only the test-time methods, which adapt batch-norm statistics, switch the network to batch norm
+    assert norms["erm"] == norms["mixstyle"] == norms["dsu"] == {"InstanceNorm3d"}
+    assert norms["bn_adapt"] == norms["tent"] == {"BatchNorm3d"}
