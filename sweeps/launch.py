@@ -30,7 +30,7 @@ import yaml
 from rundir.atomic import atomic_write_text, write_json
 from sweeps.expand import SweepError, load_sweep, wandb_spec
 
-PRESETS = {"smoke": "smoke", "demo": "demo", "full": "default"}
+PRESETS = {"smoke": "smoke", "demo": "demo", "methods": "methods", "full": "default"}  # methods: experiment=methods (8-patch batches)
 BACKENDS = ("local", "wandb", "slurm")
 # The experiments, as programs: the sweep layer launches them and imports nothing from them (their config,
 # protocols and run folders stay theirs). PLAN answers what a sweep's runs are; RUN is one run.

@@ -80,6 +80,9 @@ def test_seed004_train_covid19_20_test_mosmed_and_ctseg(tmp_path, args):
     assert info["loss"] == "weighted_ce" and info["method"] == "erm"  # the paper's loss, frequencies from training
     assert {r["source"] for r in rows} == {"mosmed", "ctseg"}
     assert not [r for r in info["split"] if r["source"] != "covid19_20" and r["role"] != "test"]
+    # the paper's "10 annotated cases" of COVID-19-CT-Seg: the coronacases (data.test_cases)
+    tested = {r["case"] for r in rows if r["source"] == "ctseg"}
+    assert tested and all(c.startswith("coronacases_") for c in tested)
 
 
 def test_seed000_2d_slices_with_grouped_opacity_classes(tmp_path, args):
