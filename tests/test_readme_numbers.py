@@ -92,6 +92,17 @@ def test_unknown_job_is_refused():
         rn.main(["--only", "nosuch", "--dry-run"])
 
 
+def test_demo_printout_block(tmp_path):
+    _, runs = fake_repo(tmp_path)
+    (name, render), = rn.JOBS["demo"].extra
+    assert name == "demo-output"
+    out = render(runs)
+    assert out.startswith("```\nrun folder: runs/loso/mosmed-demo-abcdef12\n  test/mosmed/dice = 0.3652\n")
+    assert "  val/mean/dice = 0.6605\n" in out and out.endswith("```\n")
+
+
 def test_every_job_has_a_block_in_the_docs():
     for name in rn.JOBS:
         assert rn.files_with(name), f"no <!-- numbers:{name} --> block in README.md or docs/"
+    for name, _ in rn.JOBS["demo"].extra:
+        assert rn.files_with(name), name

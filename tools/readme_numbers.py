@@ -48,6 +48,7 @@ class Job:
     argv: Callable[[Path], list[str]]  # the command run, given the scratch runs folder
     table: Callable[[Path, float | None], str]  # the block's table, given the runs folder and the wall time
     about: str
+    extra: tuple[tuple[str, Callable[[Path], str]], ...] = ()  # further blocks (name, render) from the same runs
 
 
 def _fmt_s(wall: float | None) -> str:
@@ -71,6 +72,18 @@ def loso_row(shown: str, experiment: str, holdout: str = "mosmed") -> Callable[[
         return LOSO_HEADER + (f"| `{shown}` | {_fmt_s(wall)} | {m[t + '/dice']:.3f} | {m[t + '/nsd']:.3f} "
                               f"| {m[t + '/hd95']:.0f} mm | {m['val/mean/dice']:.3f} |\n")
     return table
+
+
+def loso_printout(experiment: str, holdout: str = "mosmed") -> Callable[[Path], str]:
+    """The end of what the run prints: its folder and the held-out metrics (as in the README)."""
+    def render(runs: Path) -> str:
+        run = _single_run(runs, "loso", f"{holdout}-{experiment}")
+        m = json.loads((run / "metrics.json").read_text())
+        shown = Path("runs") / "loso" / run.name
+        keys = [f"test/{holdout}/dice", f"test/{holdout}/hd95", f"test/{holdout}/nsd", "val/mean/dice"]
+        body = "\n".join(f"  {k} = {m[k]:.4f}" for k in keys)
+        return f"```\nrun folder: {shown}\n{body}\n  ...\n  (phantom data: synthetic sources)\n```\n"
+    return render
 
 
 def sweep_table(sweep: str, headline: str) -> Callable[[Path, float | None], str]:
@@ -98,7 +111,8 @@ JOBS: dict[str, Job] = {j.name: j for j in [
     Job("demo", "make demo",
         lambda runs: [sys.executable, "-m", "experiments.loso", "--holdout", "mosmed", "experiment=demo",
                       f"paths.runs={runs}"],
-        loso_row("make demo", "demo"), "LOSO demo, MosMed held out (about 2-4 min on 2 shared cores)"),
+        loso_row("make demo", "demo"), "LOSO demo, MosMed held out (about 2-4 min on 2 shared cores)",
+        extra=(("demo-output", loso_printout("demo")),)),
     Job("smoke", "python -m experiments.loso --holdout mosmed experiment=smoke",
         lambda runs: [sys.executable, "-m", "experiments.loso", "--holdout", "mosmed", "experiment=smoke",
                       f"paths.runs={runs}"],
@@ -219,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.monotonic() - t0
         content = job.table(runs, wall) + "\n" + stamp(job, wall, today, where, libs)
         changed = apply(name, content, root)
+        for extra, render in job.extra:
+            if files_with(extra, root):
+                changed += apply(extra, render(runs), root)
         print(content + f"  rewrote: {', '.join(str(p.relative_to(root)) for p in changed) or 'nothing changed'}",
               flush=True)
     if not args.dry_run:
