@@ -31,7 +31,9 @@ CONFIGS = ROOT / "experiments" / "configs"
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
-    return [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
+    """README.md and docs/**/*.md, except docs/incoming/ (helpers' notes, waiting to be merged into the pages)."""
+    return [root / "README.md"] + sorted(p for p in (root / "docs").rglob("*.md")
+                                         if "incoming" not in p.relative_to(root / "docs").parts[:-1])
 
 
 # ---------------------------------------------------------------- markdown parsing
