@@ -90,6 +90,15 @@ def test_main_rewrites_readme_and_docs_with_a_stamp(tmp_path, capsys):
 def test_unknown_job_is_refused():
     with pytest.raises(SystemExit):
         rn.main(["--only", "nosuch", "--dry-run"])
+    with pytest.raises(SystemExit):
+        rn.main(["--only", "demo,smoke", "--reuse", "x", "--wall", "3"])
+
+
+def test_reuse_with_a_measured_wall_time(tmp_path):
+    root, runs = fake_repo(tmp_path)
+    assert rn.main(["--only", "demo", "--reuse", str(runs), "--wall", "91.2", "--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| `make demo` | 91 s | 0.365 |" in text and ": 91 s wall;" in text
 
 
 def test_demo_printout_block(tmp_path):

@@ -16,7 +16,8 @@ the date they state.
     python -m tools.readme_numbers [--only demo,smoke] [--dry-run] [--runs DIR] [--reuse DIR]
 
 `--dry-run` prints the commands and the blocks they would rewrite, and runs nothing. `--reuse DIR` reads
-the results of an earlier run of the same commands under DIR instead of running them (wall time unknown).
+the results of an earlier run of the same commands under DIR instead of running them (wall time unknown,
+or given with `--wall SECONDS` for one job).
 """
 from __future__ import annotations
 
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print what would run and be rewritten; run nothing")
     ap.add_argument("--runs", type=Path, help="scratch runs folder (default: a fresh temporary folder)")
     ap.add_argument("--reuse", type=Path, help="read the results of earlier runs under this folder; run nothing")
+    ap.add_argument("--wall", type=float, help="with --reuse and one job: the wall time (s) measured when it ran")
     ap.add_argument("--root", type=Path, default=ROOT, help="repository whose README.md and docs/ are rewritten")
     args = ap.parse_args(argv)
 
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in JOBS]
     if unknown:
         ap.error(f"unknown job(s) {unknown}; known: {', '.join(JOBS)}")
+    if args.wall is not None and not (args.reuse and len(names) == 1):
+        ap.error("--wall goes with --reuse and one job")
     if args.reuse or args.runs:
         runs = args.reuse or args.runs
     else:
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  warning: no <!-- numbers:{name} --> block in README.md or docs/", flush=True)
         if args.dry_run:
             continue
-        wall = None
+        wall = args.wall
         if not args.reuse:
             t0 = time.monotonic()
             subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
