@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(tempfile.gettempdir(), "readme-numbers-XXXX") if args.dry_run else \
             Path(tempfile.mkdtemp(prefix="readme-numbers-"))
     root = args.root.resolve()
-    today, where, libs = dt.date.today(), machine(), versions()
+    today, libs = dt.date.today(), versions()
+    where = f"{os.cpu_count()} CPU cores (load during the run not recorded)" if args.reuse else machine()
 
     for name in names:
         job = JOBS[name]
