@@ -11,11 +11,12 @@ PRESET ?= smoke
 BACKEND ?= local
 SWEEP ?= selection
 QUICK ?=
+ONLY ?=
 # torch is pinned to the CPU wheel this workplace keeps on disk; a looser range would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint demo smoke loso report bench clean sweep-transfer sweep-loso sweep sweep-nnunet
+.PHONY: help install test test-all lint demo smoke loso report bench clean sweep-transfer sweep-loso sweep sweep-nnunet readme-numbers
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -64,6 +65,9 @@ report: install ## tables and plots over every finished run under $(RUNS), into 
 
 bench: install ## all benchmarks in one run -> bench/results.{json,md} (QUICK=1: a few minutes on 2 cores)
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick) --out bench
+
+readme-numbers: install ## rerun the documented commands, rewrite the numbers tables of README.md and docs/ (ONLY=demo,smoke; ARGS=--dry-run)
+	WANDB_MODE=offline $(PY) -m tools.readme_numbers $(if $(ONLY),--only $(ONLY)) $(ARGS)
 
 clean: ## remove caches, runs and the venv
 	rm -rf $(VENV) .cache runs reports wandb *.egg-info .pytest_cache .ruff_cache
