@@ -36,6 +36,7 @@ from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import LabelError
 from datamodules.sources import SOURCES, DataLayoutError, get_source
 from datamodules.sources.custom import register_custom_source
+from rundir.cli import run_cli
 
 EXIT_STATUS = """exit status: 0 no problem found; 1 problems found, each naming its file (duplicate scans are
 reported, not problems); 2 could not check: unreadable root, bad arguments, or an unexpected error
@@ -281,4 +282,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m datamodules.verify"))

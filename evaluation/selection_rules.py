@@ -3,7 +3,7 @@
 A run appends one record per validated epoch to `records.jsonl` in its folder
 (experiments.epoch_records.EpochRecords), one JSON object a line:
 
-    {"epoch": 3,                      # Lightning's 0-based epoch (printed as `[epoch 4/N]`)
+    {"epoch": 4,                      # the epoch's number, 1-based as printed (`[epoch 4/N]`; epoch_number)
      "step": 64,                      # global_step: identifies the weights (run.json's `global_step`)
      "checkpoints": ["checkpoints/best-epoch003.ckpt"],   # files written with these weights, relative to
                                       # the run folder ([] if none; a rule may have replaced them since)
@@ -28,6 +28,14 @@ ORACLE_KEY = "oracle/mean/selection_dice"  # the same score on the test cases (o
 Record = dict
 Rule = Callable[..., "Record | None"]
 RULES: dict[str, Rule] = {}
+
+
+def epoch_number(lightning_epoch: int) -> int:
+    """The epoch's number as covid-dg writes it everywhere (printed lines, records.jsonl, run.json,
+    checkpoint file names, reports): 1-based, `[epoch 4/N]`. Lightning counts from 0 (trainer.current_epoch,
+    a checkpoint's `epoch`): convert here, at the boundary, and nowhere else (issue 19: run.json called the
+    same weights epoch 11 and epoch 12)."""
+    return int(lightning_epoch) + 1
 
 
 def rule(name: str) -> Callable[[Rule], Rule]:

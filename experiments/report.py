@@ -17,6 +17,7 @@ configuration is an error.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from evaluation.reporting.common import METRICS, PHANTOM_MARK, ReportError
@@ -25,6 +26,7 @@ from evaluation.reporting.render import write_report
 from evaluation.reporting.runs import collect_runs
 from evaluation.reporting.tables import build_tables
 from evaluation.reporting.wandb_log import log_wandb
+from rundir.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,4 +59,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "python -m experiments.report"))

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from evaluation.aggregate import ROW_COLUMNS, is_count
+from evaluation.selection_rules import epoch_number
 from experiments.build import is_rank_zero
 from experiments.checkpoints import read_checkpoint
 from experiments.selection import chosen_checkpoint
@@ -24,13 +25,14 @@ Tester = Callable[[str, Path, bool], tuple[dict, list]]
 
 
 def progress_of(ckpt: str) -> tuple[int | None, int | None]:
-    """(epoch, global_step) stored in a Lightning checkpoint: `epoch` is the 0-based epoch in progress when it was
-    saved (the rules' checkpoints when validation ends, last.ckpt when the training epoch ends: the same
-    epoch), the step identifies the weights. Read with weights_only (experiments.checkpoints): an unreadable
+    """(epoch, global_step) of a Lightning checkpoint: `epoch` is the number (1-based, as printed:
+    evaluation.selection_rules.epoch_number) of the epoch in progress when it was saved (the rules'
+    checkpoints when validation ends, last.ckpt when the training epoch ends: the same epoch; Lightning's
+    fit-loop counters differ between the two), the step identifies the weights. Read with weights_only (experiments.checkpoints): an unreadable
     or crafted file raises CheckpointError naming it."""
     state = read_checkpoint(ckpt)
     try:
-        return int(state["epoch"]), int(state["global_step"])
+        return epoch_number(state["epoch"]), int(state["global_step"])
     except (KeyError, TypeError, ValueError):
         return None, None
 
