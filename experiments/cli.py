@@ -13,6 +13,7 @@ checkout's benchmarks/) says so in one line.
 """
 from __future__ import annotations
 
+import importlib.util
 import runpy
 import sys
 import warnings
@@ -65,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = COMMANDS[command][0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its package is missing
+        found = False
+    if not found:
+        print(f"{PROG}: error: command {command!r} needs the module {module}, which is not part of this "
+              f"installation" + (" (run it from a checkout of covid-dg)" if command == "bench" else ""),
+              file=sys.stderr)
+        return 2
     saved = sys.argv
     sys.argv = [f"{PROG} {command}", *args, *(["--debug"] if debug else [])]
     try:
@@ -72,13 +82,6 @@ def main(argv: list[str] | None = None) -> int:
             # runpy's note that the module was imported before (a test, or `covid-dg` run in-process)
             warnings.filterwarnings("ignore", message=".*found in sys.modules.*", category=RuntimeWarning)
             runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except ModuleNotFoundError as e:
-        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
-            raise  # a dependency missing inside the command: its own error
-        print(f"{PROG}: error: command {command!r} needs the module {module}, which is not part of this "
-              f"installation" + (" (run it from a checkout of covid-dg)" if command == "bench" else ""),
-              file=sys.stderr)
-        return 2
     except SystemExit as e:
         code = e.code
         if code is None:

@@ -189,6 +189,29 @@ def check_relations(values: Mapping) -> None:
                          f"(0..{len(folds) - 1})")
 
 
+# selection rules that pick by a validation score (experiments.selection.MONITOR): they need a validation epoch
+VALIDATED_RULES = ("training_domain", "loso", "oracle")
+
+
+def check_schedule(values: Mapping) -> None:
+    """Settings that would train for nothing: a rule that picks by validation needs an epoch that validates
+    (Lightning validates after epochs k * check_val_every_n_epoch), and `training_domain` needs validation
+    patients (data.val_fraction > 0). Found after training, this was a crash with the weights unsaved.
+    Called when a run starts (experiments.build.validate_config), before any data is read; not by
+    load_config, where each value alone is legal (a config loaded to list or plan it need not train)."""
+    t, sel = values["trainer"], values["selection"]
+    rules = list(dict.fromkeys(str(r) for r in [sel["method"], *sel["report"]]))
+    needs = [r for r in rules if r in VALIDATED_RULES]
+    if needs and t["max_epochs"] < t["check_val_every_n_epoch"]:
+        raise ValueError(f"trainer.max_epochs={t['max_epochs']} < trainer.check_val_every_n_epoch="
+                         f"{t['check_val_every_n_epoch']}: no epoch would validate, and selection {needs} picks by "
+                         f"validation; set trainer.check_val_every_n_epoch={t['max_epochs']} (or less), or "
+                         "selection.method=last selection.report=[]")
+    if str(sel["method"]) == "training_domain" and values["data"]["val_fraction"] == 0:
+        raise ValueError("data.val_fraction=0 leaves no validation patients, and selection.method=training_domain "
+                         "picks by them; set data.val_fraction>0, or selection.method=last")
+
+
 def check_choices(values: Mapping) -> None:
     """Lists of choices, whose allowed sets other modules own (imported here, so the two cannot drift apart).
     Single choices are enums in the schema: OmegaConf checked them while merging."""
