@@ -123,7 +123,8 @@ def run_cli(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None 
         if debug:
             raise
         code = next(code for cls, code in status.items() if isinstance(e, cls))
-        message = first_line(e)
+        # an error may list several things on purpose (datamodules.DataError: one line per bad file)
+        message = str(e).strip() if getattr(e, "multiline", False) else first_line(e)
         prefix = "" if message.startswith("error:") else "error: "
         print(f"{prog}: {prefix}{message}  ({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
         return code

@@ -255,3 +255,34 @@ def test_python_dash_m_still_works_and_debug_is_accepted():
     proc = subprocess.run([sys.executable, "-m", "experiments.loso", "--holdout", "mosmd", "--debug"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "did you mean 'mosmed'" in proc.stderr
+
+
+# --- data errors (item 7): every bad file, once, and what to do about them
+
+def test_every_truncated_file_is_named_once_with_the_way_out(tmp_path, capsys):
+    from datamodules.datamodule import DataError, MultiSourceDataModule
+    from datamodules.harmonize import HarmonizerConfig
+    from tests.badinputs.verify_eval import mosmed_tree
+
+    for i in range(5):
+        root, image, _ = mosmed_tree(tmp_path, study=f"study_{255 + i:04d}")
+        if i in (1, 3):  # two truncated scans: fingerprinting meets the first, harmonizing both
+            data = image.read_bytes()
+            image.write_bytes(data[: len(data) // 2])
+    dm = MultiSourceDataModule(root, tmp_path / "cache", ["mosmed"], train_sources=["mosmed"], test_sources=["mosmed"],
+                               harmonizer=HarmonizerConfig(target_spacing=(8.0, 8.0, 10.0)), patch_size=(16, 16, 8),
+                               val_fraction=0.0, find_duplicates=True)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    lines = str(err.value).splitlines()
+    assert lines[0] == "2 problem(s) in the input data:"
+    for path in (str(root / "mosmed/COVID19_1110/studies/CT-1/study_0256.nii.gz"),
+                 str(root / "mosmed/COVID19_1110/studies/CT-1/study_0258.nii.gz")):
+        assert sum(path in line for line in lines) == 1, (path, lines)
+    assert f"covid-dg verify --root {root}" in lines[-1] and "data.on_error=skip" in lines[-1]
+    assert len(lines) == 4  # summary, two files, the way out
+    # at the command line: the whole list, not its first line, and no traceback
+    assert rcli.run_cli(lambda argv: dm.prepare_data(), "prog", []) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    start = next(i for i, line in enumerate(err_lines) if line.startswith("prog: error:"))  # after progress bars
+    assert err_lines[start:] == ["prog: error: " + lines[0], *lines[1:-1], lines[-1] + "  (--debug shows the traceback)"]
