@@ -78,6 +78,28 @@ def best_by(records: Iterable[Record], key: str) -> Record | None:
     return max(scored, key=lambda t: (t[0], t[1]))[2]
 
 
+# the score each rule picks by (rules not listed pick by none)
+RULE_KEYS = {"training_domain": VAL_KEY, "loso": VAL_KEY, "oracle": ORACLE_KEY}
+DEGENERATE_MARK = "†"  # reports and matrices mark results whose model selection was degenerate
+
+
+def degenerate(records: Sequence[Record], key: str) -> str | None:
+    """Why a selection by `key` over these records chooses nothing real, or None when it does: `key` undefined
+    (missing, NaN, inf) at every validation check, or at most one distinct value across two or more checks
+    (e.g. one validation patient at Dice 0 every time). The run then tests its last epoch instead, says so,
+    and records `selection.degenerate` (issue 19: a flat score silently picked an early, undertrained epoch)."""
+    values = [score(r, key) for r in records]
+    defined = [v for v in values if v is not None]
+    if not values:
+        return None  # no validation check at all: the preflight refuses that before training
+    if not defined:
+        return f"{key} is undefined at every one of the {len(values)} validation check(s)"
+    if len(values) >= 2 and len(set(defined)) == 1:
+        undefined = f" ({len(values) - len(defined)} undefined)" if len(defined) < len(values) else ""
+        return f"{key} is {defined[0]:.4g} at every one of the {len(values)} validation checks{undefined}"
+    return None
+
+
 def validated_sources(r: Record, stage: str = "val") -> set[str]:
     """The sources a record's `stage` scored (aggregate() logs `{stage}/{source}/cases` for each)."""
     return {k.split("/")[1] for k in r if k.startswith(f"{stage}/") and k.endswith("/cases")
