@@ -115,8 +115,9 @@ def run_cli(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None 
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     _debug = debug
     quiet_third_party_warnings()
-    status = {cls: 2 for cls in USER_ERRORS}
-    status.update(errors or {})
+    status = dict(errors or {})  # the entry point's classes first: they may subclass a default one
+    for cls in USER_ERRORS:
+        status.setdefault(cls, 2)
     try:
         result = main(argv)
     except tuple(status) as e:

@@ -286,3 +286,14 @@ def test_every_truncated_file_is_named_once_with_the_way_out(tmp_path, capsys):
     err_lines = capsys.readouterr().err.strip().splitlines()
     start = next(i for i, line in enumerate(err_lines) if line.startswith("prog: error:"))  # after progress bars
     assert err_lines[start:] == ["prog: error: " + lines[0], *lines[1:-1], lines[-1] + "  (--debug shows the traceback)"]
+
+
+def test_an_entry_points_own_error_class_keeps_its_exit_status(capsys):
+    class InUse(ValueError):  # a ValueError subclass with its own status: the entry point's mapping wins
+        pass
+
+    def main(argv):
+        raise InUse("run folder x in use by pid 1")
+
+    assert rcli.run_cli(main, "prog", [], errors={InUse: 1}) == 1
+    assert "prog: error: run folder x in use by pid 1" in capsys.readouterr().err
