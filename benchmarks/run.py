@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from experiments.tracking import atomic_write_text, write_json
+from rundir.cli import run_cli
 
 
 def _metrics(quick: bool) -> dict:
@@ -106,4 +107,4 @@ def to_markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m benchmarks.run"))

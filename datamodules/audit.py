@@ -38,6 +38,7 @@ from datamodules.harmonize import HarmonizerConfig, align_mask, harmonize_case, 
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import CLASSES, IGNORE, OPACITY, LabelError, LabelPolicy
 from datamodules.sources import DataLayoutError, get_source
+from rundir.cli import run_cli
 
 # Value histograms: 10 HU bins from just below air to dense bone; the stored values of an 8-bit export
 # (0..255) fall into the same axis, which is what makes an undecoded source visible next to HU ones.
@@ -339,4 +340,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m datamodules.audit"))

@@ -31,7 +31,10 @@ CASE_ERRORS = (VolumeError, LabelError)
 
 
 class DataError(ValueError):
-    """Bad input files, listed one per line (raised with data.on_error=fail)."""
+    """Bad input files, listed one per line (raised with data.on_error=fail). Its message is several lines
+    on purpose (a summary, one line per file, what to do): entry points print it whole (rundir.cli)."""
+
+    multiline = True
 
 
 def discover_sources(data_root: str | Path, sources: Sequence[str], on_error: str = "fail",
@@ -59,16 +62,21 @@ def discover_sources(data_root: str | Path, sources: Sequence[str], on_error: st
             raise FileNotFoundError(f"{name}: no labelled case found under {adapter.root}"
                                     + (f"; problems found:{why}" if why else ""))
         cases += found
-    report_problems([str(p) for p in problems], on_error)
+    report_problems([str(p) for p in problems], on_error, data_root)
     return cases, adapters
 
 
-def report_problems(problems: Sequence[str], on_error: str) -> None:
+def report_problems(problems: Sequence[str], on_error: str, data_root: str | Path | None = None) -> None:
+    """With on_error=fail, one DataError naming every problem (each once, in order), and how to see them
+    all before a run (datamodules.verify) or run without them (data.on_error=skip); with skip, print each."""
+    problems = list(dict.fromkeys(problems))
     if not problems:
         return
     if on_error == "fail":
-        raise DataError(f"{len(problems)} problem(s) in the input data (data.on_error=skip leaves those cases "
-                        "out):\n  " + "\n  ".join(problems))
+        root = f" --root {data_root}" if data_root is not None else " --root DATA_ROOT"
+        raise DataError(f"{len(problems)} problem(s) in the input data:\n  " + "\n  ".join(problems)
+                        + f"\ncheck the whole data root with `covid-dg verify{root}` (python -m datamodules.verify), "
+                        "or leave these cases out with data.on_error=skip")
     for p in problems:
         print(f"[data.on_error=skip] skipped: {p}", flush=True)
 
@@ -111,6 +119,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
         self.source_ids = {s: i for i, s in enumerate(self.sources)}
         self.split: Split | None = None
         self.cached: dict[str, list[CachedCase]] = {}
+        self._early_problems: dict[str, str] = {}  # case key -> why fingerprinting could not read it
         self.on_error = str(on_error)
         self.policies = dict(policies or {})
         self.image_flips = dict(image_flips or {})
@@ -150,15 +159,15 @@ class MultiSourceDataModule(pl.LightningDataModule):
                               **self.split_options)
 
     def _merge_duplicates(self, cases: list[Case]) -> list[Case]:
-        """The same scan under two names or sources is one patient: no split may put it on both sides."""
+        """The same scan under two names or sources is one patient: no split may put it on both sides. An
+        unreadable case is not fingerprinted; harmonizing meets it again and reports it with every other
+        bad case (issue 19: stopping here named only the first bad file)."""
         fingerprints = []
         for case in (c for c in cases if c.labelled):
             try:
                 fingerprints.append(fingerprint.cached_fingerprint(case, self.cache.root.parent / "fingerprints"))
-            except CASE_ERRORS:
-                if self.on_error == "fail":
-                    raise
-                # skip: the unreadable case is reported (and left out) when harmonizing
+            except CASE_ERRORS as e:
+                self._early_problems[case.key] = str(e)
         self.duplicates = fingerprint.group_fingerprints(fingerprints)
         for g in self.duplicates:
             print(f"[duplicates] {g.describe()}: grouped as one patient", flush=True)
@@ -175,6 +184,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
         for (role, case), entry in zip(roles, entries):
             if isinstance(entry, CASE_ERRORS):
                 problems.append(f"{case.key} ({role}): {entry}")
+                self._early_problems.pop(case.key, None)  # the same file's error, found again
             elif isinstance(entry, Exception):
                 raise entry  # not a per-case input problem: a bug or a broken environment stops the run
             else:
@@ -183,9 +193,12 @@ class MultiSourceDataModule(pl.LightningDataModule):
 
     def _load(self) -> None:
         """Discover, split (transfer_split asserts no leakage) and harmonize into the cache; keep the result."""
+        self._early_problems = {}
         split = self.make_split()
         problems = self._harmonize(split)
-        report_problems(problems, self.on_error)
+        # a case that failed fingerprinting but not harmonizing (a split that left it out): still bad input
+        problems += [f"{key}: {msg}" for key, msg in self._early_problems.items()]
+        report_problems(problems, self.on_error, self.data_root)
         self.skipped += problems
         if problems:  # the split must describe exactly what is loaded (the runner checks the tested cases)
             kept = {c.key for role in ("train", "val", "test") for c in self.cached[role]}

@@ -36,6 +36,7 @@ from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import LabelError
 from datamodules.sources import SOURCES, DataLayoutError, get_source
 from datamodules.sources.custom import register_custom_source
+from rundir.cli import did_you_mean, run_cli
 
 EXIT_STATUS = """exit status: 0 no problem found; 1 problems found, each naming its file (duplicate scans are
 reported, not problems); 2 could not check: unreadable root, bad arguments, or an unexpected error
@@ -216,7 +217,7 @@ def print_report(report: dict) -> None:
         for p in report["problems"]:
             print(f"  {p['source']}: {p['file']}: {p['message']}")
     else:
-        print("no problem found")
+        print("no case found, so none checked" if nothing_found(report) else "no problem found")
 
 
 def parse_flip_args(items: list[str]) -> dict[str, dict[str, str]]:
@@ -253,7 +254,8 @@ def main(argv=None) -> int:
     names = args.sources.split(",") if args.sources else sorted(SOURCES)
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
-        print(f"error: unknown source(s) {unknown}; registered: {sorted(SOURCES)}", file=sys.stderr)
+        print(f"error: unknown source(s) {unknown}{did_you_mean(unknown[0], SOURCES)}; registered: "
+              f"{sorted(SOURCES)}", file=sys.stderr)
         return 2
     try:
         flips = parse_flip_args(args.image_flips)
@@ -277,8 +279,28 @@ def main(argv=None) -> int:
         print(f"error: {len(report['unchecked'])} case(s) could not be checked (listed as problems above)",
               file=sys.stderr)
         return 2
+    empty = nothing_found(report)
+    if empty:  # "no problem found" about no data at all would pass a wrong --root as clean
+        print(f"error: {empty}", file=sys.stderr)
+        return 2
     return 1 if report["problems"] else 0
 
 
+def nothing_found(report: dict) -> str | None:
+    """Why the report checked no case at all (no source folder, or folders without a case), naming what was
+    searched; None when some case was checked."""
+    sources = report["sources"]
+    if any(s.get("found") and (s.get("cases") or 0) > 0 for s in sources.values()):
+        return None
+    found = [n for n, s in sources.items() if s.get("found")]
+    searched = ", ".join(f"{s['folder']}" for s in sources.values()) if len(sources) <= 3 else \
+        f"{report['root']}/<source>/ for {', '.join(sources)}"
+    if not found:
+        return (f"nothing to check: no source folder found under {report['root']} (searched {searched}); --root is "
+                "the folder holding one sub-folder per source, named as `python -m experiments.list` lists them")
+    return (f"nothing to check: the source folder(s) of {found} under {report['root']} hold no case in their "
+            "official layout (see each source's layout in docs)")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m datamodules.verify"))

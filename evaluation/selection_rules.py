@@ -3,7 +3,7 @@
 A run appends one record per validated epoch to `records.jsonl` in its folder
 (experiments.epoch_records.EpochRecords), one JSON object a line:
 
-    {"epoch": 3,                      # Lightning's 0-based epoch (printed as `[epoch 4/N]`)
+    {"epoch": 4,                      # the epoch's number, 1-based as printed (`[epoch 4/N]`; epoch_number)
      "step": 64,                      # global_step: identifies the weights (run.json's `global_step`)
      "checkpoints": ["checkpoints/best-epoch003.ckpt"],   # files written with these weights, relative to
                                       # the run folder ([] if none; a rule may have replaced them since)
@@ -28,6 +28,14 @@ ORACLE_KEY = "oracle/mean/selection_dice"  # the same score on the test cases (o
 Record = dict
 Rule = Callable[..., "Record | None"]
 RULES: dict[str, Rule] = {}
+
+
+def epoch_number(lightning_epoch: int) -> int:
+    """The epoch's number as covid-dg writes it everywhere (printed lines, records.jsonl, run.json,
+    checkpoint file names, reports): 1-based, `[epoch 4/N]`. Lightning counts from 0 (trainer.current_epoch,
+    a checkpoint's `epoch`): convert here, at the boundary, and nowhere else (issue 19: run.json called the
+    same weights epoch 11 and epoch 12)."""
+    return int(lightning_epoch) + 1
 
 
 def rule(name: str) -> Callable[[Rule], Rule]:
@@ -68,6 +76,28 @@ def best_by(records: Iterable[Record], key: str) -> Record | None:
     if not scored:
         return None
     return max(scored, key=lambda t: (t[0], t[1]))[2]
+
+
+# the score each rule picks by (rules not listed pick by none)
+RULE_KEYS = {"training_domain": VAL_KEY, "loso": VAL_KEY, "oracle": ORACLE_KEY}
+DEGENERATE_MARK = "†"  # reports and matrices mark results whose model selection was degenerate
+
+
+def degenerate(records: Sequence[Record], key: str) -> str | None:
+    """Why a selection by `key` over these records chooses nothing real, or None when it does: `key` undefined
+    (missing, NaN, inf) at every validation check, or at most one distinct value across two or more checks
+    (e.g. one validation patient at Dice 0 every time). The run then tests its last epoch instead, says so,
+    and records `selection.degenerate` (issue 19: a flat score silently picked an early, undertrained epoch)."""
+    values = [score(r, key) for r in records]
+    defined = [v for v in values if v is not None]
+    if not values:
+        return None  # no validation check at all: the preflight refuses that before training
+    if not defined:
+        return f"{key} is undefined at every one of the {len(values)} validation check(s)"
+    if len(values) >= 2 and len(set(defined)) == 1:
+        undefined = f" ({len(values) - len(defined)} undefined)" if len(defined) < len(values) else ""
+        return f"{key} is {defined[0]:.4g} at every one of the {len(values)} validation checks{undefined}"
+    return None
 
 
 def validated_sources(r: Record, stage: str = "val") -> set[str]:

@@ -14,6 +14,7 @@ from datamodules.label_policy import CLASSES
 from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
 from datamodules.sources.custom import register_custom_source
 from experiments.config import selected_args
+from experiments.config_checks import check_schedule
 from lightning_modules.methods import METHODS
 from lightning_modules.networks import build_network
 from lightning_modules.segmentation import SegmentationModule
@@ -42,9 +43,13 @@ def resolve_data_root(cfg: DictConfig) -> tuple[Path, bool]:
         if not root.is_dir():
             raise FileNotFoundError(f"paths.data_root={root} is not a folder")
         return root, False
+    # source names were checked by load_config (a typo gets a did-you-mean there): these are real sources
+    # (e.g. a custom one) that the phantom suite cannot imitate
     unknown = [s for s in cfg.data.sources if s not in PHANTOM_SOURCES]
     if unknown:
-        raise ValueError(f"no phantom profile for {unknown}; set paths.data_root to real data for these sources")
+        raise ValueError(f"paths.data_root is unset, so the sources are phantoms, and {unknown} have no phantom "
+                         f"profile (phantoms exist for {sorted(PHANTOM_SOURCES)}): set paths.data_root to the "
+                         "folder holding the real data")
     say(PHANTOM_BANNER)
     return ensure_suite(cfg.paths.cache, cfg.data.sources, cfg.phantom.size, cfg.phantom.seed), True
 
@@ -61,6 +66,9 @@ def harmonizer_config(cfg: DictConfig) -> HarmonizerConfig:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    """The preflight of a run, before any data is read: settings that are each legal but cannot work
+    together (config_checks.check_schedule), and the network against the patch size."""
+    check_schedule(OmegaConf.to_container(cfg, resolve=True))
     if "lesion" not in cfg.evaluation.classes:
         raise ValueError("evaluation.classes must define 'lesion' (the primary class metric keys refer to)")
     check_network(cfg)

@@ -20,6 +20,7 @@ from datamodules.alignment import AlignmentConfig
 from datamodules.choices import AugmentWhere, Normalize, OnError, Sampling
 from experiments.choices import EvalSpace, SelectionMethod, WandbMode
 from experiments.config_checks import apply_overrides, check_config, merge_error, split_override
+from rundir.cli import debugging, did_you_mean
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -237,7 +238,9 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
             continue
         path = CONFIG_DIR / kind / f"{name}.yaml"
         if not path.exists():
-            raise ValueError(f"unknown {kind} preset {name!r}; available: {presets(kind)}")
+            what = "experiment preset" if kind == "experiment" else "protocol preset"
+            raise ValueError(f"{kind}={name}: unknown {what} {name!r}{did_you_mean(name, presets(kind))}; "
+                             f"available: {presets(kind)}")
         cfg = _merge_file(cfg, path)
     cfg.experiment = chosen["experiment"]
     cfg.preset = chosen["preset"]
@@ -247,7 +250,8 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         raise ValueError(f"config values missing: {missing}")
     for key, group in (("model", "networks"), ("loss", "losses"), ("method", "methods")):
         if cfg[key].name not in cfg[group]:
-            raise ValueError(f"{key}.name={cfg[key].name!r} has no arguments under `{group}` in the config; "
+            raise ValueError(f"{key}.name={cfg[key].name!r} has no arguments under `{group}` in the config"
+                             f"{did_you_mean(cfg[key].name, cfg[group])}; "
                              f"configured: {sorted(cfg[group])} (python -m experiments.list shows what exists)")
     check_config(cfg)  # ranges, lengths, choices and source names, once, on the merged result
     return cfg
@@ -262,12 +266,15 @@ def _merge_file(cfg: DictConfig, path: Path) -> DictConfig:
 
 
 def cli_config(parser, overrides: list[str]) -> DictConfig:
-    """`load_config` for a command line: a config error (a ValueError naming the key or file) ends as
-    argparse's one-line `error:` with exit status 2, not as a traceback."""
+    """`load_config` for a command line: a config error (a ValueError naming the key or file) ends as one
+    line `<prog>: error: ...` with exit status 2 (argparse's status, without its usage lines: the error
+    names the key), not as a traceback; `--debug` (rundir.cli) raises it instead."""
     try:
         return load_config(overrides)
     except ValueError as e:
-        parser.error(str(e))
+        if debugging():
+            raise
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 def selected_args(cfg: DictConfig, group: str, name: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from omegaconf.errors import (
 )
 
 from datamodules.label_policy import CLASSES
+from rundir.cli import closest, did_you_mean
 
 # Label values of the common space (evaluation.classes.*.values / requires).
 _LABELS = f"[0, {len(CLASSES) - 1}]"
@@ -100,6 +101,9 @@ LENGTHS: dict[str, int] = {"data.target_spacing": 3, "data.patch_size": 3, "data
 SOURCE_KEYS = ("data.holdout", "fewshot.source", "selection.val_source")
 SOURCE_LIST_KEYS = ("data.sources", "data.train_sources", "data.test_sources")
 SOURCE_MAP_KEYS = ("data.policies", "data.image_flips", "data.train_cases", "data.test_cases")
+
+# Groups chosen by `<group>.name`, and the config section holding the arguments of every name.
+NAMED_GROUPS = {"model": "networks", "loss": "losses", "method": "methods"}
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,29 @@ def check_relations(values: Mapping) -> None:
                          f"(0..{len(folds) - 1})")
 
 
+# selection rules that pick by a validation score (experiments.selection.MONITOR): they need a validation epoch
+VALIDATED_RULES = ("training_domain", "loso", "oracle")
+
+
+def check_schedule(values: Mapping) -> None:
+    """Settings that would train for nothing: a rule that picks by validation needs an epoch that validates
+    (Lightning validates after epochs k * check_val_every_n_epoch), and `training_domain` needs validation
+    patients (data.val_fraction > 0). Found after training, this was a crash with the weights unsaved.
+    Called when a run starts (experiments.build.validate_config), before any data is read; not by
+    load_config, where each value alone is legal (a config loaded to list or plan it need not train)."""
+    t, sel = values["trainer"], values["selection"]
+    rules = list(dict.fromkeys(str(r) for r in [sel["method"], *sel["report"]]))
+    needs = [r for r in rules if r in VALIDATED_RULES]
+    if needs and t["max_epochs"] < t["check_val_every_n_epoch"]:
+        raise ValueError(f"trainer.max_epochs={t['max_epochs']} < trainer.check_val_every_n_epoch="
+                         f"{t['check_val_every_n_epoch']}: no epoch would validate, and selection {needs} picks by "
+                         f"validation; set trainer.check_val_every_n_epoch={t['max_epochs']} (or less), or "
+                         "selection.method=last selection.report=[]")
+    if str(sel["method"]) == "training_domain" and values["data"]["val_fraction"] == 0:
+        raise ValueError("data.val_fraction=0 leaves no validation patients, and selection.method=training_domain "
+                         "picks by them; set data.val_fraction>0, or selection.method=last")
+
+
 def check_choices(values: Mapping) -> None:
     """Lists of choices, whose allowed sets other modules own (imported here, so the two cannot drift apart).
     Single choices are enums in the schema: OmegaConf checked them while merging."""
@@ -248,15 +275,16 @@ def check_sources(values: Mapping) -> None:
 
     for key in SOURCE_KEYS:
         if get(key) is not None and get(key) not in known:
-            raise ValueError(f"{key}={get(key)!r}: unknown source; {hint}")
+            raise ValueError(f"{key}={get(key)!r}: unknown source{did_you_mean(get(key), known)}; {hint}")
     for key in SOURCE_LIST_KEYS:
         unknown = [s for s in get(key) if s not in known]
         if unknown:
-            raise ValueError(f"{key}={list(get(key))}: unknown source(s) {unknown}; {hint}")
+            raise ValueError(f"{key}={list(get(key))}: unknown source(s) {unknown}"
+                             f"{did_you_mean(unknown[0], known)}; {hint}")
     for key in SOURCE_MAP_KEYS:
         for name in get(key):
             if name not in known:
-                raise ValueError(f"{key}.{name}: unknown source {name!r}; {hint}")
+                raise ValueError(f"{key}.{name}: unknown source {name!r}{did_you_mean(name, known)}; {hint}")
     for name, policy in values["data"]["policies"].items():
         if not isinstance(policy, str) or policy not in known[name]:
             raise ValueError(f"data.policies.{name}={policy!r}: {name} has the label policies {list(known[name])}")
@@ -305,7 +333,10 @@ def unknown_key_message(cfg: DictConfig, key: str) -> str:
     unknown, parent = ".".join(parts[:depth + 1]), ".".join(parts[:depth])
     where = f" (in {key})" if unknown != key else ""
     present = sorted(node) if isinstance(node, DictConfig) else []
-    return f"unknown key {unknown}{where}; keys under {parent or 'the top level'}: {present}"
+    close = closest(parts[depth], present)
+    # the dotted key the user meant comes first: the list of keys can be long
+    close = f"; did you mean {'.'.join([*parts[:depth], close])}?" if close else ""
+    return f"unknown key {unknown}{where}{close}; keys under {parent or 'the top level'}: {present}"
 
 
 def choice_type(cfg: DictConfig, key: str) -> type[enum.Enum] | None:
@@ -345,8 +376,17 @@ def override_error(cfg: DictConfig, item: str, key: str, value: str, e: Exceptio
     if isinstance(e, ConfigKeyError):
         return ValueError(f"override {item!r}: {unknown_key_message(cfg, key)}")
     if isinstance(target, ListConfig) and not value.lstrip().startswith("["):
-        return ValueError(f"override {item!r}: {key} is a list; write {key}=[{value}] (comma-separated in brackets)")
+        n = LENGTHS.get(key)
+        example = ",".join([value] * n) if n else value
+        count = f"{n} values, " if n else ""
+        return ValueError(f"override {item!r}: {key} is a list; write {key}=[{example}] ({count}comma-separated in "
+                          "brackets)")
     if isinstance(target, DictConfig):
+        if "name" in target and key in NAMED_GROUPS:  # `method=mixstyle` for `method.name=mixstyle`
+            names = sorted(cfg[NAMED_GROUPS[key]])
+            meant = closest(value, names) or value
+            return ValueError(f"override {item!r}: {key} is a group of settings; did you mean {key}.name={meant}? "
+                              f"({NAMED_GROUPS[key]} configured: {names})")
         present = f": {sorted(target)}" if len(target) else ""
         return ValueError(f"override {item!r}: {key} is a group of settings, not one value; set its keys "
                           f"({key}.<name>=...){present}")

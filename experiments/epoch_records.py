@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 
 from evaluation.aggregate import aggregate
-from evaluation.selection_rules import RECORDS, read_records
+from evaluation.selection_rules import RECORDS, epoch_number, read_records
 
 STAGES = ("val", "oracle")
 
@@ -40,12 +40,12 @@ def append_record(path: Path, record: dict) -> None:
 
 
 def truncate_records(path: Path, finished_epochs: int) -> int:
-    """Keep the records of epochs `< finished_epochs` (a resumed checkpoint's finished epochs; 0 for a fresh
-    start) and drop the rest and any cut-short line, rewriting the file atomically. Returns the records kept."""
+    """Keep the records of epochs `<= finished_epochs` (1-based numbers; a resumed checkpoint's finished
+    epochs; 0 for a fresh start) and drop the rest and any cut-short line, rewriting the file atomically. Returns the records kept."""
     path = Path(path)
     if not path.exists():
         return 0
-    kept = [r for r in read_records(path) if int(r["epoch"]) < finished_epochs]
+    kept = [r for r in read_records(path) if int(r["epoch"]) <= finished_epochs]
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in kept)
@@ -105,6 +105,6 @@ class EpochRecords(pl.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         if self._validated_epoch != trainer.current_epoch or not trainer.is_global_zero:
             return
-        record = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
+        record = {"epoch": epoch_number(trainer.current_epoch), "step": int(trainer.global_step),
                   "checkpoints": self._checkpoints(trainer), **self.metrics(trainer, module)}
         append_record(self.path, record)

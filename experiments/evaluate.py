@@ -50,6 +50,7 @@ from evaluation.scoring import (
     summarize,
 )
 from experiments.tracking import write_csv, write_json
+from rundir.cli import run_cli
 
 COLUMNS = ("source", "case", "class", *METRIC_NAMES, "surface_worst_case", "tolerance_mm")
 
@@ -252,4 +253,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m experiments.evaluate"))

@@ -45,6 +45,7 @@ from datamodules.label_policy import CLASS_INDEX, CLASSES, CONTAINERS, IGNORE, I
 from datamodules.sources import policy_named
 from experiments.plan import PLAN_FILE, PlanError, case_from_record, plan_hash, read_plan
 from experiments.tracking import write_json
+from rundir.cli import run_cli
 
 EXPORT_VERSION = 1
 MAPPING_FILE = "covid_dg.json"
@@ -331,4 +332,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m experiments.export_nnunet"))

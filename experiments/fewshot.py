@@ -16,6 +16,7 @@ import sys
 
 from experiments.config import cli_config, presets
 from experiments.protocols import run_protocol
+from rundir.cli import run_cli
 
 # task -> the COVID-19-CT-Seg mask folder (label policy) that trains and is scored
 TASKS = {"lung": "lung", "infection": "infection", "lung_infection": "lung_and_infection"}
@@ -46,4 +47,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, "python -m experiments.fewshot"))

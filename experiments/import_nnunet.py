@@ -34,6 +34,7 @@ from experiments.plan import PLAN_FILE, PlanError, plan_hash, read_plan
 from experiments.runfolder import mark_run_folder, remove_run_folder, run_folder
 from experiments.score import score_predictions
 from experiments.tracking import atomic_write_text, write_csv, write_json
+from rundir.cli import run_cli
 
 METHOD = "nnunet"
 
@@ -211,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m experiments.import_nnunet"))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from experiments.config import CONFIG_DIR
+from rundir.cli import run_cli
 
 
 def _first_line(obj) -> str:
@@ -125,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_cli(main, "python -m experiments.list"))

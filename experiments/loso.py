@@ -11,6 +11,7 @@ import sys
 
 from experiments.config import cli_config, presets
 from experiments.protocols import run_protocol
+from rundir.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,4 +30,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, "python -m experiments.loso"))

@@ -42,6 +42,7 @@ from datamodules.sources.base import NIFTI_RE, nifti_files
 from evaluation import severity as severity_mod
 from evaluation.scoring import lesions_to_lung_sides
 from experiments.tracking import write_csv, write_json
+from rundir.cli import run_cli
 
 WINDOW_8BIT = (-1250.0, 250.0)
 DISPLAY_WINDOW = (-1000.0, 300.0)
@@ -281,4 +282,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m experiments.predict"))

@@ -58,6 +58,10 @@ def fewshot(cfg: DictConfig) -> Plan:
     if not 0 <= f.fold < len(f.folds):
         raise ValueError(f"fewshot.fold={f.fold}: there are {len(f.folds)} folds (0..{len(f.folds) - 1})")
     others = [s for s in cfg.data.train_sources if s != f.source]
+    wanted = [str(r) for r in [cfg.selection.method, *cfg.selection.report] if str(r) in ("training_domain", "loso")]
+    if wanted and not others:  # checked before any data is read: the split would have no validation case
+        raise ValueError(f"few-shot fold trains on every listed {f.source} case and validates on none, but selection "
+                         f"{wanted} picks by validation: use selection.method=last (preset seed003_task1 does)")
     train = others + [f.source]
     _check_sources(cfg, train, "training sources")
     label = "+".join(others + [f"{f.source}{len(f.folds[f.fold])}"]) + (f"-{f.task}" if f.task else "") + f"-fold{f.fold}"

@@ -3,8 +3,11 @@
     python -m experiments.report RUN_DIR... --out DIR [--metric dice] [--class lesion] [--wandb]
                                  [--bootstrap 2000] [--seed 0]
 
-RUN_DIR is a run folder or any folder above run folders (searched recursively for `run.json`). Runs
-without `done` are skipped with a warning. A *configuration* is (kind, experiment, train sources, test
+RUN_DIR is a run folder or any folder above run folders (searched recursively for run folders). A run
+folder that is not finished (killed or still running: no run.json; stopped while writing: no `done`;
+missing metrics.json or per_case.csv) is skipped with a printed warning naming the reason, and listed
+under "Skipped runs" in summary.md. Results whose model selection was degenerate (run.json
+`selection.degenerate`) are marked with a dagger. A *configuration* is (kind, experiment, train sources, test
 sources, evaluation space); its runs differ only in the seed and are averaged as repeats. For every
 configuration, test source and class it reports the mean +- std over seeds of each run's mean over cases,
 and a percentile-bootstrap 95 % CI over cases (each case first averaged over seeds). Undefined values
@@ -17,6 +20,7 @@ configuration is an error.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from evaluation.reporting.common import METRICS, PHANTOM_MARK, ReportError
@@ -25,6 +29,7 @@ from evaluation.reporting.render import write_report
 from evaluation.reporting.runs import collect_runs
 from evaluation.reporting.tables import build_tables
 from evaluation.reporting.wandb_log import log_wandb
+from rundir.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,4 +62,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "python -m experiments.report"))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from experiments.plan import PlanError
 from experiments.stages.score import MissingPredictions, score_predictions, score_run
+from rundir.cli import run_cli
 
 __all__ = ["score_predictions", "score_run", "main"]
 
@@ -56,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_cli(main, "python -m experiments.score"))

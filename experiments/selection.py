@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from evaluation.selection_rules import epoch_number
 from experiments.checkpoints import LastCheckpoint
 from experiments.choices import SELECTIONS
 
@@ -37,6 +38,13 @@ class LaterOnTies(pl.callbacks.ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None) -> str:
+        """File names carry the epoch's 1-based number (best-epoch004.ckpt is `[epoch 4/N]`), as run.json
+        and records.jsonl do (evaluation.selection_rules.epoch_number); Lightning would write 0-based."""
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": epoch_number(metrics["epoch"])}
+        return super().format_checkpoint_name(metrics, filename=filename, ver=ver, prefix=prefix)
 
     def check_monitor_top_k(self, trainer: pl.Trainer, current=None) -> bool:
         if current is None or self.save_top_k != 1 or self.mode != "max" or not self.best_k_models:

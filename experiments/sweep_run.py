@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from experiments.config import load_config
 from experiments.protocols import PROTOCOLS, Plan, run_protocol
 from experiments.runfolder import run_folder
+from rundir.cli import run_cli
 from sweeps.expand import overrides_hash
 
 
@@ -49,4 +50,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "python -m experiments.sweep_run"))

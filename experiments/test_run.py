@@ -28,6 +28,7 @@ from experiments.stages.plan import plan_of
 from experiments.stages.predict import predict_checkpoint
 from experiments.stages.score import score_predictions, write_scores
 from lightning_modules.segmentation import SegmentationModule
+from rundir.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,4 +88,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, "python -m experiments.test_run"))

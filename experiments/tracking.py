@@ -37,7 +37,12 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path, run_name: str, job_type: s
     # `wandb agent` (BACKEND=wandb) the agent owns the id (WANDB_RUN_ID): passing ours would detach the
     # run from its sweep, so the agent's is kept.
     run_id = None if os.environ.get("WANDB_SWEEP_ID") else hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,
-                       save_dir=str(run_dir), job_type=job_type, group=cfg.wandb.group or f"{job_type}-{cfg.experiment}",
-                       tags=list(tags) + list(cfg.wandb.tags), resume="allow",
-                       config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, id=run_id,
+                         save_dir=str(run_dir), job_type=job_type, group=cfg.wandb.group or f"{job_type}-{cfg.experiment}",
+                         tags=list(tags) + list(cfg.wandb.tags), resume="allow",
+                         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    # Lightning passes `anonymous=None` to wandb.init even when unset, and wandb (>= 0.19) warns on every
+    # run that the setting "has no effect" (issue 19): leave the key out, which is what None meant.
+    if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
+        del logger._wandb_init["anonymous"]
+    return logger

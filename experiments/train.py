@@ -23,6 +23,7 @@ from experiments.config import load_config
 from experiments.config_checks import apply_overrides, check_config
 from experiments.plan import PlanError, plan_hash, read_plan
 from experiments.tracking import config_hash
+from rundir.cli import run_cli
 
 
 def plan_config(plan: dict, where: str, overrides: list[str]) -> DictConfig:
@@ -103,4 +104,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    sys.exit(run_cli(cli, "python -m experiments.train"))

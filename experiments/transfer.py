@@ -14,6 +14,7 @@ import sys
 
 from experiments.config import cli_config, presets
 from experiments.protocols import run_protocol
+from rundir.cli import run_cli
 
 
 def _names(text: str) -> str:
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, "python -m experiments.transfer"))

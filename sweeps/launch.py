@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from rundir.atomic import atomic_write_text, write_json
+from rundir.cli import run_cli
 from sweeps.expand import SweepError, load_sweep, wandb_spec
 
 PRESETS = {"smoke": "smoke", "demo": "demo", "methods": "methods", "full": "default"}  # methods: experiment=methods (8-patch batches)
@@ -226,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m sweeps.launch"))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from evaluation.reporting.common import PHANTOM_MARK
 from evaluation.reporting.plots import _heatmap, make_plots
-from evaluation.reporting.render import fmt, to_markdown, write_report
+from evaluation.reporting.render import DEGENERATE_FOOTNOTE, degenerate_mark, fmt, to_markdown, write_report
 from evaluation.reporting.runs import collect_runs
 from evaluation.reporting.tables import build_tables
 from rundir.atomic import atomic_write_text, write_csv
@@ -27,7 +27,7 @@ def _pm(cell: dict | None) -> str:
     if not cell:
         return "n/a"
     std = cell.get("std", math.nan)
-    return fmt(cell["mean"]) + (f" ± {fmt(std)}" if math.isfinite(std) else "")
+    return fmt(cell["mean"]) + (f" ± {fmt(std)}" if math.isfinite(std) else "") + degenerate_mark(cell)
 
 
 def _transfer_matrix(tables: dict, out: Path, phantom: bool) -> dict:
@@ -44,6 +44,7 @@ def _transfer_matrix(tables: dict, out: Path, phantom: bool) -> dict:
             row[s] = cell["mean"] if cell else math.nan
             row[f"{s}_std"] = cell["std"] if cell else math.nan
             row[f"{s}_n_seeds"] = cell["n_seeds"] if cell else 0
+            row[f"{s}_n_degenerate"] = cell.get("n_degenerate", 0) if cell else 0  # runs whose selection was flat
         rows.append(row)
     write_csv(out / "transfer_matrix.csv", rows, first=["train", *cols])
     _heatmap(m, out / "transfer_matrix.png", phantom)
@@ -53,6 +54,8 @@ def _transfer_matrix(tables: dict, out: Path, phantom: bool) -> dict:
           "scored on its held-out test patients, the same patients as in the other rows.\n\n"
           + to_markdown(["train \\ test", *cols], [[r["train"], *[_pm(r["cells"].get(s)) for s in cols]]
                                                    for r in m["rows"]])
+          + (f"\n\n{DEGENERATE_FOOTNOTE}" if any(c.get("n_degenerate") for r in m["rows"] for c in r["cells"].values())
+             else "")
           + "\n\n![transfer matrix](transfer_matrix.png)\n")
     atomic_write_text(out / "transfer_matrix.md", md)
     return {"rows": [r["train"] for r in m["rows"]], "columns": cols}

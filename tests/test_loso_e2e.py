@@ -163,7 +163,7 @@ def check_smoke_model_predictions(run_dir: Path, phantom_root: Path, out: Path):
 def test_holding_out_a_source_with_nothing_to_score_is_a_clear_error(tmp_path, phantom_root):
     cache = phantom_root.parents[1]
     args = ["--holdout", "msd_lung", "experiment=smoke", "data.sources=[covid19_20,msd_lung]", f"paths.runs={tmp_path}",
-            f"paths.cache={cache}", "trainer.max_epochs=1", "wandb.mode=disabled"]
+            f"paths.cache={cache}", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "wandb.mode=disabled"]
     with pytest.raises(ValueError, match=r"\['msd_lung'\] annotate none of the evaluation classes"):
         main(args)
 

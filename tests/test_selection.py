@@ -35,7 +35,7 @@ def test_loso_selection_validates_on_a_whole_training_source_and_reports_oracle_
     assert sel["checkpoints"]["oracle"]["score"] >= 0.0
     # the same choices from the run's records (evaluation.selection_rules): validated on ctseg alone
     records = read_records(run_dir)
-    assert [r["epoch"] for r in records] == [0, 1] and all(validated_sources(r) == {"ctseg"} for r in records)
+    assert [r["epoch"] for r in records] == [1, 2] and all(validated_sources(r) == {"ctseg"} for r in records)
     for rule in ("loso", "oracle", "last"):
         assert choose(rule, records, val_source="ctseg")["step"] == sel["checkpoints"][rule]["global_step"], rule
     tables = build_tables(collect_runs([tmp_path]), n_boot=50)

@@ -101,16 +101,16 @@ def test_test_domain_metrics_never_change_a_training_domain_loso_or_last_choice(
 def test_truncation_keeps_the_epochs_a_resumed_run_does_not_redo(tmp_path):
     path = tmp_path / "records.jsonl"
     assert truncate_records(path, 3) == 0 and not path.exists()
-    for e in range(5):
+    for e in range(1, 6):  # epochs are numbered from 1, as printed
         append_record(path, rec(e, 0.1 * e))
     with open(path, "a") as fh:
-        fh.write('{"epoch": 5, "step": 6')  # a write cut short by a kill
-    assert [r["epoch"] for r in read_records(path)] == [0, 1, 2, 3, 4]
-    assert truncate_records(path, 3) == 3  # resumed from a checkpoint with 3 finished epochs: 0, 1, 2 stay
-    assert [r["epoch"] for r in read_records(tmp_path)] == [0, 1, 2]
+        fh.write('{"epoch": 6, "step": 6')  # a write cut short by a kill
+    assert [r["epoch"] for r in read_records(path)] == [1, 2, 3, 4, 5]
+    assert truncate_records(path, 3) == 3  # resumed from a checkpoint with 3 finished epochs: 1, 2, 3 stay
+    assert [r["epoch"] for r in read_records(tmp_path)] == [1, 2, 3]
     assert path.read_text().endswith("}\n")
-    append_record(path, rec(3, 0.7))
-    assert [r["epoch"] for r in read_records(path)] == [0, 1, 2, 3]
+    append_record(path, rec(4, 0.7))
+    assert [r["epoch"] for r in read_records(path)] == [1, 2, 3, 4]
     assert truncate_records(path, 0) == 0 and read_records(path) == []  # a fresh start
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -127,9 +127,10 @@ def test_a_run_records_every_validated_epoch_and_the_rules_pick_its_checkpoints(
     (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     records = read_records(run_dir)
     lines = (run_dir / "records.jsonl").read_text().splitlines()
-    assert len(lines) == len(records) == 3 and [r["epoch"] for r in records] == [0, 1, 2]
+    assert len(lines) == len(records) == 3 and [r["epoch"] for r in records] == [1, 2, 3]  # 1-based, as printed
     # the val and oracle keys are those the run logged in that epoch, with the logged values (the CSV logger
-    # writes the step index, global_step - 1; a row at epoch 3 is the test stage's validation of the choice)
+    # writes the step index, global_step - 1, and Lightning's 0-based epoch; a row at epoch 3 is the test stage's
+    # validation of the choice)
     logged = {}
     for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open()):
         if row.get("val/mean/selection_dice"):
@@ -137,7 +138,7 @@ def test_a_run_records_every_validated_epoch_and_the_rules_pick_its_checkpoints(
                                                                if k.startswith(("val/", "oracle/")) and v != ""}
     assert [e for e, _ in sorted(logged)] == [0, 1, 2, 3]
     for r in records:
-        mine, theirs = {k: v for k, v in r.items() if k.startswith(("val/", "oracle/"))}, logged[r["epoch"], r["step"]]
+        mine, theirs = {k: v for k, v in r.items() if k.startswith(("val/", "oracle/"))}, logged[r["epoch"] - 1, r["step"]]
         assert set(mine) == set(theirs)
         assert all(math.isclose(mine[k], theirs[k], rel_tol=1e-6, abs_tol=1e-9) for k in mine)
         assert any(k.startswith("oracle/mosmed/") for k in mine) and not any(k.startswith("test/") for k in r)

@@ -90,10 +90,27 @@ def test_verify_clean_tree_and_empty_or_missing_sources(phantom_root, tmp_path, 
     assert verify_main(["--root", str(phantom_root), "--sources", ",".join(SOURCES3), "--no-duplicates"]) == 0
     assert "no problem found" in capsys.readouterr().out
     (tmp_path / "mosmed" / "COVID19_1110" / "studies").mkdir(parents=True)
-    assert verify_main(["--root", str(tmp_path), "--sources", "mosmed,ctseg", "--json", "--no-duplicates"]) == 1
-    report = json.loads(capsys.readouterr().out)
+    # no case anywhere: nothing was checked (exit 2, issue 19), and the empty folder is still named
+    assert verify_main(["--root", str(tmp_path), "--sources", "mosmed,ctseg", "--json", "--no-duplicates"]) == 2
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     assert report["sources"]["ctseg"]["found"] is False
     assert "holds no case" in report["sources"]["mosmed"]["problems"][0]["message"]
+    assert "nothing to check: the source folder(s) of ['mosmed']" in captured.err
+
+
+def test_verify_on_an_empty_root_is_an_error_naming_what_it_searched(tmp_path, capsys):
+    """Issue 19, item 8: an empty or wrong --root printed "no problem found" and exited 0."""
+    assert verify_main(["--root", str(tmp_path), "--no-duplicates"]) == 2
+    captured = capsys.readouterr()
+    assert "no problem found" not in captured.out and "no case found, so none checked" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: nothing to check: no source folder found under {tmp_path}")
+    assert "mosmed" in err[0] and "covid19_20" in err[0]  # it says where it looked
+    assert verify_main(["--root", str(tmp_path), "--sources", "mosmed", "--no-duplicates"]) == 2
+    assert f"searched {tmp_path / 'mosmed'}" in capsys.readouterr().err
+    assert verify_main(["--root", str(tmp_path), "--sources", "mosmd"]) == 2
+    assert "unknown source(s) ['mosmd']; did you mean 'mosmed'?" in capsys.readouterr().err
 
 
 def test_training_fails_or_skips_bad_cases_as_configured(faulty_root, tmp_path, capsys):

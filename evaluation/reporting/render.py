@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.reporting.common import METRICS, PHANTOM_MARK, SEVERITY
+from evaluation.selection_rules import DEGENERATE_MARK
 from rundir.atomic import atomic_write_text, write_csv, write_json
 
 
@@ -26,7 +27,17 @@ def _pm(cell: dict | None) -> str:
     if not cell:
         return ""
     s = fmt(cell["mean"]) + (f" ± {fmt(cell['std'])}" if math.isfinite(cell["std"]) else "")
-    return s + (f" ({cell['n_undefined']} undef.)" if cell.get("n_undefined") else "")
+    return s + (f" ({cell['n_undefined']} undef.)" if cell.get("n_undefined") else "") + degenerate_mark(cell)
+
+
+DEGENERATE_FOOTNOTE = (f"{DEGENERATE_MARK} model selection degenerate in at least one run behind the number: its "
+                       "validation score was constant or undefined at every check, so the run tested its last epoch "
+                       "(run.json `selection.degenerate`; the runs are listed under Notes).")
+
+
+def degenerate_mark(item: dict) -> str:
+    """`†` after a number (or configuration) that comes from runs whose model selection was degenerate."""
+    return DEGENERATE_MARK if item.get("n_degenerate") else ""
 
 
 def _ci(cell: dict | None) -> str:
@@ -88,11 +99,11 @@ def _results_tables(tables: dict) -> list[Table]:
         "headline", f"{m} ({cls}): mean ± std over seeds, 95 % bootstrap CI over cases",
         (cols := base + [c for c in stats_cols if c.startswith(f"{m}_")]), [{k: flat[i].get(k) for k in cols} for i in head],
         ["data", "configuration", "test source", "seeds", "cases", f"{m} mean ± std", "95 % CI"],
-        [[_data(r["data"]), r["config"], r["test_source"], str(r["n_seeds"]), str(r["n_cases"]), _pm(r["metrics"][m]),
+        [[_data(r["data"]), r["config"] + degenerate_mark(r), r["test_source"], str(r["n_seeds"]), str(r["n_cases"]), _pm(r["metrics"][m]),
           _ci(r["metrics"][m])] for r in (res[i] for i in head)])
     full = Table("results", "all metrics and classes: mean ± std over seeds (undefined values left out, counted)",
                  base + stats_cols, flat, ["data", "configuration", "test source", "class"] + metrics,
-                 [[_data(r["data"]), r["config"], r["test_source"], r["class"]] + [_pm(r["metrics"].get(x)) for x in metrics]
+                 [[_data(r["data"]), r["config"] + degenerate_mark(r), r["test_source"], r["class"]] + [_pm(r["metrics"].get(x)) for x in metrics]
                   for r in res])
     return [headline, full]
 
@@ -145,10 +156,12 @@ def _all_tables(tables: dict) -> list[Table]:
                                   "test_std", "gap_mean", "gap_std"]))
     for m in tables["matrices"]:
         cols = m["columns"]
-        csv_cols = ["data", "train", "train_sources"] + [x for s in cols for x in (s, f"{s}_std", f"{s}_n_seeds")]
+        csv_cols = ["data", "train", "train_sources"] + [x for s in cols for x in (s, f"{s}_std", f"{s}_n_seeds",
+                                                                                   f"{s}_n_degenerate")]
         flat = [{"data": _data(r["data"]), "train": r["train"], "train_sources": r["train_sources"], "row_mean": r["row_mean"],
                  **{k: v for s, cell in r["cells"].items()
-                    for k, v in ((s, cell["mean"]), (f"{s}_std", cell["std"]), (f"{s}_n_seeds", cell["n_seeds"]))}}
+                    for k, v in ((s, cell["mean"]), (f"{s}_std", cell["std"]), (f"{s}_n_seeds", cell["n_seeds"]),
+                                 (f"{s}_n_degenerate", cell.get("n_degenerate", 0)))}}
                 for r in m["rows"]]
         first = "held-out source" if m["kind"] == "loso" else "train set"
         out.append(Table(f"matrix_{m['name']}", f"{m['kind']}/{m['experiment']} ({m['eval_space']} space): {m['metric']} "
@@ -171,7 +184,8 @@ def _all_tables(tables: dict) -> list[Table]:
     if tables["severity"]:
         out.append(_severity_table(tables["severity"]))
     out.append(_simple_table("runs", "runs used", tables["runs"],
-                             ["data", "config", "seed", "kind", "experiment", "name", "config_hash", "plan", "path"]))
+                             ["data", "config", "seed", "kind", "experiment", "name", "selection", "config_hash", "plan",
+                              "path"]))
     return out
 
 
@@ -226,14 +240,16 @@ def _summary_md(tables: dict, written: dict[str, Table], mark: str) -> str:
         lines.extend([f"## {title}", ""] + ([mark, ""] if mark else []) + ([extra, ""] if extra else [])
                      + [to_markdown(t.columns, t.rows), "", f"`tables/{t.name}.csv`, `tables/{t.name}.tex`", ""])
 
-    section(f"Results: {meta['metric']} ({meta['class']})", written["headline"])
+    section(f"Results: {meta['metric']} ({meta['class']})", written["headline"],
+            DEGENERATE_FOOTNOTE if any(r.get("n_degenerate") for r in tables["results"]) else "")
     section("All metrics", written["results"], "NSD tolerance per row in `tables/results.csv` (`nsd_tolerance_mm`).")
     section("Generalization gap", written.get("gap"),
             "`val/mean/<metric>` (validation cases of the training sources, the selected checkpoint) minus "
             "`test/mean/<metric>` (held-out sources), per run, then mean ± std over seeds.")
     for m in tables["matrices"]:
+        flat = any(c.get("n_degenerate") for r in m["rows"] for c in r["cells"].values())
         section(f"Matrix {m['kind']}/{m['experiment']}", written[f"matrix_{m['name']}"],
-                f"![matrix](plots/matrix_{m['name']}.png)")
+                f"![matrix](plots/matrix_{m['name']}.png)" + (f"\n\n{DEGENERATE_FOOTNOTE}" if flat else ""))
     section("Model selection", written.get("selection"),
             "Each rule's checkpoint tested (run.json `selection`): training_domain = best on validation patients "
             "of the training sources (the default), loso = best on a whole held-out training source, last = final "
@@ -249,6 +265,9 @@ def _summary_md(tables: dict, written: dict[str, Table], mark: str) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"- [{p['title']}]({p['file']})" for p in plots] + [""]
     section("Runs used", written["runs"])
+    if tables.get("skipped"):  # every run folder left out, with why: a report never shrinks silently
+        lines += ["## Skipped runs", "", f"{len(tables['skipped'])} run folder(s) found but not reported:", "",
+                  to_markdown(["run folder", "reason"], [[s["path"], s["reason"]] for s in tables["skipped"]]), ""]
     if tables["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in tables["notes"]] + [""]
     return "\n".join(lines) + "\n"

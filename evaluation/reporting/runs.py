@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from evaluation.records import VARIANT_DEFAULTS, RunInfo
 from evaluation.reporting.common import DEFAULT_SPACE, METRICS, ReportError, warn
+from evaluation.selection_rules import read_records
 
 __all__ = ["VARIANT_DEFAULTS", "RunRecord", "read_run", "read_per_case", "find_run_dirs", "collect_runs"]
 
@@ -229,19 +230,52 @@ def read_run(run_dir: Path) -> RunRecord:
                      plan=plan_summary(run_dir))
 
 
+# What marks a run folder from its start (experiments.runfolder.MARKER, written when the folder is created):
+# a run killed before its results has no run.json. Folders of older versions: config.yaml beside checkpoints/
+# (a bare config.yaml is not enough: W&B writes one under wandb/run-*/files/).
+RUN_MARKER = ".covid-dg-run"
+
+
+def _is_run_dir(d: Path) -> bool:
+    return ((d / "run.json").is_file() or (d / RUN_MARKER).is_file()
+            or ((d / "config.yaml").is_file() and (d / "checkpoints").is_dir()))
+
+
+def skip_reason(d: Path) -> str | None:
+    """Why run folder `d` is not in a report (None: it is finished): killed, failed or still running before
+    its results (no run.json; how far its records.jsonl got), stopped while writing them (no `done`), or a
+    finished run missing a result file."""
+    if not (d / "run.json").is_file():
+        epochs = [int(r["epoch"]) for r in read_records(d) if isinstance(r.get("epoch"), int)]
+        progress = f"; records.jsonl reaches epoch {max(epochs)}" if epochs else "; no validated epoch recorded"
+        return f"no run.json: killed, failed or still running{progress}"
+    if not (d / "done").exists():
+        return "no `done` marker: stopped while writing its results (rerun its command to finish it)"
+    missing = [f for f in ("metrics.json", "per_case.csv") if not (d / f).is_file()]
+    if missing:
+        return f"marked done but missing {', '.join(missing)}"
+    return None
+
+
 def find_run_dirs(paths: Iterable[str | Path], skipped: list | None = None) -> list[Path]:
-    """Finished run folders (run.json + done) at or below each path, each once, in a stable order."""
+    """Finished run folders (run.json + done + results) at or below each path, each once, in a stable order;
+    every other run folder is warned about with its reason (skip_reason) and added to `skipped`."""
     found, seen = [], set()
     for p in map(Path, paths):
         if not p.exists():
             raise ReportError(f"{p}: no such file or folder")
-        dirs = [p] if (p / "run.json").is_file() else sorted(f.parent for f in p.rglob("run.json"))
+        if _is_run_dir(p):
+            dirs = [p]
+        else:
+            candidates = {f.parent for name in ("run.json", RUN_MARKER, "config.yaml") for f in p.rglob(name)}
+            dirs = sorted(d for d in candidates if _is_run_dir(d))
         for d in dirs:
             if d.resolve() in seen:
                 continue
             seen.add(d.resolve())
-            if not (d / "done").exists():
-                warn(f"skipping unfinished run {d} (no `done` marker)")
+            why = skip_reason(d)
+            if why:
+                warn(f"skipping unfinished run {d} ({why})")
                 if skipped is not None:
                     skipped.append(str(d.resolve()))
                 continue

@@ -5,13 +5,15 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from evaluation.agreement import MAX_SCORE, agreement
 from evaluation.reporting.common import DEFAULT_SPACE, METRICS, PHANTOM_MARK, SEVERITY, ReportError, note
 from evaluation.reporting.grouping import Config, by_experiment, cases_over_seeds, config_classes, group_runs, slugify
-from evaluation.reporting.runs import RunRecord
+from evaluation.reporting.runs import RunRecord, skip_reason
+from evaluation.selection_rules import DEGENERATE_MARK
 from evaluation.stats import bootstrap_ci, bootstrap_ci_strata, summarize
 
 
@@ -196,6 +198,12 @@ def _severity_rows(configs: list[Config], notes: list) -> list[dict]:
     return rows
 
 
+def degenerate_runs(config: Config) -> list[RunRecord]:
+    """The configuration's runs whose headline model selection was degenerate (run.json
+    `selection.degenerate`: validation score constant or undefined at every check; the last epoch was tested)."""
+    return [r for r in config.runs if (r.info.get("selection") or {}).get("degenerate")]
+
+
 def _matrices(configs: list[Config], cells: dict, metric: str, cls: str, notes: list) -> list[dict]:
     """Train set (LOSO: held-out source) x test source tables of `metric`, one per (kind, experiment, space)."""
     out = []
@@ -217,6 +225,7 @@ def _matrices(configs: list[Config], cells: dict, metric: str, cls: str, notes: 
                     continue
                 cell = by_metric[metric]
                 row["cells"][src] = {k: cell[k] for k in ("mean", "std", "n_seeds", "ci_low", "ci_high")}
+                row["cells"][src]["n_degenerate"] = len(degenerate_runs(c))
         columns = sorted({s for r in rows.values() for s in r["cells"]})
         for r in rows.values():
             r["row_mean"] = summarize(x["mean"] for x in r["cells"].values())["mean"]
@@ -282,7 +291,9 @@ def build_tables(runs: Sequence[RunRecord], metric: str = "dice", cls: str = "le
         raise ReportError("no finished run to report on")
     if metric not in METRICS:
         raise ReportError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    notes: list[str] = [f"skipped unfinished run {p} (no `done` marker)" for p in skipped]
+    skipped_runs = [{"path": str(p), "reason": skip_reason(Path(p)) or "finished after the report started"}
+                    for p in skipped]
+    notes: list[str] = [f"skipped unfinished run {s['path']} ({s['reason']})" for s in skipped_runs]
     configs = group_runs(runs)
     results, cells, level = [], {}, {}
     for c in configs:
@@ -293,6 +304,15 @@ def build_tables(runs: Sequence[RunRecord], metric: str = "dice", cls: str = "le
         if not any(metric in r.columns for r in c.runs):
             note(notes, f"{c.label!r}: per_case.csv has no {metric!r} column")
     results += _average_rows(configs, level, metric, n_boot, seed, notes)
+    flat_runs = {c.label: len(degenerate_runs(c)) for c in configs}
+    for r in results:
+        r["n_degenerate"] = flat_runs.get(r["config"], 0)
+    for c in configs:
+        for r in degenerate_runs(c):
+            why = [ck.get("degenerate") for ck in (r.info.get("selection") or {}).get("checkpoints", {}).values()
+                   if ck.get("degenerate")]
+            why_text = why[0] if why else "validation score constant or undefined"
+            note(notes, f"{DEGENERATE_MARK} {r.path}: model selection degenerate ({why_text}); its last epoch was tested")
     gap = _gap_rows(configs, "dice", "lesion", notes)
     if (metric, cls) != ("dice", "lesion"):
         gap += _gap_rows(configs, metric, cls, notes)
@@ -303,6 +323,8 @@ def build_tables(runs: Sequence[RunRecord], metric: str = "dice", cls: str = "le
                  "n_configurations": len(configs), "skipped": list(skipped),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
         "runs": [{"data": r.data, "kind": r.kind, "experiment": r.experiment, "config": c.label, "seed": r.seed,
+                  "selection": str((r.info.get("selection") or {}).get("method") or "")
+                  + (f" {DEGENERATE_MARK}degenerate" if (r.info.get("selection") or {}).get("degenerate") else ""),
                   "config_hash": r.config_hash, "name": r.name, "path": str(r.path), "eval_space": r.eval_space,
                   "train_sources": list(r.train_sources), "test_sources": list(r.test_sources),
                   "wall_s": r.info.get("wall_s"), "plan": _plan_cell(r.plan), "plan_hash": r.plan.get("hash"),
@@ -311,6 +333,7 @@ def build_tables(runs: Sequence[RunRecord], metric: str = "dice", cls: str = "le
                            for c in configs],
         "results": results, "gap": gap, "matrices": _matrices(configs, cells, metric, cls, notes),
         "severity": _severity_rows(configs, notes), "selection": _selection_rows(configs), "notes": notes,
+        "skipped": skipped_runs,
         "plots": [], "_configs": configs,
     }
 

@@ -15,6 +15,7 @@ from datamodules.harmonize import decode_intensity
 from datamodules.io import read_volume
 from evaluation.aggregate import ROW_COLUMNS
 from evaluation.records import RunInfo
+from evaluation.selection_rules import DEGENERATE_MARK
 from experiments.build import variant
 from experiments.tracking import config_hash, write_csv, write_json
 
@@ -46,10 +47,14 @@ def print_summary(run_dir: Path, metrics: dict, selection: dict, names: list[str
     for k in sorted(metrics):
         if k.startswith(("test/", "val/mean/dice")) and k.rsplit("/", 1)[-1] in ("dice", "nsd", "hd95", "dice_lung", "nsd_lung"):
             print(f"  {k} = {metrics[k]:.4f}")
+    head = selection["checkpoints"][names[0]]
+    print(f"  selection {names[0]}: epoch {head['epoch']} (step {head['global_step']})"
+          + (f" {DEGENERATE_MARK}degenerate: {head['degenerate']}; the last epoch was tested" if head.get("degenerate") else ""))
     for n in names[1:]:
+        flat = selection["checkpoints"][n].get("degenerate")
         print(f"  selection {n}: test/mean/selection_dice = "
               f"{selection['test'][n].get('test/mean/selection_dice', float('nan')):.4f} "
-              f"(epoch {selection['checkpoints'][n]['epoch']})")
+              f"(epoch {selection['checkpoints'][n]['epoch']})" + (f" {DEGENERATE_MARK}degenerate" if flat else ""))
     if phantom:
         print("  (phantom data: synthetic sources)")
 

@@ -12,7 +12,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from evaluation.aggregate import ROW_COLUMNS, is_count
-from experiments.build import is_rank_zero
+from evaluation.selection_rules import RULE_KEYS, degenerate, epoch_number, read_records
+from experiments.build import is_rank_zero, say
 from experiments.checkpoints import read_checkpoint
 from experiments.selection import chosen_checkpoint
 from experiments.stages.predict import predict_checkpoint
@@ -24,13 +25,14 @@ Tester = Callable[[str, Path, bool], tuple[dict, list]]
 
 
 def progress_of(ckpt: str) -> tuple[int | None, int | None]:
-    """(epoch, global_step) stored in a Lightning checkpoint: `epoch` is the 0-based epoch in progress when it was
-    saved (the rules' checkpoints when validation ends, last.ckpt when the training epoch ends: the same
-    epoch), the step identifies the weights. Read with weights_only (experiments.checkpoints): an unreadable
+    """(epoch, global_step) of a Lightning checkpoint: `epoch` is the number (1-based, as printed:
+    evaluation.selection_rules.epoch_number) of the epoch in progress when it was saved (the rules'
+    checkpoints when validation ends, last.ckpt when the training epoch ends: the same epoch; Lightning's
+    fit-loop counters differ between the two), the step identifies the weights. Read with weights_only (experiments.checkpoints): an unreadable
     or crafted file raises CheckpointError naming it."""
     state = read_checkpoint(ckpt)
     try:
-        return int(state["epoch"]), int(state["global_step"])
+        return epoch_number(state["epoch"]), int(state["global_step"])
     except (KeyError, TypeError, ValueError):
         return None, None
 
@@ -54,6 +56,20 @@ def predict_and_score(cfg: DictConfig, trainer: pl.Trainer, module, dm, plan: di
     return test
 
 
+def degenerate_rules(names: list[str], records: list[dict]) -> dict[str, str]:
+    """Rule -> why its choice would be degenerate (evaluation.selection_rules.degenerate), each warned about
+    once; such a rule tests the last epoch's checkpoint instead of an arbitrary tied or unscored one."""
+    out = {}
+    for name in names:
+        key = RULE_KEYS.get(name)
+        why = degenerate(records, key) if key else None
+        if why:
+            out[name] = why
+            say(f"WARNING: selection {name} is degenerate: {why}; testing the last epoch instead "
+                "(run.json selection.degenerate; reports mark it with †)")
+    return out
+
+
 def select_and_test(trainer: pl.Trainer, module, dm, run_dir: Path, callbacks: dict, names: list[str],
                     test: Tester) -> tuple[dict, list, list, dict]:
     """Validate and test the headline selection's checkpoint, then test every other selection's.
@@ -64,11 +80,15 @@ def select_and_test(trainer: pl.Trainer, module, dm, run_dir: Path, callbacks: d
     metrics, val_rows, test_rows = {}, [], []
     # Read every rule's choice now: validate/predict restore callback states from the checkpoint they load,
     # which would roll a later rule's choice back to what it was when that checkpoint was written.
-    chosen = {name: chosen_checkpoint(name, callbacks) for name in names}
+    flat = degenerate_rules(names, read_records(run_dir))
+    chosen = {name: chosen_checkpoint("last" if name in flat else name, callbacks) for name in names}
+    record["degenerate"] = head in flat
     for name in names:
         ckpt, score = chosen[name]
         epoch, step = progress_of(ckpt)
         record["checkpoints"][name] = {"path": ckpt, "epoch": epoch, "global_step": step, "score": score}
+        if name in flat:
+            record["checkpoints"][name]["degenerate"] = flat[name]
         if name == head and dm.split.val:
             val = trainer.validate(module, datamodule=dm, ckpt_path=ckpt, verbose=False, weights_only=True)
             val_rows = module.last_rows["val"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from evaluation.selection_rules import epoch_number
 from experiments.build import build_module, is_rank_zero, run_tags, say
 from experiments.checkpoints import AtomicCheckpointIO, resume_point
 from experiments.epoch_records import EpochRecords, truncate_records
@@ -48,7 +49,7 @@ class EpochSummary(pl.Callback):
         validated = self.validated_epoch == trainer.current_epoch
         parts = [f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
                  if k == "train/loss_epoch" or (validated and k.startswith("val/") and k.rsplit("/", 1)[-1].startswith("dice"))]
-        print(f"[epoch {trainer.current_epoch + 1}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
+        print(f"[epoch {epoch_number(trainer.current_epoch)}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list, has_val: bool) -> pl.Trainer:

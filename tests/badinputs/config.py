@@ -31,10 +31,11 @@ OUT_OF_RANGE = [
 
 MALFORMED = [
     ("batch_size_not_a_number", ["data.batch_size=abc"], r"could not be converted to Integer", ("data.batch_size",)),
-    ("unknown_key", ["data.bacth_size=4"], r"unknown key data\.bacth_size; keys under data: .*'batch_size'",
+    ("unknown_key", ["data.bacth_size=4"], r"unknown key data\.bacth_size; did you mean data\.batch_size\?; keys "
+     r"under data: .*'batch_size'",
      ("data.bacth_size",)),
-    ("unknown_top_level_key", ["optimizer.lr=0.1"], r"unknown key optimizer \(in optimizer\.lr\); keys under the top "
-     r"level: \[.*'optim'", ("optimizer",)),
+    ("unknown_top_level_key", ["optimizer.lr=0.1"], r"unknown key optimizer \(in optimizer\.lr\); did you mean optim\?; "
+     r"keys under the top level: \[.*'optim'", ("optimizer",)),
     ("override_without_equals", ["data.batch_size"], r"is not of the form key=value", ("data.batch_size",)),
     ("override_with_empty_key", ["=4"], r"is not a dotted path", ("'=4'",)),
     ("scalar_for_a_list", ["data.sources=mosmed"], r"is a list; write data\.sources=\[mosmed\]", ("data.sources",)),
