@@ -63,6 +63,7 @@ class DataConfig:
     sampling: Sampling = MISSING
     num_workers: int = MISSING
     cache_workers: int = MISSING   # processes building missing harmonized cache entries
+    pin_memory: bool | None = MISSING  # page-locked batches, copied to the GPU asynchronously; None: on for CUDA
     on_error: OnError = MISSING   # what a bad case file does
     policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
     find_duplicates: bool = MISSING  # fingerprint labelled scans; one scan under two names is one patient
@@ -110,6 +111,7 @@ class TrainerConfig:
     deterministic: bool = MISSING
     threads: int = MISSING   # torch CPU threads; 0 leaves torch's default
     checkpoint_every_n_steps: int = MISSING  # last.ckpt every N steps as well as every epoch (0: epochs only)
+    cudnn_benchmark: bool | None = MISSING  # cuDNN picks the fastest kernels per shape; None: on for CUDA
 
 
 @dataclass
