@@ -139,6 +139,7 @@ class EvaluationConfig:
     val_surface: bool = MISSING      # surface metrics during validation epochs
     save_predictions: bool = MISSING  # references/ beside predictions/ (always written), and overlays
     save_probabilities: bool = False  # per-class probabilities/ (float32, stored grid) beside predictions/
+    overlap_scoring: bool = True  # validation: score case i in a thread while case i+1 is predicted
     classes: dict[str, EvalClassConfig] = field(default_factory=dict)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytorch_lightning as pl
 import torch
@@ -55,6 +56,42 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     return unique_rows(rows)
 
 
+class BackgroundScoring:
+    """Validation scoring beside prediction: each case's metrics (CPU: distance transforms, connected
+    components) are computed in one background thread while the next case's sliding window runs on the
+    device. One worker thread keeps the cases in submission order, so `collect` returns the rows scoring in
+    turn would have appended; a scoring error is raised there. With `enabled` False it scores in turn."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[str, list[Future | list[dict]]] = {}
+
+    def submit(self, stage: str, fn, *args, **kwargs) -> None:
+        if not self.enabled:
+            self._pending.setdefault(stage, []).append(fn(*args, **kwargs))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="val-scoring")
+        self._pending.setdefault(stage, []).append(self._pool.submit(fn, *args, **kwargs))
+
+    def collect(self, stage: str) -> list[dict]:
+        """The rows of every case submitted for `stage`, in submission order (waits for them)."""
+        pending, rows = self._pending.pop(stage, []), []
+        try:
+            for p in pending:
+                rows.extend(p.result() if isinstance(p, Future) else p)
+        finally:
+            if not self._pending and self._pool is not None:  # no thread outlives an evaluation
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+        return rows
+
+
+def _score_rows(row: dict, pred, ref, spacing, classes, surface: bool) -> list[dict]:
+    return [dict(row, **r) for r in score_case(pred, ref, spacing, classes, surface=surface, ignore=IGNORE)]
+
+
 class NonFiniteLoss(FloatingPointError):
     """The training loss became NaN or infinite: the run stops as failed (no `done`, no checkpoint of it)."""
 
@@ -83,6 +120,7 @@ class SegmentationModule(pl.LightningModule):
         self.loss_fn = build_loss(loss["name"], **{k: v for k, v in loss.items() if k != "name"})
         self.test_sources = list(test_sources)
         self.rows: dict[str, list[dict]] = {"val": [], "oracle": []}
+        self.scoring = BackgroundScoring(bool(evaluation.get("overlap_scoring", True)))
         self.last_rows: dict[str, list[dict]] = {}
         # augment.where == device: training batches are augmented after the transfer, i.e. on the GPU
         # when training on one (the loader then only crops); loader-side augmentation is the dataset's
@@ -100,6 +138,13 @@ class SegmentationModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # The leakage guard on the host batch, before anything is copied: a batch carrying a held-out source
+        # never reaches the device, and the check reads a list of strings, never a device tensor.
+        if self._trainer is not None and self._trainer.training:
+            check_batch_sources(batch["source"], self.test_sources)
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self._trainer is not None and self._trainer.training:
@@ -119,6 +164,7 @@ class SegmentationModule(pl.LightningModule):
     def training_loss(self, batch: dict) -> torch.Tensor:
         """Segmentation loss over every output head (deep supervision, nnU-Net weights), on the slices whose
         2.5D context is complete, plus the method's own term."""
+        # again at the point of use (methods and tests call this directly); a list of strings: no device sync
         check_batch_sources(batch["source"], self.test_sources)
         label = batch["label"].long()  # patches arrive as uint8
         heads = self.net.heads(batch["image"])
@@ -236,9 +282,14 @@ class SegmentationModule(pl.LightningModule):
         row = {"case": batch["case"][0], "source": batch["source"][0], "space": "harmonized"}
         pred = labels_from_probs(torch.softmax(logits[0].float(), 0)).cpu().numpy()
         ref = batch["label"][0, 0].cpu().numpy()
-        scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=ev.get("val_surface", False),
-                            ignore=IGNORE)
-        self.rows[stage].extend(dict(row, **r) for r in scored)
+        # scored on the CPU beside the next case's prediction (BackgroundScoring); _eval_end collects the rows
+        self.scoring.submit(stage, _score_rows, row, pred, ref, batch["spacing"][0].tolist(), classes,
+                            ev.get("val_surface", False))
+
+    def scored_rows(self, stage: str) -> list[dict]:
+        """This rank's rows of `stage` so far, once the scoring in progress has finished."""
+        self.rows[stage].extend(self.scoring.collect(stage))
+        return self.rows[stage]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         # loader 1 (when the datamodule serves it) holds the test cases: oracle selection only
@@ -252,7 +303,7 @@ class SegmentationModule(pl.LightningModule):
         return self.predict_volume(batch["image"])
 
     def _eval_end(self, stage: str) -> None:
-        rows, self.rows[stage] = gather_rows(self.rows[stage]), []
+        rows, self.rows[stage] = gather_rows(self.scored_rows(stage)), []
         self.last_rows[stage] = rows
         if self.trainer.sanity_checking or not rows:
             return

@@ -1,6 +1,7 @@
 """Issue 18 (a training loop that keeps a GPU busy): the loss's device path, the leakage guard before the
 transfer, pinned memory for CUDA runs, overlapped validation scoring, and the loop benchmark's numbers.
 Speed is never asserted here: `make bench` measures it."""
+
 import json
 
 import pytest
@@ -70,3 +71,163 @@ def test_device_path_visits_every_container_a_batch_can_move_into():
     # nested_moves only ever names lungs (CONTAINERS); the device path visits exactly those, ascending
     assert losses._container_classes(C) == [CLASS_INDEX["lung_left"], CLASS_INDEX["lung_right"]]
     assert losses._container_classes(3) == []  # no opacity channel: nothing can be nested
+
+
+# ------------------------------------------------------------------------------ the module's loop hooks
+def _module(overlap: bool = True, test_sources=("mosmed",)):
+    from lightning_modules.segmentation import SegmentationModule
+
+    ev = {"space": "harmonized", "val_surface": True, "save_predictions": False, "overlap_scoring": overlap,
+          "classes": {"lesion": {"values": [3, 6, 7], "tolerance_mm": 3.0},
+                      "lung": {"values": [1, 2, 3, 6, 7], "tolerance_mm": 1.0, "requires": [1, 2]}}}
+    torch.manual_seed(0)
+    return SegmentationModule(network={"name": "unet", **base_args("networks", "unet", channels=[4, 8], strides=[2],
+                                                                        num_res_units=0)},
+                              loss={"name": "dice_ce", **base_args("losses", "dice_ce")},
+                              optim={"lr": 1e-3, "weight_decay": 0.0},
+                              inference={"roi_size": [8, 8, 8], "sw_batch_size": 1, "overlap": 0.0, "mode": "constant"},
+                              evaluation=ev, test_sources=list(test_sources))
+
+
+def test_leakage_guard_runs_on_the_host_batch_before_any_transfer():
+    """A training batch holding a held-out source is refused in on_before_batch_transfer, from its list of
+    source names: the tensors are on the meta device, so reading any value would fail instead."""
+    from types import SimpleNamespace
+
+    from datamodules.splits import LeakageError
+
+    module = _module(test_sources=("mosmed",))
+    module._trainer = SimpleNamespace(training=True)
+    batch = {"image": torch.empty(2, 1, 8, 8, 8, device="meta"), "label": torch.empty(2, 1, 8, 8, 8, device="meta"),
+             "annotated": torch.empty(2, C, dtype=torch.bool, device="meta"), "source": ["ctseg", "mosmed"]}
+    with pytest.raises(LeakageError, match="mosmed"):
+        module.on_before_batch_transfer(batch, 0)
+    assert module.on_before_batch_transfer(dict(batch, source=["ctseg", "ctseg"]), 0)["source"] == ["ctseg", "ctseg"]
+    module._trainer = SimpleNamespace(training=False)  # validation batches are the held-out source's own
+    module.on_before_batch_transfer(batch, 0)
+
+
+def _volumes(n: int):
+    from datamodules.sources import SOURCES
+
+    g = torch.Generator().manual_seed(3)
+    for i in range(n):
+        src = ("ctseg", "covid19_20")[i % 2]
+        policy = next(iter(SOURCES[src].POLICIES.values()))
+        label = torch.randint(0, 4, (1, 1, 16, 16, 8), generator=g, dtype=torch.uint8)
+        annotated = torch.tensor(policy.annotated_vector())[None]
+        label[~annotated[0, label.long()]] = 0  # only classes the source annotates
+        yield {"image": torch.rand(1, 1, 16, 16, 8, generator=g), "label": label, "annotated": annotated,
+               "case": [f"c{i}"], "source": [src], "spacing": torch.tensor([[1.5, 1.5, 5.0]], dtype=torch.float64)}
+
+
+def test_overlapped_validation_scoring_gives_the_sequential_rows():
+    """Scoring case i in a thread while case i+1 is predicted: the same rows, in the same order, as scoring
+    each case in turn (both stages, surface metrics on)."""
+    rows = {}
+    for overlap in (False, True):
+        module = _module(overlap).eval()
+        with torch.no_grad():
+            for i, batch in enumerate(_volumes(5)):
+                module._eval_step(batch, "val" if i % 3 else "oracle")
+        rows[overlap] = {stage: module.scored_rows(stage) for stage in ("val", "oracle")}
+        assert module.scoring._pool is None  # no thread outlives the evaluation
+    assert len(rows[True]["val"]) > 3 and rows[True]["oracle"]
+    assert json.dumps(rows[True], sort_keys=True) == json.dumps(rows[False], sort_keys=True)
+
+
+def test_background_scoring_raises_the_scoring_error_when_collected():
+    from lightning_modules.segmentation import BackgroundScoring
+
+    def bad():
+        raise ValueError("broken case")
+
+    scoring = BackgroundScoring(True)
+    scoring.submit("val", lambda: [{"case": "a"}])
+    scoring.submit("val", bad)
+    with pytest.raises(ValueError, match="broken case"):
+        scoring.collect("val")
+    assert scoring._pool is None
+
+
+# ------------------------------------------------------------------------------ speed switches for CUDA runs
+@pytest.mark.parametrize("accelerator,pin,expected", [("cpu", None, False), ("gpu", None, True), ("cuda", False, False),
+                                                      ("cpu", True, True),
+                                                      ("auto", None, torch.cuda.is_available())])
+def test_pin_memory_follows_the_accelerator_unless_set(tmp_path, accelerator, pin, expected):
+    from experiments.build import build_datamodule
+    from experiments.config import load_config
+
+    cfg = load_config([f"trainer.accelerator={accelerator}", f"data.pin_memory={'null' if pin is None else pin}"])
+    dm = build_datamodule(cfg, tmp_path, holdout="mosmed")
+    assert dm.pin_memory is expected
+    dm.cached = {"test": []}
+    assert dm.test_dataloader().pin_memory is expected
+
+
+def test_cudnn_benchmark_is_set_only_for_cuda_runs(monkeypatch):
+    from experiments.build import configure_backends
+    from experiments.config import load_config
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_backends(load_config(["trainer.accelerator=cpu", "trainer.cudnn_benchmark=true"]))
+    assert torch.backends.cudnn.benchmark is False  # a CPU run leaves the process's cuDNN alone
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    configure_backends(load_config(["trainer.accelerator=auto"]))
+    assert torch.backends.cudnn.benchmark is True
+    configure_backends(load_config(["trainer.accelerator=gpu", "trainer.deterministic=true"]))
+    assert torch.backends.cudnn.benchmark is False
+
+
+# ------------------------------------------------------------------------------ the loop benchmark
+TINY = ["data.batch_size=2", "data.patch_size=[32,32,16]", "data.num_workers=0", "data.target_spacing=[6.0,6.0,8.0]",
+        "data.find_duplicates=false"]
+
+
+def test_loop_bench_breaks_a_real_epoch_into_its_parts(phantom_root, tmp_path):
+    from benchmarks import bench_loop
+
+    res = bench_loop.run(tmp_path, overrides=[f"paths.data_root={phantom_root}", *TINY], steps=3)
+    assert res["steps"] == 3 and res["device"] == "cpu"
+    assert list(res["breakdown"]) == list(bench_loop.PARTS)
+    b = res["breakdown"]
+    for part in ("loader_wait", "transfer", "forward", "loss", "backward", "optimizer", "logging"):
+        assert b[part] > 0, part
+    assert all(v >= 0 for v in b.values())
+    # the parts account for the step: measured pieces plus the un-instrumented rest (lightning)
+    assert sum(b.values()) == pytest.approx(res["step_ms"], rel=0.02, abs=0.05)
+    assert res["loop_overhead_ms_per_step"] == pytest.approx(
+        res["step_ms"] - sum(b[k] for k in bench_loop.COMPUTE), abs=0.01)
+
+
+def test_pointwise_network_is_a_one_by_one_convolution():
+    from benchmarks.bench_loop import pointwise_network
+
+    net = pointwise_network(C)
+    x = torch.randn(2, 1, 4, 4, 3)
+    conv = torch.nn.Conv3d(1, C, 1)
+    with torch.no_grad():
+        conv.weight.copy_(net.net.weight.reshape(C, 1, 1, 1, 1))
+        conv.bias.copy_(net.net.bias.flatten())
+        torch.testing.assert_close(net(x), conv(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_bench_says_gpu_null_without_cuda(tmp_path):
+    from benchmarks import run
+
+    assert run.main(["--only", "gpu", "--out", str(tmp_path / "bench"), "--workdir", str(tmp_path / "w")]) == 0
+    res = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert "gpu" in res and res["gpu"] is None
+    assert "no CUDA device" in (tmp_path / "bench" / "results.md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bench_section_measures_every_key(phantom_root, tmp_path):
+    from benchmarks import bench_loop
+
+    g = bench_loop.run_gpu(tmp_path, quick=True, overrides=[f"paths.data_root={phantom_root}"])
+    assert set(g["gpu_step_patches_per_s"]) == set(bench_loop.GPU_NETWORKS)
+    assert all(v["fp32"] > 0 and v["bf16"] > 0 for v in g["gpu_step_patches_per_s"].values())
+    assert g["gpu_loop_patches_per_s"] > 0 and g["gpu_loop_efficiency"] > 0 and g["gpu_sliding_window_s"] > 0
+    assert g["gpu_busy_percent"] is None or 0 <= g["gpu_busy_percent"]["median"] <= 100
