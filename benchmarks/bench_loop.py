@@ -6,8 +6,10 @@ train stage builds (`experiments.stages.train.make_trainer`, CSV logger), at the
 128 x 128 x 32 patches, 2 loader workers. Only the network is swapped, for a 1x1x1 convolution with the
 right number of output classes (`pointwise_network`), so what is left is the loop.
 
-Numbers, all in ms per training step, means over the measured (last) epoch; the first warms workers up:
-- `step_ms`: wall time of the epoch / its steps;
+Numbers, all in ms per training step, means over the steady state of the measured (last) epoch: its steps
+after the first (the first epoch warms the workers up; an epoch's first step waits for the workers to cut
+its first patches, reported apart as `epoch_start_ms`):
+- `step_ms`: wall time of those steps / their number;
 - `compute_ms`: the per-voxel arithmetic, timed inside the loop: the network's forward, the loss's forward
   and the backward pass of both (on a CPU the loss on 8 x 8 x 128 x 128 x 32 logits dominates it; on a GPU
   it is a few kernels);
@@ -89,34 +91,39 @@ class _Timer:
 
 
 class _EpochWindow(pl.Callback):
-    """Marks the measured epoch: wall time, steps, and where the profiler's and timers' records stood."""
+    """The measured window: from the end of the measured epoch's first step to the end of its last, i.e. the
+    steady state (the first step also waits for the workers to start the epoch's patches: `epoch_start_s`).
+    Records wall time, steps, and how much the profiler's and timers' totals grew meanwhile."""
 
     def __init__(self, profiler, timers: dict, epoch: int, sync=None):
         self.profiler, self.timers, self.epoch, self.sync = profiler, timers, epoch, sync
         self.start: dict = {}
+        self.epoch_t0 = 0.0
         self.result: dict | None = None
 
-    def _snapshot(self) -> dict:
-        return {"prof": {k: sum(v) for k, v in self.profiler.recorded_durations.items()}, "timers": dict(self.timers)}
+    def _snapshot(self, trainer) -> dict:
+        if self.sync:
+            self.sync()
+        return {"t": time.perf_counter(), "batch": trainer.fit_loop.epoch_loop.batch_progress.total.completed,
+                "prof": {k: sum(v) for k, v in self.profiler.recorded_durations.items()}, "timers": dict(self.timers)}
 
     def on_train_epoch_start(self, trainer, module):
         if trainer.current_epoch == self.epoch:
-            if self.sync:
-                self.sync()
-            self.start = {"t": time.perf_counter(), "batch": trainer.fit_loop.epoch_loop.batch_progress.total.completed,
-                          **self._snapshot()}
+            self.epoch_t0 = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, module):
-        if trainer.current_epoch != self.epoch or not self.start:
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.current_epoch != self.epoch:
             return
-        if self.sync:
-            self.sync()
-        wall = time.perf_counter() - self.start["t"]
-        end = self._snapshot()
-        steps = trainer.fit_loop.epoch_loop.batch_progress.total.completed - self.start["batch"]
-        prof = {k: v - self.start["prof"].get(k, 0.0) for k, v in end["prof"].items()}
-        timers = {k: v - self.start["timers"].get(k, 0.0) for k, v in end["timers"].items()}
-        self.result = {"wall_s": wall, "steps": steps, "prof": prof, "timers": timers}
+        now = self._snapshot(trainer)
+        if batch_idx == 0:
+            self.start = now
+            return
+        if not self.start:
+            return
+        self.result = {"wall_s": now["t"] - self.start["t"], "steps": now["batch"] - self.start["batch"],
+                       "epoch_start_s": self.start["t"] - self.epoch_t0,
+                       "prof": {k: v - self.start["prof"].get(k, 0.0) for k, v in now["prof"].items()},
+                       "timers": {k: v - self.start["timers"].get(k, 0.0) for k, v in now["timers"].items()}}
 
 
 def _profiled(prof: dict, kind: str, hook: str) -> float:
@@ -247,7 +254,7 @@ def run(workdir: Path, quick: bool = False, overrides: list[str] = (), steps: in
     step_ms = 1000 * w["wall_s"] / max(w["steps"], 1)
     compute_ms = sum(parts[k] for k in COMPUTE)
     return {"loop_overhead_ms_per_step": round(step_ms - compute_ms, 3), "step_ms": round(step_ms, 3),
-            "compute_ms": round(compute_ms, 3), "breakdown": parts, "steps": w["steps"],
+            "compute_ms": round(compute_ms, 3), "epoch_start_ms": round(1000 * w["epoch_start_s"], 3), "breakdown": parts, "steps": w["steps"],
             "batch_size": int(cfg.data.batch_size), "patch_size": [int(p) for p in cfg.data.patch_size],
             "num_workers": int(cfg.data.num_workers), "loss": cfg.loss.name, "threads": torch.get_num_threads(),
             "device": "cpu"}
@@ -351,7 +358,7 @@ def run_gpu(workdir: Path, quick: bool = False, overrides: list[str] = ()) -> di
 
     sw = bench_sliding.run(workdir, quick=True, device="cuda")
     return {"device": torch.cuda.get_device_name(), "gpu_step_patches_per_s": step,
-            "gpu_loop_patches_per_s": round(loop, 1),
+            "gpu_loop_patches_per_s": round(loop, 1), "gpu_epoch_start_s": round(w["epoch_start_s"], 3),
             "gpu_loop_efficiency": round(loop / step[cfg.model.name]["bf16"], 3),
             "gpu_busy_percent": busy.summary(), "gpu_loop_breakdown_ms": breakdown(w),
             "gpu_sliding_window_s": sw["sliding_window_s"], "sliding_volume": sw["volume"],

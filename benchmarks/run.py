@@ -115,8 +115,9 @@ def to_markdown(res: dict) -> str:
     if "loop" in res:
         lo = res["loop"]
         lines += ["", f"Training loop, {lo['device']}, batch {lo['batch_size']} x {lo['patch_size']}, {lo['num_workers']} workers, "
-                  f"{lo['steps']} steps (ms per step): step {_f(lo['step_ms'], 1)}, network + loss compute "
-                  f"{_f(lo['compute_ms'], 1)}, **`loop_overhead_ms_per_step` {_f(lo['loop_overhead_ms_per_step'], 1)}**", "",
+                  f"{lo['steps']} steady steps (ms per step): step {_f(lo['step_ms'], 1)}, network + loss compute "
+                  f"{_f(lo['compute_ms'], 1)}, **`loop_overhead_ms_per_step` {_f(lo['loop_overhead_ms_per_step'], 1)}**; "
+                  f"an epoch's first step {_f(lo['epoch_start_ms'], 1)}", "",
                   "| " + " | ".join(lo["breakdown"]) + " |", "|" + "---|" * len(lo["breakdown"]),
                   "| " + " | ".join(_f(v, 1) for v in lo["breakdown"].values()) + " |"]
     if "gpu" in res:

@@ -187,8 +187,8 @@ TINY = ["data.batch_size=2", "data.patch_size=[32,32,16]", "data.num_workers=0",
 def test_loop_bench_breaks_a_real_epoch_into_its_parts(phantom_root, tmp_path):
     from benchmarks import bench_loop
 
-    res = bench_loop.run(tmp_path, overrides=[f"paths.data_root={phantom_root}", *TINY], steps=3)
-    assert res["steps"] == 3 and res["device"] == "cpu"
+    res = bench_loop.run(tmp_path, overrides=[f"paths.data_root={phantom_root}", *TINY], steps=4)
+    assert res["steps"] == 3 and res["device"] == "cpu" and res["epoch_start_ms"] > 0  # steps after the first
     assert list(res["breakdown"]) == list(bench_loop.PARTS)
     b = res["breakdown"]
     for part in ("loader_wait", "transfer", "forward", "loss", "backward", "optimizer", "logging"):
