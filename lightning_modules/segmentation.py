@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytorch_lightning as pl
 import torch
@@ -30,6 +29,7 @@ from datamodules.augment import Augmenter
 from datamodules.label_policy import CLASSES, IGNORE, labels_from_probs
 from datamodules.splits import check_batch_sources
 from evaluation.aggregate import COUNT_SUFFIXES, aggregate, eval_classes, is_count, metric_key, unique_rows
+from evaluation.background import InOrderThread
 from evaluation.scoring import score_case
 from lightning_modules.losses import build_loss, class_frequencies
 from lightning_modules.methods import build_method
@@ -54,38 +54,6 @@ def gather_rows(rows: list[dict]) -> list[dict]:
         dist.all_gather_object(parts, rows)
         rows = [r for part in parts for r in part]
     return unique_rows(rows)
-
-
-class BackgroundScoring:
-    """Validation scoring beside prediction: each case's metrics (CPU: distance transforms, connected
-    components) are computed in one background thread while the next case's sliding window runs on the
-    device. One worker thread keeps the cases in submission order, so `collect` returns the rows scoring in
-    turn would have appended; a scoring error is raised there. With `enabled` False it scores in turn."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[str, list[Future | list[dict]]] = {}
-
-    def submit(self, stage: str, fn, *args, **kwargs) -> None:
-        if not self.enabled:
-            self._pending.setdefault(stage, []).append(fn(*args, **kwargs))
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="val-scoring")
-        self._pending.setdefault(stage, []).append(self._pool.submit(fn, *args, **kwargs))
-
-    def collect(self, stage: str) -> list[dict]:
-        """The rows of every case submitted for `stage`, in submission order (waits for them)."""
-        pending, rows = self._pending.pop(stage, []), []
-        try:
-            for p in pending:
-                rows.extend(p.result() if isinstance(p, Future) else p)
-        finally:
-            if not self._pending and self._pool is not None:  # no thread outlives an evaluation
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
-        return rows
 
 
 def _score_rows(row: dict, pred, ref, spacing, classes, surface: bool) -> list[dict]:
@@ -120,7 +88,8 @@ class SegmentationModule(pl.LightningModule):
         self.loss_fn = build_loss(loss["name"], **{k: v for k, v in loss.items() if k != "name"})
         self.test_sources = list(test_sources)
         self.rows: dict[str, list[dict]] = {"val": [], "oracle": []}
-        self.scoring = BackgroundScoring(bool(evaluation.get("overlap_scoring", True)))
+        # validation scoring (CPU) of case i beside the prediction of case i+1 (evaluation.background)
+        self.scoring = InOrderThread(bool(evaluation.get("overlap_scoring", True)), name="val-scoring")
         self.last_rows: dict[str, list[dict]] = {}
         # augment.where == device: training batches are augmented after the transfer, i.e. on the GPU
         # when training on one (the loader then only crops); loader-side augmentation is the dataset's
@@ -282,13 +251,13 @@ class SegmentationModule(pl.LightningModule):
         row = {"case": batch["case"][0], "source": batch["source"][0], "space": "harmonized"}
         pred = labels_from_probs(torch.softmax(logits[0].float(), 0)).cpu().numpy()
         ref = batch["label"][0, 0].cpu().numpy()
-        # scored on the CPU beside the next case's prediction (BackgroundScoring); _eval_end collects the rows
+        # scored on the CPU beside the next case's prediction (self.scoring); _eval_end collects the rows
         self.scoring.submit(stage, _score_rows, row, pred, ref, batch["spacing"][0].tolist(), classes,
                             ev.get("val_surface", False))
 
     def scored_rows(self, stage: str) -> list[dict]:
         """This rank's rows of `stage` so far, once the scoring in progress has finished."""
-        self.rows[stage].extend(self.scoring.collect(stage))
+        self.rows[stage].extend(r for rows in self.scoring.collect(stage) for r in rows)
         return self.rows[stage]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -136,18 +136,26 @@ def test_overlapped_validation_scoring_gives_the_sequential_rows():
     assert json.dumps(rows[True], sort_keys=True) == json.dumps(rows[False], sort_keys=True)
 
 
-def test_background_scoring_raises_the_scoring_error_when_collected():
-    from lightning_modules.segmentation import BackgroundScoring
+def test_in_order_thread_keeps_submission_order_and_raises_a_job_error():
+    import time
+
+    from evaluation.background import InOrderThread
+
+    work = InOrderThread(True, max_pending=1)
+    for i in range(5):  # later jobs faster than earlier ones: the order is still the submission order
+        work.submit("a", lambda i=i: (time.sleep(0.01 * (5 - i)), i)[1])
+    work.submit("b", lambda: "b0")
+    assert work.collect("a") == [0, 1, 2, 3, 4] and work._pool is not None  # "b" still pending
+    assert work.collect("b") == ["b0"] and work._pool is None
 
     def bad():
         raise ValueError("broken case")
 
-    scoring = BackgroundScoring(True)
-    scoring.submit("val", lambda: [{"case": "a"}])
-    scoring.submit("val", bad)
+    work.submit("val", lambda: 1)
+    work.submit("val", bad)
     with pytest.raises(ValueError, match="broken case"):
-        scoring.collect("val")
-    assert scoring._pool is None
+        work.collect("val")
+    assert work._pool is None
 
 
 # ------------------------------------------------------------------------------ speed switches for CUDA runs
@@ -231,3 +239,32 @@ def test_gpu_bench_section_measures_every_key(phantom_root, tmp_path):
     assert all(v["fp32"] > 0 and v["bf16"] > 0 for v in g["gpu_step_patches_per_s"].values())
     assert g["gpu_loop_patches_per_s"] > 0 and g["gpu_loop_efficiency"] > 0 and g["gpu_sliding_window_s"] > 0
     assert g["gpu_busy_percent"] is None or 0 <= g["gpu_busy_percent"]["median"] <= 100
+
+
+def test_case_writer_beside_the_device_writes_what_writing_in_turn_writes(tmp_path):
+    """The predict stage restores and writes case i in a thread while case i+1 is predicted: the same
+    predictions and probabilities, and every case listed in prediction order."""
+    import nibabel as nib
+    import numpy as np
+
+    from experiments.stages.predict import CaseWriter
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "meta.json").write_text(json.dumps({"affine": np.diag([1.5, 1.5, 5.0, 1.0]).tolist()}))
+    g = torch.Generator().manual_seed(0)
+    cases = [(f"s{i % 2}", f"c{i}", torch.randn(1, C, 6, 5, 4, generator=g)) for i in range(5)]
+    out = {}
+    for overlap in (False, True):
+        writer = CaseWriter(tmp_path / str(overlap), "harmonized", probabilities=True, overlap=overlap)
+        for i, (src, case, logits) in enumerate(cases):
+            writer.write_on_batch_end(None, None, logits, None, {"meta_path": [str(entry)], "source": [src],
+                                                                 "case": [case]}, i)
+        writer.on_predict_epoch_end(None, None)
+        assert writer.written == [f"{s}/{c}" for s, c, _ in cases]
+        out[overlap] = {p.relative_to(tmp_path / str(overlap)).as_posix(): nib.load(p) for p in
+                        sorted((tmp_path / str(overlap)).rglob("*.nii.gz"))}
+    assert list(out[True]) == list(out[False]) and len(out[True]) == 2 * len(cases)
+    for key, img in out[True].items():
+        np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(out[False][key].dataobj))
+        np.testing.assert_array_equal(img.affine, out[False][key].affine)
