@@ -300,7 +300,7 @@ class PartialDiceCELoss(nn.Module):
             dice = dice_c[classes].mean() if classes.any() else logits.new_tensor(1.0)
         else:  # the same mean without reading `classes` on the host (see host_decides)
             n = classes.sum()
-            dice = torch.where(n > 0, (dice_c * classes).sum() / n.clamp(min=1), dice_c.new_tensor(1.0))
+            dice = torch.where(n > 0, (dice_c * classes).sum() / n.clamp(min=1), 1.0)  # a scalar: no copy to the device
         return self.ce_weight * ce + self.dice_weight * (1.0 - dice)
 
 
