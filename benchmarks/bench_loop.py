@@ -276,6 +276,8 @@ class _BusySampler:
 
     @staticmethod
     def sample() -> float | None:
+        if not torch.cuda.is_available():
+            return None
         try:
             return float(torch.cuda.utilization())
         except Exception:  # no NVML binding (pynvml / amdsmi): ask the driver's tool
@@ -319,15 +321,17 @@ def _network(cfg, name: str):
                          spacing=tuple(cfg.data.target_spacing), **selected_args(cfg, "networks", name))
 
 
-def run_gpu(workdir: Path, quick: bool = False, overrides: list[str] = ()) -> dict | None:
+def run_gpu(workdir: Path, quick: bool = False, overrides: list[str] = (), device: str = "cuda",
+            networks: tuple[str, ...] = GPU_NETWORKS, steps: int | None = None) -> dict | None:
     """The GPU section of `make bench`; None where CUDA is absent. At the issue's shape (batch 8, 128x128x32):
     `gpu_step_patches_per_s` (network alone: forward, backward, AdamW on random tensors; fp32 and bf16
     autocast) for unet, dynunet and segresnet; `gpu_loop_patches_per_s`, a real epoch of the default unet
     (the same datamodule, module and trainer as the CPU loop bench, precision bf16-mixed, 8 workers or the
     machine's cores), with the GPU's busy share sampled during it; `gpu_loop_efficiency` = loop / network
     alone at the same precision (target >= 0.9); `gpu_sliding_window_s`: one volume's sliding-window
-    inference on the GPU."""
-    if not torch.cuda.is_available():
+    inference on the GPU. `device` cpu runs the same code on the CPU (tests check it there)."""
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
         return None
     import os
 
@@ -336,28 +340,29 @@ def run_gpu(workdir: Path, quick: bool = False, overrides: list[str] = ()) -> di
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     workers = min(8, os.cpu_count() or 1)
-    cfg = loop_config(workdir, ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed",
+    cfg = loop_config(workdir, [f"trainer.accelerator={'gpu' if cuda else 'cpu'}", "trainer.precision=bf16-mixed",
                                 f"data.num_workers={workers}", *overrides])
     configure_backends(cfg)
     b, patch = int(cfg.data.batch_size), tuple(int(p) for p in cfg.data.patch_size)
     shape, n = (b, 1, *patch), len(CLASSES)
     reps = 10 if quick else 30
     step: dict = {}
-    for name in GPU_NETWORKS:
+    for name in networks:
         step[name] = {}
         for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            ms = network_alone_ms(_network(cfg, name), shape, n, "cuda", reps, dtype)
+            ms = network_alone_ms(_network(cfg, name), shape, n, device, reps, dtype)
             step[name][prec] = round(1000 * b / ms, 1)
-    torch.cuda.synchronize()
-    steps = 30 if quick else 100
+    if cuda:
+        torch.cuda.synchronize()
+    steps = steps or (30 if quick else 100)
     with _BusySampler() as busy:
         out = run_epoch(cfg, workdir, steps, network=cfg.model.name, sync=None)
     w = out["window"]
     loop = b * w["steps"] / w["wall_s"]
     from benchmarks import bench_sliding
 
-    sw = bench_sliding.run(workdir, quick=True, device="cuda")
-    return {"device": torch.cuda.get_device_name(), "gpu_step_patches_per_s": step,
+    sw = bench_sliding.run(workdir, quick=True, device=device)
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "gpu_step_patches_per_s": step,
             "gpu_loop_patches_per_s": round(loop, 1), "gpu_epoch_start_s": round(w["epoch_start_s"], 3),
             "gpu_loop_efficiency": round(loop / step[cfg.model.name]["bf16"], 3),
             "gpu_busy_percent": busy.summary(), "gpu_loop_breakdown_ms": breakdown(w),

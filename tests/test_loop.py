@@ -230,6 +230,19 @@ def test_bench_says_gpu_null_without_cuda(tmp_path):
     assert "no CUDA device" in (tmp_path / "bench" / "results.md").read_text()
 
 
+@pytest.mark.slow
+def test_gpu_bench_section_code_runs_on_the_cpu(phantom_root, tmp_path):
+    """The GPU section's code path, on the CPU (its sliding window on the quick 512x512x120 case is slow):
+    every key present, busy share absent without CUDA."""
+    from benchmarks import bench_loop
+
+    g = bench_loop.run_gpu(tmp_path, quick=True, overrides=[f"paths.data_root={phantom_root}", *TINY], device="cpu",
+                           networks=("unet",), steps=3)
+    assert g["device"] == "cpu" and g["gpu_busy_percent"] is None and g["steps"] == 2
+    assert g["gpu_step_patches_per_s"]["unet"]["fp32"] > 0 and g["gpu_loop_patches_per_s"] > 0
+    assert g["gpu_loop_efficiency"] > 0 and g["gpu_sliding_window_s"] > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_bench_section_measures_every_key(phantom_root, tmp_path):
     from benchmarks import bench_loop
