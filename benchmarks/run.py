@@ -5,7 +5,9 @@ Writes `<out>/results.json` and `<out>/results.md` with the keys the performance
 TorchIO, 0 and 2 workers) with loader peak memory; `metrics_s` (ours / DeepMind surface-distance / MONAI)
 and our values' largest difference from DeepMind's; `sliding_window_s`; and the ratios
 `harmonize_vs_gzip`, `harmonize_vs_monai`, `patches_vs_monai`, `patches_vs_torchio`,
-`metrics_vs_surface_distance`, `metrics_max_abs_diff`. `--quick` uses a 120-slice case and one repeat
+`metrics_vs_surface_distance`, `metrics_max_abs_diff`; `loop_overhead_ms_per_step` with its `loop_breakdown_ms`
+(benchmarks.bench_loop: a real training epoch with a network that costs nothing) and `gpu` (the GPU section:
+network-alone and real-epoch patches/s, their ratio, GPU busy %, sliding window; null without CUDA). `--quick` uses a 120-slice case and one repeat
 (a few minutes on 2 cores). Timings are of this machine in this run: compare ratios, not seconds.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller case, one repeat: a few minutes on 2 cores")
     ap.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json / results.md")
     ap.add_argument("--workdir", type=Path, default=Path(".cache/bench"), help="synthetic cases and caches")
-    ap.add_argument("--only", nargs="*", default=["harmonize", "patches", "metrics", "sliding"])
+    ap.add_argument("--only", nargs="*", default=["harmonize", "patches", "metrics", "sliding", "loop", "gpu"])
     args = ap.parse_args(argv)
     t0 = time.time()
     res: dict = {"quick": args.quick, "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -67,6 +69,15 @@ def main(argv=None) -> int:
         from benchmarks import bench_sliding
         s = bench_sliding.run(args.workdir, args.quick)
         res.update(sliding=s, sliding_window_s=s["sliding_window_s"])
+    if "loop" in args.only:
+        from benchmarks import bench_loop
+        lo = bench_loop.run(args.workdir, args.quick)
+        res.update(loop=lo, loop_overhead_ms_per_step=lo["loop_overhead_ms_per_step"], loop_breakdown_ms=lo["breakdown"])
+    if "gpu" in args.only:
+        from benchmarks import bench_loop
+        res["gpu"] = bench_loop.run_gpu(args.workdir, args.quick)  # None (JSON null) without CUDA
+        if res["gpu"]:
+            ratios["gpu_loop_efficiency"] = res["gpu"]["gpu_loop_efficiency"]
     res["ratios"] = ratios
     res["wall_s"] = round(time.time() - t0, 1)
     write_json(args.out / "results.json", res)
@@ -102,6 +113,27 @@ def to_markdown(res: dict) -> str:
     if "sliding_window_s" in res:
         s = res["sliding"]
         lines.append(f"| sliding window, default 3D UNet (s) | {_f(res['sliding_window_s'])} | | | volume {s['volume']}, {s['device']} |")
+    if "loop" in res:
+        lo = res["loop"]
+        lines += ["", f"Training loop, {lo['device']}, batch {lo['batch_size']} x {lo['patch_size']}, {lo['num_workers']} workers, "
+                  f"{lo['steps']} steady steps (ms per step): step {_f(lo['step_ms'], 1)}, network + loss compute "
+                  f"{_f(lo['compute_ms'], 1)}, **`loop_overhead_ms_per_step` {_f(lo['loop_overhead_ms_per_step'], 1)}**; "
+                  f"an epoch's first step {_f(lo['epoch_start_ms'], 1)}", "",
+                  "| " + " | ".join(lo["breakdown"]) + " |", "|" + "---|" * len(lo["breakdown"]),
+                  "| " + " | ".join(_f(v, 1) for v in lo["breakdown"].values()) + " |"]
+    if "gpu" in res:
+        g = res["gpu"]
+        if g is None:
+            lines += ["", "GPU section: no CUDA device here (`gpu`: null)."]
+        else:
+            lines += ["", f"GPU ({g['device']}), batch {g['batch_size']} x {g['patch_size']}:", "",
+                      "| network alone, patches/s | fp32 | bf16 |", "|---|---|---|"]
+            lines += [f"| {k} | {_f(v['fp32'], 1)} | {_f(v['bf16'], 1)} |" for k, v in g["gpu_step_patches_per_s"].items()]
+            busy = (g["gpu_busy_percent"] or {}).get("median")
+            lines += ["", f"real epoch ({g['network']}, {g['precision']}, {g['num_workers']} workers): "
+                      f"{_f(g['gpu_loop_patches_per_s'], 1)} patches/s, efficiency {_f(g['gpu_loop_efficiency'])}, "
+                      f"GPU busy {_f(busy, 0)} %; sliding window {_f(g['gpu_sliding_window_s'])} s per volume "
+                      f"{g['sliding_volume']}"]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| `{k}` | {_f(v)} |" for k, v in res["ratios"].items()]
     return "\n".join(lines) + "\n"
 

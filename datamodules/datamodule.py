@@ -98,7 +98,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
                  train_cases: dict[str, Sequence[str]] | None = None, val_sources: Sequence[str] = (),
                  test_cases: dict[str, Sequence[str]] | None = None,
                  cache_workers: int = 1, augment: dict | None = None,
-                 roles: dict[str, Sequence[str]] | None = None):
+                 roles: dict[str, Sequence[str]] | None = None, pin_memory: bool = False):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"data.on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -140,6 +140,9 @@ class MultiSourceDataModule(pl.LightningDataModule):
                               "test_cases": dict(test_cases or {})}
         # a plan's split (experiments.plan): case keys per role, used as listed (and leakage-checked)
         self.roles = {r: list(keys) for r, keys in roles.items()} if roles is not None else None
+        # page-locked batches: Lightning copies them to a CUDA device with non_blocking=True, which is only
+        # asynchronous from pinned memory (the build sets it for CUDA runs: on a CPU it is one more copy)
+        self.pin_memory = bool(pin_memory)
 
     def make_split(self) -> Split:
         cases, self.adapters = discover_sources(self.data_root, self.sources, self.on_error, self.policies,
@@ -252,7 +255,7 @@ class MultiSourceDataModule(pl.LightningDataModule):
         # the global one untouched (it seeds the workers): a resumed run draws what the uninterrupted one drew.
         return patch_loader(ds, self.batch_size, self.num_workers, drop_last=True,
                             sampler=EpochSampler(len(ds), self.seed, self._serving_epoch()),
-                            generator=torch.Generator().manual_seed(self.seed))
+                            generator=torch.Generator().manual_seed(self.seed), pin_memory=self.pin_memory)
 
     def _serving_epoch(self) -> int:
         """The training epoch the loader's first iterator serves: 0, or on resume the first unfinished one.
@@ -267,7 +270,8 @@ class MultiSourceDataModule(pl.LightningDataModule):
         # follow. With its own, training draws the same patches whatever is validated, and how often.
         cases = [c for c in self.cached[role] if source is None or c.meta["source"] == source]
         return DataLoader(VolumeDataset(cases, self.source_ids), batch_size=1, shuffle=False,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                          pin_memory=self.pin_memory)
 
     def val_dataloader(self):
         if self.oracle:  # loader 1: the test cases, scored as stage "oracle" (reported, never the default)

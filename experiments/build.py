@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -87,6 +88,27 @@ def check_network(cfg: DictConfig) -> None:
                          f"and networks.{m.name}={selected_args(cfg, 'networks', m.name)}: {e}") from None
 
 
+def uses_cuda(cfg: DictConfig) -> bool:
+    """Whether the trainer the config describes runs on a CUDA device (Lightning's `auto` picks one when present)."""
+    acc = str(cfg.trainer.accelerator).lower()
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def on_for_cuda(value: bool | None, cfg: DictConfig) -> bool:
+    """A speed switch whose null means: on when training on CUDA, off elsewhere."""
+    return uses_cuda(cfg) if value is None else bool(value)
+
+
+def configure_backends(cfg: DictConfig) -> None:
+    """Process-wide torch settings a run's config asks for: CPU threads, and cuDNN autotuning on CUDA (the
+    patch shape never changes during training, so the one-off search pays for itself in the first steps;
+    off under trainer.deterministic, whose kernels must not depend on timing)."""
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    if uses_cuda(cfg):
+        torch.backends.cudnn.benchmark = on_for_cuda(cfg.trainer.cudnn_benchmark, cfg) and not cfg.trainer.deterministic
+
+
 def method_config(cfg: DictConfig) -> dict:
     return {"name": cfg.method.name, "seed": int(cfg.run.seed), **selected_args(cfg, "methods", cfg.method.name)}
 
@@ -104,6 +126,7 @@ def build_datamodule(cfg: DictConfig, data_root: Path, **split) -> MultiSourceDa
         find_duplicates=d.find_duplicates,
         test_fraction=d.test_fraction, fixed_test_part=d.fixed_test_part, cache_workers=d.cache_workers,
         test_cases=OmegaConf.to_container(d.test_cases),
+        pin_memory=on_for_cuda(d.pin_memory, cfg),
         augment=OmegaConf.to_container(cfg.augment, enum_to_str=True), **split)
 
 

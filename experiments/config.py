@@ -64,6 +64,7 @@ class DataConfig:
     sampling: Sampling = MISSING
     num_workers: int = MISSING
     cache_workers: int = MISSING   # processes building missing harmonized cache entries
+    pin_memory: bool | None = MISSING  # page-locked batches, copied to the GPU asynchronously; None: on for CUDA
     on_error: OnError = MISSING   # what a bad case file does
     policies: dict[str, str] = field(default_factory=dict)  # source -> label policy other than its default
     find_duplicates: bool = MISSING  # fingerprint labelled scans; one scan under two names is one patient
@@ -112,6 +113,7 @@ class TrainerConfig:
     deterministic: bool = MISSING
     threads: int = MISSING   # torch CPU threads; 0 leaves torch's default
     checkpoint_every_n_steps: int = MISSING  # last.ckpt every N steps as well as every epoch (0: epochs only)
+    cudnn_benchmark: bool | None = MISSING  # cuDNN picks the fastest kernels per shape; None: on for CUDA
 
 
 @dataclass
@@ -139,6 +141,7 @@ class EvaluationConfig:
     val_surface: bool = MISSING      # surface metrics during validation epochs
     save_predictions: bool = MISSING  # references/ beside predictions/ (always written), and overlays
     save_probabilities: bool = False  # per-class probabilities/ (float32, stored grid) beside predictions/
+    overlap_scoring: bool = True  # validation: score case i in a thread while case i+1 is predicted
     classes: dict[str, EvalClassConfig] = field(default_factory=dict)
 
 

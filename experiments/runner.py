@@ -11,12 +11,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.locking import folder_lock
 from experiments import selection
-from experiments.build import harmonizer_config, is_rank_zero, resolve_data_root, say, validate_config, variant
+from experiments.build import (
+    configure_backends,
+    harmonizer_config,
+    is_rank_zero,
+    resolve_data_root,
+    say,
+    validate_config,
+    variant,
+)
 from experiments.checkpoints import remove_stale_tmp
 from experiments.runfolder import mark_run_folder, remove_run_folder, run_folder
 from experiments.stages.plan import plan_stage
@@ -57,8 +64,7 @@ def _run_locked(cfg: DictConfig, kind: str, split: dict, label: str, name: str, 
     if is_rank_zero():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    if cfg.trainer.threads > 0:
-        torch.set_num_threads(cfg.trainer.threads)
+    configure_backends(cfg)
     planned = plan_stage(cfg, kind, split, label, name, run_dir, data_root, phantom, "oracle" in names, roles, origin)
     fit = train_stage(cfg, planned, run_dir, name, kind, names, phantom)
     results = select_and_test(fit.trainer, fit.module, planned.dm, run_dir, fit.callbacks, names,

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import OmegaConf
 
 from evaluation.records import RunInfo
-from experiments.build import build_datamodule, is_rank_zero, resolve_data_root
+from experiments.build import build_datamodule, configure_backends, is_rank_zero, resolve_data_root
 from experiments.checkpoints import CheckpointError, load_module, read_checkpoint
 from experiments.config import load_config
 from experiments.plan import PLAN_FILE, read_plan
@@ -58,8 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = OmegaConf.merge(load_config([f"experiment={stored.experiment}"]), stored,
                           OmegaConf.from_dotlist(list(args.overrides)))
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    if cfg.trainer.threads > 0:
-        torch.set_num_threads(cfg.trainer.threads)
+    configure_backends(cfg)
     data_root, phantom = resolve_data_root(cfg)
     plan = read_plan(args.run_dir) if (args.run_dir / PLAN_FILE).is_file() else None
     roles = {"roles": plan["roles"]} if plan else {}

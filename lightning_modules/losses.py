@@ -131,6 +131,20 @@ def nested_moves(annotated: torch.Tensor) -> torch.Tensor:
     return moves
 
 
+def host_decides(t: torch.Tensor) -> bool:
+    """Whether the loss may branch on a tensor's values in Python. Reading a value (`bool(...)`, `.tolist()`,
+    boolean indexing) waits for every kernel queued before it: free on a CPU, a stall of the whole pipeline
+    on a GPU, where the loss computes both branches and selects with `torch.where` instead (the same values)."""
+    return t.device.type == "cpu"
+
+
+def _container_classes(c: int) -> list[int]:
+    """Every class an unannotated nested class may be moved into (`CONTAINERS`), ascending: the classes
+    `nested_moves` can name, known without looking at a batch."""
+    return sorted({CLASS_INDEX[n] for name, cs in CONTAINERS.items() if CLASS_INDEX[name] < c
+                   for n in cs if CLASS_INDEX[n] < c})
+
+
 def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities on the sample's annotated classes, each channel summing the classes merged
     into it (`merge_destinations`): background + unannotated unrelated classes, lesion + untyped
@@ -145,7 +159,9 @@ def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor, target: torc
     """
     logp = torch.log_softmax(logits.float(), dim=1)
     dest = merge_destinations(annotated)
-    if bool((dest == torch.arange(dest.shape[1], device=dest.device)).all()):
+    on_host = host_decides(logp)
+    nothing = (dest == torch.arange(dest.shape[1], device=dest.device)).all()
+    if on_host and bool(nothing):
         return logp  # every class annotated in every sample: nothing to merge
     # One pass for all merges: q[b, k] = sum of p[b, c] over the classes c merged into k (a [C, C]
     # assignment per sample), instead of a masked logsumexp per channel (3x slower on 8 classes).
@@ -156,15 +172,18 @@ def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor, target: torc
     q = torch.bmm(assign.transpose(1, 2), p)
     if target is not None:
         moves = nested_moves(annotated)
-        if bool(moves.any()):
+        # on a GPU every possible container is visited; one no sample moves into adds exact zeros
+        if not on_host or bool(moves.any()):
             t = target.reshape(b, -1)
             shift = torch.zeros_like(q)
-            for k in torch.nonzero(moves.any(0).any(0)).flatten().tolist():
+            ks = torch.nonzero(moves.any(0).any(0)).flatten().tolist() if on_host else _container_classes(c)
+            for k in ks:
                 moved = (p * moves[:, :, k, None]).sum(1) * (t == k)  # [B, N]
                 shift[:, k] += moved
                 shift[:, BACKGROUND] -= moved
             q = q + shift
-    return torch.log(q.reshape(logp.shape).clamp_min(1e-30))
+    merged = torch.log(q.reshape(logp.shape).clamp_min(1e-30))
+    return merged if on_host else torch.where(nothing, logp, merged)
 
 
 def prepare_target(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor):
@@ -295,7 +314,11 @@ class PartialDiceCELoss(nn.Module):
         w = use.float()
         dice_c = (2 * (inter * w).sum(0) + self.smooth) / ((denom * w).sum(0) + self.smooth)  # [C]
         classes = use.any(0)
-        dice = dice_c[classes].mean() if classes.any() else logits.new_tensor(1.0)
+        if host_decides(dice_c):
+            dice = dice_c[classes].mean() if classes.any() else logits.new_tensor(1.0)
+        else:  # the same mean without reading `classes` on the host (see host_decides)
+            n = classes.sum()
+            dice = torch.where(n > 0, (dice_c * classes).sum() / n.clamp(min=1), 1.0)  # a scalar: no copy to the device
         return self.ce_weight * ce + self.dice_weight * (1.0 - dice)
 
 

@@ -29,6 +29,7 @@ from datamodules.augment import Augmenter
 from datamodules.label_policy import CLASSES, IGNORE, labels_from_probs
 from datamodules.splits import check_batch_sources
 from evaluation.aggregate import COUNT_SUFFIXES, aggregate, eval_classes, is_count, metric_key, unique_rows
+from evaluation.background import InOrderThread
 from evaluation.scoring import score_case
 from lightning_modules.losses import build_loss, class_frequencies
 from lightning_modules.methods import build_method
@@ -53,6 +54,10 @@ def gather_rows(rows: list[dict]) -> list[dict]:
         dist.all_gather_object(parts, rows)
         rows = [r for part in parts for r in part]
     return unique_rows(rows)
+
+
+def _score_rows(row: dict, pred, ref, spacing, classes, surface: bool) -> list[dict]:
+    return [dict(row, **r) for r in score_case(pred, ref, spacing, classes, surface=surface, ignore=IGNORE)]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -83,6 +88,8 @@ class SegmentationModule(pl.LightningModule):
         self.loss_fn = build_loss(loss["name"], **{k: v for k, v in loss.items() if k != "name"})
         self.test_sources = list(test_sources)
         self.rows: dict[str, list[dict]] = {"val": [], "oracle": []}
+        # validation scoring (CPU) of case i beside the prediction of case i+1 (evaluation.background)
+        self.scoring = InOrderThread(bool(evaluation.get("overlap_scoring", True)), name="val-scoring")
         self.last_rows: dict[str, list[dict]] = {}
         # augment.where == device: training batches are augmented after the transfer, i.e. on the GPU
         # when training on one (the loader then only crops); loader-side augmentation is the dataset's
@@ -100,6 +107,13 @@ class SegmentationModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # The leakage guard on the host batch, before anything is copied: a batch carrying a held-out source
+        # never reaches the device, and the check reads a list of strings, never a device tensor.
+        if self._trainer is not None and self._trainer.training:
+            check_batch_sources(batch["source"], self.test_sources)
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self._trainer is not None and self._trainer.training:
@@ -119,6 +133,7 @@ class SegmentationModule(pl.LightningModule):
     def training_loss(self, batch: dict) -> torch.Tensor:
         """Segmentation loss over every output head (deep supervision, nnU-Net weights), on the slices whose
         2.5D context is complete, plus the method's own term."""
+        # again at the point of use (methods and tests call this directly); a list of strings: no device sync
         check_batch_sources(batch["source"], self.test_sources)
         label = batch["label"].long()  # patches arrive as uint8
         self.method.begin_step(batch, self)  # e.g. each sample's source, for feature hooks that pair sources
@@ -237,9 +252,14 @@ class SegmentationModule(pl.LightningModule):
         row = {"case": batch["case"][0], "source": batch["source"][0], "space": "harmonized"}
         pred = labels_from_probs(torch.softmax(logits[0].float(), 0)).cpu().numpy()
         ref = batch["label"][0, 0].cpu().numpy()
-        scored = score_case(pred, ref, batch["spacing"][0].tolist(), classes, surface=ev.get("val_surface", False),
-                            ignore=IGNORE)
-        self.rows[stage].extend(dict(row, **r) for r in scored)
+        # scored on the CPU beside the next case's prediction (self.scoring); _eval_end collects the rows
+        self.scoring.submit(stage, _score_rows, row, pred, ref, batch["spacing"][0].tolist(), classes,
+                            ev.get("val_surface", False))
+
+    def scored_rows(self, stage: str) -> list[dict]:
+        """This rank's rows of `stage` so far, once the scoring in progress has finished."""
+        self.rows[stage].extend(r for rows in self.scoring.collect(stage) for r in rows)
+        return self.rows[stage]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         # loader 1 (when the datamodule serves it) holds the test cases: oracle selection only
@@ -253,7 +273,7 @@ class SegmentationModule(pl.LightningModule):
         return self.predict_volume(batch["image"])
 
     def _eval_end(self, stage: str) -> None:
-        rows, self.rows[stage] = gather_rows(self.rows[stage]), []
+        rows, self.rows[stage] = gather_rows(self.scored_rows(stage)), []
         self.last_rows[stage] = rows
         if self.trainer.sanity_checking or not rows:
             return

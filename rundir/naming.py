@@ -21,7 +21,10 @@ NOT_HASHED = ("paths.runs", "paths.cache", "run.name", "run.overwrite", "wandb.m
               "wandb.group", "data.num_workers", "data.cache_workers", "trainer.threads",
               "trainer.checkpoint_every_n_steps",
               # extra output files only (per-class probabilities): the numbers a run computes are the same
-              "evaluation.save_probabilities")
+              "evaluation.save_probabilities",
+              # how fast, not what: pinned batches, scoring in a thread (the same rows), cuDNN's kernel choice
+              # (on a GPU, like any non-deterministic run, within float rounding)
+              "data.pin_memory", "evaluation.overlap_scoring", "trainer.cudnn_benchmark")
 CONFIG_HASH_LENGTH = 8
 OVERRIDES_HASH_LENGTH = 10
 

@@ -25,4 +25,6 @@ def test_quick_bench_writes_every_key(tmp_path):
                 "metrics_vs_surface_distance", "metrics_max_abs_diff"):
         assert key in res["ratios"], key
     assert res["ratios"]["metrics_max_abs_diff"] <= 1e-6  # our surface metrics are DeepMind's values
+    assert res["loop_overhead_ms_per_step"] is not None and set(res["loop_breakdown_ms"]) >= {"loader_wait", "loss"}
+    assert "gpu" in res  # null without CUDA
     assert "| ratio | value |" in (out / "results.md").read_text()

@@ -74,7 +74,7 @@ def test_validation_scores_the_group_decision(tmp_path):
     batch = {"image": torch.zeros(1, 1, 8, 8, 8), "label": label, "annotated": annotated, "case": ["c"],
              "source": ["mosmed"], "spacing": torch.tensor([[1.0, 1.0, 1.0]]), "meta_path": [str(tmp_path)]}
     module._eval_step(batch, "val")
-    (row,) = module.rows["val"]
+    (row,) = module.scored_rows("val")
     assert row["class"] == "lesion" and row["dice"] == 1.0
 
 

@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from datamodules.harmonize import probabilities_to_original, restore_to_original
 from datamodules.io import write_volume
 from datamodules.label_policy import labels_from_probs
+from evaluation.background import InOrderThread
 
 PREDICTIONS = "predictions"
 PROBABILITIES = "probabilities"
@@ -64,19 +65,46 @@ def read_meta(entry: str | Path) -> dict:
     return json.loads((Path(entry) / "meta.json").read_text(encoding="utf-8"))
 
 
-class CaseWriter(BasePredictionWriter):
-    """Writes each predicted volume as it comes (one volume per batch): nothing is kept in memory."""
+def restore_and_write(out_dir: Path, prediction: torch.Tensor, meta: dict, space: str, probabilities: bool,
+                      source: str, case_id: str) -> str:
+    labels, affine, probs = restore(prediction, meta, space, probabilities)
+    write_case(out_dir, source, case_id, labels, affine, probs)
+    return f"{source}/{case_id}"
 
-    def __init__(self, out_dir: Path, space: str, probabilities: bool = False):
+
+class CaseWriter(BasePredictionWriter):
+    """Writes each predicted volume as it comes (one volume per batch): nothing is kept in memory.
+
+    Restoring a volume to its stored grid and compressing it are CPU work: with `overlap` they run in one
+    background thread (`evaluation.background`) while the next case is predicted on the device, at most two
+    cases behind; `finish` waits for them (the same files as writing in turn)."""
+
+    def __init__(self, out_dir: Path, space: str, probabilities: bool = False, overlap: bool = True):
         super().__init__(write_interval="batch")
         self.out_dir, self.space, self.probabilities = Path(out_dir), space, probabilities
         self.written: list[str] = []
+        self._work = InOrderThread(overlap, max_pending=2, name="case-writer")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         meta = read_meta(batch["meta_path"][0])
-        labels, affine, probs = restore(prediction, meta, self.space, self.probabilities)
-        write_case(self.out_dir, batch["source"][0], batch["case"][0], labels, affine, probs)
-        self.written.append(f"{batch['source'][0]}/{batch['case'][0]}")
+        self._work.submit("cases", restore_and_write, self.out_dir, prediction, meta, self.space, self.probabilities,
+                          batch["source"][0], batch["case"][0])
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        self.finish()
+
+    def finish(self) -> list[str]:
+        """Wait for the cases still being written; `written` lists every case, in prediction order."""
+        self.written.extend(self._work.collect("cases"))
+        return self.written
+
+    def close(self) -> None:
+        """After an interrupted predict: wait for the writing thread to end. Its own errors are not raised
+        here; the predict's error is (after a complete predict, `finish` has raised them already)."""
+        try:
+            self._work.collect("cases")
+        except Exception:
+            pass
 
 
 def predict_checkpoint(trainer: pl.Trainer, module: pl.LightningModule, dm, ckpt: str | None, out_dir: Path,
@@ -87,7 +115,9 @@ def predict_checkpoint(trainer: pl.Trainer, module: pl.LightningModule, dm, ckpt
     trainer.callbacks.append(writer)
     try:
         trainer.predict(module, datamodule=dm, ckpt_path=ckpt, return_predictions=False, weights_only=True)
+        writer.finish()  # every case on disk before the barrier (a no-op after on_predict_epoch_end)
     finally:
         trainer.callbacks.remove(writer)
+        writer.close()
     trainer.strategy.barrier("predictions written")
     return Path(out_dir) / PREDICTIONS

@@ -52,7 +52,8 @@ class EpochSummary(pl.Callback):
         print(f"[epoch {epoch_number(trainer.current_epoch)}/{trainer.max_epochs}] " + " ".join(parts), flush=True)
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list, has_val: bool) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list, has_val: bool,
+                 profiler=None) -> pl.Trainer:
     t = cfg.trainer
     # without a rule's ModelCheckpoint Lightning would add a default one writing epoch=...ckpt files
     checkpointing = any(isinstance(c, pl.callbacks.Checkpoint) for c in callbacks)
@@ -63,7 +64,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path, loggers: list, callbacks: list,
                       callbacks=[*callbacks, EpochSummary()], default_root_dir=str(run_dir), num_sanity_val_steps=0,
                       plugins=[AtomicCheckpointIO()], enable_checkpointing=checkpointing,
                       limit_val_batches=None if has_val else 0,
-                      enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False)
+                      enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False, profiler=profiler)
 
 
 def train_stage(cfg: DictConfig, planned: Planned, run_dir: Path, name: str, kind: str, names: list[str],
