@@ -132,12 +132,23 @@ class EvalClassConfig:
 
 
 @dataclass
+class SanityConfig:                  # evaluation.sanity.SanityLimits (values and their sources: base.yaml)
+    total_lung_l: list[float] = MISSING
+    lung_side_l: list[float] = MISSING
+    lesion_outside_lung: float = MISSING
+    lung_on_border: float = MISSING
+    lung_in_outside_air: float = MISSING
+    outside_air_hu: float = MISSING
+
+
+@dataclass
 class EvaluationConfig:
     space: EvalSpace = MISSING
     val_surface: bool = MISSING      # surface metrics during validation epochs
     save_predictions: bool = MISSING  # references/ beside predictions/ (always written), and overlays
     save_probabilities: bool = False  # per-class probabilities/ (float32, stored grid) beside predictions/
     classes: dict[str, EvalClassConfig] = field(default_factory=dict)
+    sanity: SanityConfig = field(default_factory=SanityConfig)  # implausible predictions: warned, never rescored
 
 
 @dataclass

@@ -9,7 +9,9 @@ resampling, windowing), sliding-window inference, and back onto the input's own 
 - `<case>_lesion.nii.gz` (0/1) and, when the model learned lungs (a training source annotated them),
   `<case>_lung.nii.gz` (1 left, 2 right, lesions inside included) plus `<case>_labels.nii.gz`
   (1 left lung, 2 right lung, 3 lesion); all with the input's shape and affine;
-- `<case>_severity.json`: lesion volume, and PO/PHO/WAL when the lungs are predicted;
+- `<case>_severity.json`: lesion volume, and PO/PHO/WAL when the lungs are predicted, and `sanity`: `ok` or
+  the implausible findings (evaluation.sanity: lung volume outside an adult range, lung in the air outside the
+  body or on the volume border, lesions outside the lungs), each case with problems also printed as a warning;
 - `<case>_overlay_<k>.png`: the most affected axial slices (radiological view);
 and `predictions.csv` with one row per case.
 
@@ -40,6 +42,7 @@ from datamodules.label_policy import CLASS_INDEX, OPACITY
 from datamodules.sources import get_source
 from datamodules.sources.base import NIFTI_RE, nifti_files
 from evaluation import severity as severity_mod
+from evaluation.sanity import SanityLimits, check_prediction, sanity_text
 from evaluation.scoring import lesions_to_lung_sides
 from experiments.tracking import write_csv, write_json
 
@@ -187,6 +190,18 @@ def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefi
     return out
 
 
+def sanity_limits(module) -> SanityLimits:
+    """The checkpoint's `evaluation.sanity`, or (a checkpoint trained before it existed) base.yaml's."""
+    spec = (module.hparams.get("evaluation") or {}).get("sanity")
+    if not spec:
+        from omegaconf import OmegaConf
+
+        from experiments.config import CONFIG_DIR
+
+        spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "base.yaml").evaluation.sanity)
+    return SanityLimits.from_config(spec)
+
+
 def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = None, encoding: str = "auto",
                 window: tuple[float, float] = WINDOW_8BIT, image_flips: tuple[str, ...] | None = None,
                 device: str = "cpu", overlays: int = 3, probabilities: bool = False) -> list[dict]:
@@ -194,6 +209,7 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
     harmonizer = HarmonizerConfig.from_dict(module.hparams["harmonizer"])
     trained = set(module.hparams.get("trained_classes") or ["lesion"])
     lungs = {"lung_left", "lung_right"} <= trained
+    limits = sanity_limits(module)
     adapter = get_source(source) if source else None
     inputs = discover_inputs(input_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +243,10 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
                 write_volume(out / f"{item.case_id}_lung.nii.gz",
                              np.where(np.isin(sided, LUNGS), sided, 0).astype(np.uint8), affine)
             report = severity_report(labels, hu, spacing_of(affine), lungs)
+            problems = check_prediction(labels, spacing_of(affine), limits, lungs, axial_axis=axial_axis(affine), hu=hu)
+            report["sanity"] = sanity_text(problems)
+            if problems:
+                print(f"warning: implausible prediction {item.case_id}: {report['sanity']}", flush=True)
             report.update(case=item.case_id, input=str(item.path), decoding={k: (list(v) if isinstance(v, tuple) else v)
                                                                               for k, v in decoding.items()},
                           # no mask to measure the image flips against (datamodules.alignment)

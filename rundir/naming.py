@@ -21,7 +21,9 @@ NOT_HASHED = ("paths.runs", "paths.cache", "run.name", "run.overwrite", "wandb.m
               "wandb.group", "data.num_workers", "data.cache_workers", "trainer.threads",
               "trainer.checkpoint_every_n_steps",
               # extra output files only (per-class probabilities): the numbers a run computes are the same
-              "evaluation.save_probabilities")
+              "evaluation.save_probabilities",
+              # warnings only (per_case.csv's sanity column): the metrics a run computes are the same
+              "evaluation.sanity")
 CONFIG_HASH_LENGTH = 8
 OVERRIDES_HASH_LENGTH = 10
 
