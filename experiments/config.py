@@ -99,6 +99,13 @@ class OptimConfig:
 
 
 @dataclass
+class ProgressConfig:              # experiments.progress: when the wall-time estimate is measured
+    warmup_steps: int = MISSING
+    measure_steps: int = MISSING
+    max_measure_s: float = MISSING
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = MISSING
     accelerator: str = MISSING
@@ -110,6 +117,7 @@ class TrainerConfig:
     deterministic: bool = MISSING
     threads: int = MISSING   # torch CPU threads; 0 leaves torch's default
     checkpoint_every_n_steps: int = MISSING  # last.ckpt every N steps as well as every epoch (0: epochs only)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 @dataclass
