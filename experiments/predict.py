@@ -12,7 +12,8 @@ resampling, windowing), sliding-window inference, and back onto the input's own 
 - `<case>_severity.json`: lesion volume, and PO/PHO/WAL when the lungs are predicted, and `sanity`: `ok` or
   the implausible findings (evaluation.sanity: lung volume outside an adult range, lung in the air outside the
   body or on the volume border, lesions outside the lungs), each case with problems also printed as a warning;
-- `<case>_overlay_<k>.png`: the most affected axial slices (radiological view);
+- `<case>_overlay_<k>.png`: the most affected axial slices (radiological view), image beside the
+  prediction, with a legend (and the sanity problems in red when there are any);
 and `predictions.csv` with one row per case.
 
 Intensities: `auto` reads 0..255 integer volumes as 8-bit windowed exports (COVID-19-CT-Seg's
@@ -152,35 +153,81 @@ def axial_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(affine[2, :3]) / spacing_of(affine)))
 
 
-def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefix: Path, n: int = 3) -> list[Path]:
-    """PNG overlays of the `n` axial slices with the most lesion, in the radiological convention."""
+# overlay colours and legend names of the common classes drawn (lesion covers GGO and consolidation too)
+OVERLAY_CLASSES = (("right lung", (CLASS_INDEX["lung_right"],), "deepskyblue"),
+                   ("left lung", (CLASS_INDEX["lung_left"],), "limegreen"),
+                   ("lesion", OPACITY, "orangered"))
+
+
+def _radiological(plane: np.ndarray) -> np.ndarray:
+    # RAS arrays: x grows to the patient's left, y anterior; the radiological view puts the patient's
+    # right on the image's left and anterior at the top.
+    return plane.T[::-1, ::-1]
+
+
+def overlay_figure(img: np.ndarray, pred: np.ndarray, ref: np.ndarray | None, aspect: float, title: str,
+                   note: str | None = None):
+    """One axial slice (radiological view, 2D arrays) as a figure: image, reference (when given) and
+    prediction side by side, each class filled in its colour with its outline, and a legend naming them.
+    `note` (e.g. the case's sanity problems) goes under the panels in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    panels = [("image", None)] + ([("reference", ref)] if ref is not None else []) + [("prediction", pred)]
+    height = 4 * img.shape[0] * aspect / img.shape[1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), height + 0.9), dpi=100, squeeze=False)
+    for ax, (name, labels) in zip(axes[0], panels):
+        ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1], interpolation="nearest",
+                  aspect=aspect)
+        if labels is not None:
+            for _label, values, colour in OVERLAY_CLASSES:
+                mask = np.isin(labels, values)
+                if mask.any():
+                    ax.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([colour]), alpha=0.35,
+                              interpolation="nearest", aspect=aspect)
+                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.text(0.01, 0.99, "R", color="yellow", transform=ax.transAxes, va="top")
+        ax.axis("off")
+    fig.legend(handles=[Patch(facecolor=c, edgecolor=c, alpha=0.6, label=n) for n, _v, c in OVERLAY_CLASSES],
+               loc="lower center", ncol=len(OVERLAY_CLASSES), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=8)
+    if note:
+        fig.text(0.5, 0.06, note, color="red", ha="center", fontsize=7, wrap=True)
+    return fig
+
+
+def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefix: Path, n: int = 3,
+                   reference: np.ndarray | None = None, note: str | None = None) -> list[Path]:
+    """PNG overlays of the `n` axial slices with the most lesion (predicted, or in the reference when
+    given), in the radiological convention: image, reference (if any) and prediction with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import nibabel as nib
 
+    def canonical(volume):
+        return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(volume, affine)).dataobj)
+
     ras_hu = nib.as_closest_canonical(nib.Nifti1Image(hu.astype(np.float32), affine)).get_fdata(dtype=np.float32)
-    ras_lab = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).dataobj)
+    ras_lab = canonical(labels)
+    ras_ref = canonical(reference) if reference is not None else None
     area = np.isin(ras_lab, OPACITY).sum(axis=(0, 1))
+    if ras_ref is not None:
+        area = area + np.isin(ras_ref, OPACITY).sum(axis=(0, 1))
     order = [int(z) for z in np.argsort(-area, kind="stable")[:n] if area[z] > 0] or [ras_lab.shape[2] // 2]
     sp = spacing_of(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).affine)
     out = []
     for k, z in enumerate(order):
-        # RAS arrays: x grows to the patient's right, y anterior; radiological view puts the patient's
-        # right on the image's left and anterior at the top.
-        img = ras_hu[:, :, z].T[::-1, ::-1]
-        les = np.isin(ras_lab[:, :, z], OPACITY).T[::-1, ::-1]
-        lung = np.isin(ras_lab[:, :, z], LUNGS).T[::-1, ::-1]
-        fig, ax = plt.subplots(figsize=(5, 5 * img.shape[0] * sp[1] / (img.shape[1] * sp[0])), dpi=100)
-        ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1], interpolation="nearest",
-                  aspect=sp[1] / sp[0])
-        if lung.any():
-            ax.contour(lung, levels=[0.5], colors="deepskyblue", linewidths=0.8)
-        ax.imshow(np.ma.masked_where(~les, les), cmap="autumn", alpha=0.45, interpolation="nearest", aspect=sp[1] / sp[0])
-        ax.set_title(f"{prefix.name}: axial slice {z} (RAS), lesion {area[z] * sp[0] * sp[1] / 100:.1f} cm²", fontsize=8)
-        ax.text(0.01, 0.99, "R", color="yellow", transform=ax.transAxes, va="top")
-        ax.axis("off")
+        pred_area = np.isin(ras_lab[:, :, z], OPACITY).sum() * sp[0] * sp[1] / 100
+        fig = overlay_figure(_radiological(ras_hu[:, :, z]), _radiological(ras_lab[:, :, z]),
+                             None if ras_ref is None else _radiological(ras_ref[:, :, z]), sp[1] / sp[0],
+                             f"{prefix.name}: axial slice {z} (RAS), predicted lesion {pred_area:.1f} cm²", note)
         path = prefix.with_name(f"{prefix.name}_overlay_{k + 1}.png")
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, bbox_inches="tight")
@@ -254,7 +301,8 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
                           checkpoint=str(ckpt), shape=list(labels.shape))
             write_json(out / f"{item.case_id}_severity.json", report)
             if overlays:
-                overlay_slices(hu, labels, affine, out / item.case_id, n=overlays)
+                overlay_slices(hu, labels, affine, out / item.case_id, n=overlays,
+                               note=None if not problems else "implausible: " + report["sanity"])
             rows.append({k: v for k, v in report.items() if not isinstance(v, (dict, list))})
     write_csv(out / "predictions.csv", rows, first=("case", "lesion_ml"))
     return rows

@@ -62,8 +62,10 @@ def mark_done(run_dir: Path) -> None:
     (run_dir / "checkpoints" / PREVIOUS).unlink(missing_ok=True)  # the fallback is needed while training only
 
 
-def example_overlays(run_dir: Path, dm, n_per_source: int = 1) -> list[Path]:
-    """Overlay PNGs of the saved test predictions: the most affected slice of the first case per source."""
+def example_overlays(run_dir: Path, dm, n_per_source: int = 1, sanity: dict | None = None) -> list[Path]:
+    """Overlay PNGs of the saved test predictions: the most affected slice of the first case per source,
+    image, reference (`references/`, written with evaluation.save_predictions) and prediction side by side;
+    `sanity` ((source, case) -> the per-case sanity text) puts a case's problems under its panels."""
     from experiments.predict import overlay_slices  # matplotlib only when asked
 
     out, seen = [], {}
@@ -78,7 +80,15 @@ def example_overlays(run_dir: Path, dm, n_per_source: int = 1) -> list[Path]:
         hu, affine = read_volume(case.image)
         hu = decode_intensity(hu, case.encoding, case.window, str(case.image))
         pred = np.asarray(nib.load(str(pred_path)).dataobj)
-        out += overlay_slices(hu, pred, affine, run_dir / "overlays" / f"{case.source}_{case.case_id}", n=1)
+        if pred.shape != hu.shape:  # evaluation.space=harmonized: the prediction is on the training grid
+            continue
+        ref_path = run_dir / "references" / case.source / f"{case.case_id}.nii.gz"
+        ref = np.asarray(nib.load(str(ref_path)).dataobj) if ref_path.exists() else None
+        if ref is not None and ref.shape != pred.shape:  # harmonized-space references: another grid than the image's
+            ref = None
+        problems = (sanity or {}).get((case.source, case.case_id))
+        out += overlay_slices(hu, pred, affine, run_dir / "overlays" / f"{case.source}_{case.case_id}", n=1,
+                              reference=ref, note=f"implausible: {problems}" if problems not in (None, "ok") else None)
     return out
 
 
@@ -112,8 +122,10 @@ def record_stage(cfg: DictConfig, kind: str, name: str, run_dir: Path, planned, 
     info = run_info(cfg, kind, name, planned.plan, planned.dm, sel, data_root, fit.trainer.world_size,
                     time.time() - t0, fit.schedule)
     write_results(run_dir, metrics, val_rows, test_rows, info)
+    # overlays/ with or without W&B: the first look at what the model predicts
+    overlays = example_overlays(run_dir, planned.dm, sanity={(r["source"], r["case"]): r.get("sanity") for r in test_rows}) \
+        if cfg.evaluation.save_predictions else []
     if fit.wandb_logger is not None:
-        overlays = example_overlays(run_dir, planned.dm) if cfg.evaluation.save_predictions else []
         log_to_wandb(fit.wandb_logger, metrics, test_rows, sel, overlays)
     mark_done(run_dir)
     print_summary(run_dir, metrics, sel, names, planned.plan["data"] == "phantom")
