@@ -180,7 +180,8 @@ def epoch_line(epoch: int, max_epochs: int, step: int, total_steps: int, metrics
                elapsed: float, remaining: float | None) -> str:
     """One epoch's line: `[epoch i/N] step s/S train/loss_epoch=... val/...dice=... elapsed m:ss ETA m:ss`."""
     parts = [f"{k}={float(v):.4f}" for k, v in sorted(metrics.items())
-             if k == "train/loss_epoch" or (validated and k.startswith("val/mean/dice"))]  # per source: metrics.json
+             if k == "train/loss_epoch" or (validated and k.startswith("val/mean/dice")
+                                            and not k.endswith(("/n", "/n_undefined")))]  # counts, sources: metrics.json
     return (f"[epoch {epoch + 1}/{max_epochs}] step {step}/{total_steps} " + " ".join(parts)
             + f" elapsed {duration(elapsed)} ETA {duration(remaining)}").replace("  ", " ")
 

@@ -99,6 +99,7 @@ def test_hooks_print_plan_estimate_and_one_line_per_epoch():
             progress.on_validation_start(trainer, None)
             now.t += 30.0
             trainer.callback_metrics = {"val/mean/dice": torch.tensor(0.25), "val/mosmed/dice": torch.tensor(0.5),
+                                        "val/mean/dice/n": torch.tensor(3.0),
                                         "train/loss_epoch": torch.tensor(0.75)}
             progress.on_validation_end(trainer, None)
         progress.on_train_epoch_end(trainer, None)
