@@ -50,6 +50,7 @@ class RunInfo:
     dropped: list[str] = field(default_factory=list)
     world_size: int | None = None
     wall_s: float | None = None
+    schedule: dict | None = None            # experiments.progress: the training plan, its estimate and actual times
     torch: str | None = None
     pytorch_lightning: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of other versions, kept as they were

@@ -219,7 +219,7 @@ class LastCheckpoint(pl.Callback):
 
     Hooked on `on_train_epoch_end`, which Lightning calls after the epoch's validation: the selection
     rules' ModelCheckpoints (saving on validation end) have already recorded this epoch, so the state
-    written here is whole. Listed before EpochSummary, so `[epoch k/N]` is printed once epoch k is safe.
+    written here is whole. Listed before RunProgress (experiments.progress), so `[epoch k/N]` is printed once epoch k is safe.
     Before every save the module's `check_finite_loss` runs: diverged weights are never written over the
     last good ones. The checkpoint carries the random generators' states; resuming restores them before
     the first resumed epoch draws anything, so its patches are those of the uninterrupted run.

@@ -102,6 +102,13 @@ class OptimConfig:
 
 
 @dataclass
+class ProgressConfig:              # experiments.progress: when the wall-time estimate is measured
+    warmup_steps: int = MISSING
+    measure_steps: int = MISSING
+    max_measure_s: float = MISSING
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = MISSING
     accelerator: str = MISSING
@@ -114,6 +121,7 @@ class TrainerConfig:
     threads: int = MISSING   # torch CPU threads; 0 leaves torch's default
     checkpoint_every_n_steps: int = MISSING  # last.ckpt every N steps as well as every epoch (0: epochs only)
     cudnn_benchmark: bool | None = MISSING  # cuDNN picks the fastest kernels per shape; None: on for CUDA
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 @dataclass
@@ -136,6 +144,16 @@ class EvalClassConfig:
 
 
 @dataclass
+class SanityConfig:                  # evaluation.sanity.SanityLimits (values and their sources: base.yaml)
+    total_lung_l: list[float] = MISSING
+    lung_side_l: list[float] = MISSING
+    lesion_outside_lung: float = MISSING
+    lung_on_border: float = MISSING
+    lung_in_outside_air: float = MISSING
+    outside_air_hu: float = MISSING
+
+
+@dataclass
 class EvaluationConfig:
     space: EvalSpace = MISSING
     val_surface: bool = MISSING      # surface metrics during validation epochs
@@ -143,6 +161,7 @@ class EvaluationConfig:
     save_probabilities: bool = False  # per-class probabilities/ (float32, stored grid) beside predictions/
     overlap_scoring: bool = True  # validation: score case i in a thread while case i+1 is predicted
     classes: dict[str, EvalClassConfig] = field(default_factory=dict)
+    sanity: SanityConfig = field(default_factory=SanityConfig)  # implausible predictions: warned, never rescored
 
 
 @dataclass

@@ -14,8 +14,9 @@ import argparse
 import logging
 import sys
 
-from experiments.config import cli_config, presets
+from experiments.config import cli_config
 from experiments.protocols import run_protocol
+from experiments.scale_help import preset_epilog
 from rundir.cli import run_cli
 
 # task -> the COVID-19-CT-Seg mask folder (label policy) that trains and is scored
@@ -25,8 +26,7 @@ TASKS = {"lung": "lung", "infection": "infection", "lung_infection": "lung_and_i
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m experiments.fewshot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"scale presets (experiment=NAME): {', '.join(presets())}; protocol "
-                                            f"presets (preset=NAME): {', '.join(presets('preset'))}")
+                                     epilog=preset_epilog())
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="which labels train and are scored")
     parser.add_argument("--fold", default="all", help="fold index, or all (default)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")

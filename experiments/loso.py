@@ -9,16 +9,16 @@ import argparse
 import logging
 import sys
 
-from experiments.config import cli_config, presets
+from experiments.config import cli_config
 from experiments.protocols import run_protocol
+from experiments.scale_help import preset_epilog
 from rundir.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.loso", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"scale presets (experiment=NAME): {', '.join(presets())}; protocol "
-                                            f"presets (preset=NAME): {', '.join(presets('preset'))}")
+                                     epilog=preset_epilog())
     parser.add_argument("--holdout", required=True, help="source to hold out (e.g. mosmed)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options

@@ -9,8 +9,11 @@ resampling, windowing), sliding-window inference, and back onto the input's own 
 - `<case>_lesion.nii.gz` (0/1) and, when the model learned lungs (a training source annotated them),
   `<case>_lung.nii.gz` (1 left, 2 right, lesions inside included) plus `<case>_labels.nii.gz`
   (1 left lung, 2 right lung, 3 lesion); all with the input's shape and affine;
-- `<case>_severity.json`: lesion volume, and PO/PHO/WAL when the lungs are predicted;
-- `<case>_overlay_<k>.png`: the most affected axial slices (radiological view);
+- `<case>_severity.json`: lesion volume, and PO/PHO/WAL when the lungs are predicted, and `sanity`: `ok` or
+  the implausible findings (evaluation.sanity: lung volume outside an adult range, lung in the air outside the
+  body or on the volume border, lesions outside the lungs), each case with problems also printed as a warning;
+- `<case>_overlay_<k>.png`: the most affected axial slices (radiological view), image beside the
+  prediction, with a legend (and the sanity problems in red when there are any);
 and `predictions.csv` with one row per case.
 
 Intensities: `auto` reads 0..255 integer volumes as 8-bit windowed exports (COVID-19-CT-Seg's
@@ -40,6 +43,7 @@ from datamodules.label_policy import CLASS_INDEX, OPACITY
 from datamodules.sources import get_source
 from datamodules.sources.base import NIFTI_RE, nifti_files
 from evaluation import severity as severity_mod
+from evaluation.sanity import SanityLimits, check_prediction, sanity_text
 from evaluation.scoring import lesions_to_lung_sides
 from experiments.tracking import write_csv, write_json
 from rundir.cli import run_cli
@@ -150,35 +154,81 @@ def axial_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(affine[2, :3]) / spacing_of(affine)))
 
 
-def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefix: Path, n: int = 3) -> list[Path]:
-    """PNG overlays of the `n` axial slices with the most lesion, in the radiological convention."""
+# overlay colours and legend names of the common classes drawn (lesion covers GGO and consolidation too)
+OVERLAY_CLASSES = (("right lung", (CLASS_INDEX["lung_right"],), "deepskyblue"),
+                   ("left lung", (CLASS_INDEX["lung_left"],), "limegreen"),
+                   ("lesion", OPACITY, "orangered"))
+
+
+def _radiological(plane: np.ndarray) -> np.ndarray:
+    # RAS arrays: x grows to the patient's left, y anterior; the radiological view puts the patient's
+    # right on the image's left and anterior at the top.
+    return plane.T[::-1, ::-1]
+
+
+def overlay_figure(img: np.ndarray, pred: np.ndarray, ref: np.ndarray | None, aspect: float, title: str,
+                   note: str | None = None):
+    """One axial slice (radiological view, 2D arrays) as a figure: image, reference (when given) and
+    prediction side by side, each class filled in its colour with its outline, and a legend naming them.
+    `note` (e.g. the case's sanity problems) goes under the panels in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    panels = [("image", None)] + ([("reference", ref)] if ref is not None else []) + [("prediction", pred)]
+    height = 4 * img.shape[0] * aspect / img.shape[1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), height + 0.9), dpi=100, squeeze=False)
+    for ax, (name, labels) in zip(axes[0], panels):
+        ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1], interpolation="nearest",
+                  aspect=aspect)
+        if labels is not None:
+            for _label, values, colour in OVERLAY_CLASSES:
+                mask = np.isin(labels, values)
+                if mask.any():
+                    ax.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap([colour]), alpha=0.35,
+                              interpolation="nearest", aspect=aspect)
+                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.text(0.01, 0.99, "R", color="yellow", transform=ax.transAxes, va="top")
+        ax.axis("off")
+    fig.legend(handles=[Patch(facecolor=c, edgecolor=c, alpha=0.6, label=n) for n, _v, c in OVERLAY_CLASSES],
+               loc="lower center", ncol=len(OVERLAY_CLASSES), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=8)
+    if note:
+        fig.text(0.5, 0.06, note, color="red", ha="center", fontsize=7, wrap=True)
+    return fig
+
+
+def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefix: Path, n: int = 3,
+                   reference: np.ndarray | None = None, note: str | None = None) -> list[Path]:
+    """PNG overlays of the `n` axial slices with the most lesion (predicted, or in the reference when
+    given), in the radiological convention: image, reference (if any) and prediction with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import nibabel as nib
 
+    def canonical(volume):
+        return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(volume, affine)).dataobj)
+
     ras_hu = nib.as_closest_canonical(nib.Nifti1Image(hu.astype(np.float32), affine)).get_fdata(dtype=np.float32)
-    ras_lab = np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).dataobj)
+    ras_lab = canonical(labels)
+    ras_ref = canonical(reference) if reference is not None else None
     area = np.isin(ras_lab, OPACITY).sum(axis=(0, 1))
+    if ras_ref is not None:
+        area = area + np.isin(ras_ref, OPACITY).sum(axis=(0, 1))
     order = [int(z) for z in np.argsort(-area, kind="stable")[:n] if area[z] > 0] or [ras_lab.shape[2] // 2]
     sp = spacing_of(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)).affine)
     out = []
     for k, z in enumerate(order):
-        # RAS arrays: x grows to the patient's right, y anterior; radiological view puts the patient's
-        # right on the image's left and anterior at the top.
-        img = ras_hu[:, :, z].T[::-1, ::-1]
-        les = np.isin(ras_lab[:, :, z], OPACITY).T[::-1, ::-1]
-        lung = np.isin(ras_lab[:, :, z], LUNGS).T[::-1, ::-1]
-        fig, ax = plt.subplots(figsize=(5, 5 * img.shape[0] * sp[1] / (img.shape[1] * sp[0])), dpi=100)
-        ax.imshow(img, cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1], interpolation="nearest",
-                  aspect=sp[1] / sp[0])
-        if lung.any():
-            ax.contour(lung, levels=[0.5], colors="deepskyblue", linewidths=0.8)
-        ax.imshow(np.ma.masked_where(~les, les), cmap="autumn", alpha=0.45, interpolation="nearest", aspect=sp[1] / sp[0])
-        ax.set_title(f"{prefix.name}: axial slice {z} (RAS), lesion {area[z] * sp[0] * sp[1] / 100:.1f} cm²", fontsize=8)
-        ax.text(0.01, 0.99, "R", color="yellow", transform=ax.transAxes, va="top")
-        ax.axis("off")
+        pred_area = np.isin(ras_lab[:, :, z], OPACITY).sum() * sp[0] * sp[1] / 100
+        fig = overlay_figure(_radiological(ras_hu[:, :, z]), _radiological(ras_lab[:, :, z]),
+                             None if ras_ref is None else _radiological(ras_ref[:, :, z]), sp[1] / sp[0],
+                             f"{prefix.name}: axial slice {z} (RAS), predicted lesion {pred_area:.1f} cm²", note)
         path = prefix.with_name(f"{prefix.name}_overlay_{k + 1}.png")
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, bbox_inches="tight")
@@ -188,6 +238,18 @@ def overlay_slices(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, prefi
     return out
 
 
+def sanity_limits(module) -> SanityLimits:
+    """The checkpoint's `evaluation.sanity`, or (a checkpoint trained before it existed) base.yaml's."""
+    spec = (module.hparams.get("evaluation") or {}).get("sanity")
+    if not spec:
+        from omegaconf import OmegaConf
+
+        from experiments.config import CONFIG_DIR
+
+        spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "base.yaml").evaluation.sanity)
+    return SanityLimits.from_config(spec)
+
+
 def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = None, encoding: str = "auto",
                 window: tuple[float, float] = WINDOW_8BIT, image_flips: tuple[str, ...] | None = None,
                 device: str = "cpu", overlays: int = 3, probabilities: bool = False) -> list[dict]:
@@ -195,6 +257,7 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
     harmonizer = HarmonizerConfig.from_dict(module.hparams["harmonizer"])
     trained = set(module.hparams.get("trained_classes") or ["lesion"])
     lungs = {"lung_left", "lung_right"} <= trained
+    limits = sanity_limits(module)
     adapter = get_source(source) if source else None
     inputs = discover_inputs(input_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +291,10 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
                 write_volume(out / f"{item.case_id}_lung.nii.gz",
                              np.where(np.isin(sided, LUNGS), sided, 0).astype(np.uint8), affine)
             report = severity_report(labels, hu, spacing_of(affine), lungs)
+            problems = check_prediction(labels, spacing_of(affine), limits, lungs, axial_axis=axial_axis(affine), hu=hu)
+            report["sanity"] = sanity_text(problems)
+            if problems:
+                print(f"warning: implausible prediction {item.case_id}: {report['sanity']}", flush=True)
             report.update(case=item.case_id, input=str(item.path), decoding={k: (list(v) if isinstance(v, tuple) else v)
                                                                               for k, v in decoding.items()},
                           # no mask to measure the image flips against (datamodules.alignment)
@@ -235,7 +302,8 @@ def run_predict(ckpt: Path, input_path: Path, out: Path, source: str | None = No
                           checkpoint=str(ckpt), shape=list(labels.shape))
             write_json(out / f"{item.case_id}_severity.json", report)
             if overlays:
-                overlay_slices(hu, labels, affine, out / item.case_id, n=overlays)
+                overlay_slices(hu, labels, affine, out / item.case_id, n=overlays,
+                               note=None if not problems else "implausible: " + report["sanity"])
             rows.append({k: v for k, v in report.items() if not isinstance(v, (dict, list))})
     write_csv(out / "predictions.csv", rows, first=("case", "lesion_ml"))
     return rows

@@ -41,9 +41,11 @@ def plan_run(overrides: list[str]) -> tuple[str, DictConfig, Plan, Path]:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     try:
-        protocol, cfg, _plan, _run_dir = plan_run(list(sys.argv[1:] if argv is None else argv))
+        protocol, cfg, _plan, run_dir = plan_run(list(sys.argv[1:] if argv is None else argv))
     except ValueError as e:  # a config error names its key: one line in the run's log, not a traceback
         raise SystemExit(f"error: {e}") from None
+    # the first line of the run's log (sweeps.launch writes one per run): which run folder this log belongs to
+    print(f"sweep run ({protocol}): {run_dir}", flush=True)
     # a sweep's run waits for its folder instead of failing: another launcher (or an agent on another
     # machine sharing the runs folder) may be finishing the same run, which is then skipped as done
     return run_protocol(protocol, cfg, wait=True)

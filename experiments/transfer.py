@@ -12,8 +12,9 @@ import argparse
 import logging
 import sys
 
-from experiments.config import cli_config, presets
+from experiments.config import cli_config
 from experiments.protocols import run_protocol
+from experiments.scale_help import preset_epilog
 from rundir.cli import run_cli
 
 
@@ -27,8 +28,7 @@ def _names(text: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.transfer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"scale presets (experiment=NAME): {', '.join(presets())}; protocol "
-                                            f"presets (preset=NAME): {', '.join(presets('preset'))}")
+                                     epilog=preset_epilog())
     parser.add_argument("--train", required=True, type=_names, help="training sources, comma-separated")
     parser.add_argument("--test", type=_names, help="test sources, comma-separated (default: data.sources)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. experiment=smoke")

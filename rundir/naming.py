@@ -19,12 +19,14 @@ from collections.abc import Mapping, Sequence
 # (wandb.project does enter the hash: config hashes have always included it.)
 NOT_HASHED = ("paths.runs", "paths.cache", "run.name", "run.overwrite", "wandb.mode", "wandb.entity", "wandb.tags",
               "wandb.group", "data.num_workers", "data.cache_workers", "trainer.threads",
-              "trainer.checkpoint_every_n_steps",
+              "trainer.checkpoint_every_n_steps", "trainer.progress",
               # extra output files only (per-class probabilities): the numbers a run computes are the same
               "evaluation.save_probabilities",
               # how fast, not what: pinned batches, scoring in a thread (the same rows), cuDNN's kernel choice
               # (on a GPU, like any non-deterministic run, within float rounding)
-              "data.pin_memory", "evaluation.overlap_scoring", "trainer.cudnn_benchmark")
+              "data.pin_memory", "evaluation.overlap_scoring", "trainer.cudnn_benchmark",
+              # warnings only (per_case.csv's sanity column): the metrics a run computes are the same
+              "evaluation.sanity")
 CONFIG_HASH_LENGTH = 8
 OVERRIDES_HASH_LENGTH = 10
 

@@ -106,21 +106,64 @@ def run_child(cmd: list[str], **popen) -> int:
     return code
 
 
+# the metric a finished run's status line shows: the first of these its metrics.json holds
+KEY_METRICS = ("test/mean/dice", "test/mean/selection_dice")
+
+
+def key_metric(run_dir: Path) -> str:
+    """`test/mean/dice=0.4123` from a finished run's metrics.json, or '' (no file, no such key)."""
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    key = next((k for k in KEY_METRICS if isinstance(metrics.get(k), (int, float))), None)
+    return f"{key}={metrics[key]:.4f}" if key else ""
+
+
+def sweep_eta(walls: list[float], remaining: int) -> float | None:
+    """Seconds the `remaining` runs will take at the mean wall time of the runs finished so far."""
+    return sum(walls) / len(walls) * remaining if walls and remaining else (0.0 if walls else None)
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
-    failed = []
+    """Each unfinished run in its own process, its output in `log_dir/<run>.log`; one status line per run as it
+    starts and ends (done with its key metric, or failed), and the sweep's ETA from the finished runs' mean."""
+    failed, walls = [], []
+    for r in runs:
+        if r["done"]:
+            print(f"[sweep] skipped (already done) {r['run_dir']} {key_metric(r['run_dir'])}".rstrip(), flush=True)
     todo = [r for r in runs if not r["done"]]
     for i, r in enumerate(todo, 1):
         state = "resuming" if r["started"] else "starting"
-        print(f"[sweep] {i}/{len(todo)} {state} {r['run_dir']}", flush=True)
         log = log_dir / f"{Path(r['run_dir']).name}.log"
+        print(f"[sweep] {i}/{len(todo)} {state} {r['run_dir']} (log {log})", flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
         with open(log, "a", encoding="utf-8") as fh:
             code = run_child([sys.executable, "-m", RUN_PROGRAM, *r["overrides"]], stdout=fh,
                              stderr=subprocess.STDOUT, env=run_env())
+        wall = time.monotonic() - t0
         r["done"] = (Path(r["run_dir"]) / "done").exists()
+        r["wall_s"] = round(wall, 1)
         if code or not r["done"]:
-            print(f"[sweep] FAILED (exit {code}): {r['run_dir']}; log {log}", flush=True)
+            print(f"[sweep] {i}/{len(todo)} FAILED (exit {code}) after {clock(wall)}: {r['run_dir']}; log {log}", flush=True)
             failed.append(r)
+        else:
+            walls.append(wall)  # a failed run's time says nothing about the others'
+            print(f"[sweep] {i}/{len(todo)} done in {clock(wall)}: {r['run_dir']} {key_metric(r['run_dir'])}".rstrip(),
+                  flush=True)
+        if i < len(todo):
+            eta = sweep_eta(walls, len(todo) - i)
+            print(f"[sweep] {len(todo) - i} run(s) left, ETA {clock(eta)}"
+                  + (f" (mean {clock(sum(walls) / len(walls))} per finished run)" if walls else ""), flush=True)
     return failed
 
 

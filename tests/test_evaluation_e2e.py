@@ -119,6 +119,7 @@ def test_predict_matches_the_run_for_8bit_flipped_las_and_dicom_inputs(ctseg_run
     assert not (tmp_path / "ras" / f"{EIGHT_BIT_FLIPPED}_lung.nii.gz").exists()
     sev = json.loads((tmp_path / "ras" / f"{EIGHT_BIT_FLIPPED}_severity.json").read_text())
     assert sev["lungs_predicted"] is False and "po" not in sev
+    assert sev["sanity"] == "ok"  # issue 19: no lungs predicted, none in a bare input: nothing implausible to find
     assert sev["decoding"] == {"encoding": "uint8_window", "window": [-1250.0, 250.0], "image_flips": ["A-P", "S-I"]}
     assert sev["lesion_ml"] == pytest.approx((saved == 3).sum() * np.prod(nib.load(image_path).header.get_zooms()) / 1000)
     assert (tmp_path / "ras" / f"{EIGHT_BIT_FLIPPED}_overlay_1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

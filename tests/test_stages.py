@@ -149,3 +149,18 @@ def test_lightning_modules_import_nothing_from_experiments_or_reporting():
     source = (REPO / "lightning_modules" / "segmentation.py").read_text(encoding="utf-8")
     for io_call in ("load_original", "write_volume", "prediction_dir", "meta.json", "json."):
         assert io_call not in source, io_call
+
+
+def test_per_case_rows_carry_the_cases_sanity(run):
+    """Issue 19: every test row says whether its case's prediction is plausible (evaluation.sanity), the
+    same value on every row of a case; `experiments.score` reproduces it (the per_case.csv equality above)."""
+    import csv
+
+    run_dir, _, _ = run
+    with (run_dir / "per_case.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["sanity"] for r in rows)
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["source"], r["case"]), set()).add(r["sanity"])
+    assert all(len(v) == 1 for v in by_case.values())

@@ -21,7 +21,7 @@ from experiments.tracking import config_hash, write_csv, write_json
 
 
 def run_info(cfg: DictConfig, kind: str, name: str, plan: dict, dm, selection: dict, data_root: Path,
-             world_size: int, wall_s: float) -> RunInfo:
+             world_size: int, wall_s: float, schedule: dict | None = None) -> RunInfo:
     return RunInfo(
         kind=kind, name=name, data=plan["data"], data_root=str(data_root), experiment=cfg.experiment,
         preset=cfg.preset, seed=int(cfg.run.seed), **variant(cfg),
@@ -31,7 +31,7 @@ def run_info(cfg: DictConfig, kind: str, name: str, plan: dict, dm, selection: d
         selection=selection, train_sources=list(dm.split.train_sources), test_sources=list(dm.split.test_sources),
         split_args=dict(plan["split_args"]), split=dm.split.summary(), skipped=list(dm.skipped),
         alignment=dm.alignment(), duplicates=[list(g.keys) for g in dm.duplicates],
-        dropped=[c.key for c in dm.split.dropped], world_size=world_size, wall_s=round(wall_s, 1),
+        dropped=[c.key for c in dm.split.dropped], world_size=world_size, wall_s=round(wall_s, 1), schedule=schedule,
         torch=torch.__version__, pytorch_lightning=pl.__version__)
 
 
@@ -67,8 +67,10 @@ def mark_done(run_dir: Path) -> None:
     (run_dir / "checkpoints" / PREVIOUS).unlink(missing_ok=True)  # the fallback is needed while training only
 
 
-def example_overlays(run_dir: Path, dm, n_per_source: int = 1) -> list[Path]:
-    """Overlay PNGs of the saved test predictions: the most affected slice of the first case per source."""
+def example_overlays(run_dir: Path, dm, n_per_source: int = 1, sanity: dict | None = None) -> list[Path]:
+    """Overlay PNGs of the saved test predictions: the most affected slice of the first case per source,
+    image, reference (`references/`, written with evaluation.save_predictions) and prediction side by side;
+    `sanity` ((source, case) -> the per-case sanity text) puts a case's problems under its panels."""
     from experiments.predict import overlay_slices  # matplotlib only when asked
 
     out, seen = [], {}
@@ -83,7 +85,15 @@ def example_overlays(run_dir: Path, dm, n_per_source: int = 1) -> list[Path]:
         hu, affine = read_volume(case.image)
         hu = decode_intensity(hu, case.encoding, case.window, str(case.image))
         pred = np.asarray(nib.load(str(pred_path)).dataobj)
-        out += overlay_slices(hu, pred, affine, run_dir / "overlays" / f"{case.source}_{case.case_id}", n=1)
+        if pred.shape != hu.shape:  # evaluation.space=harmonized: the prediction is on the training grid
+            continue
+        ref_path = run_dir / "references" / case.source / f"{case.case_id}.nii.gz"
+        ref = np.asarray(nib.load(str(ref_path)).dataobj) if ref_path.exists() else None
+        if ref is not None and ref.shape != pred.shape:  # harmonized-space references: another grid than the image's
+            ref = None
+        problems = (sanity or {}).get((case.source, case.case_id))
+        out += overlay_slices(hu, pred, affine, run_dir / "overlays" / f"{case.source}_{case.case_id}", n=1,
+                              reference=ref, note=f"implausible: {problems}" if problems not in (None, "ok") else None)
     return out
 
 
@@ -115,11 +125,29 @@ def record_stage(cfg: DictConfig, kind: str, name: str, run_dir: Path, planned, 
     metrics, val_rows, test_rows, sel = results
     metrics["data"] = planned.plan["data"]
     info = run_info(cfg, kind, name, planned.plan, planned.dm, sel, data_root, fit.trainer.world_size,
-                    time.time() - t0)
+                    time.time() - t0, fit.schedule)
     write_results(run_dir, metrics, val_rows, test_rows, info)
+    # overlays/ with or without W&B: the first look at what the model predicts
+    overlays = example_overlays(run_dir, planned.dm, sanity={(r["source"], r["case"]): r.get("sanity") for r in test_rows}) \
+        if cfg.evaluation.save_predictions else []
     if fit.wandb_logger is not None:
-        overlays = example_overlays(run_dir, planned.dm) if cfg.evaluation.save_predictions else []
         log_to_wandb(fit.wandb_logger, metrics, test_rows, sel, overlays)
     mark_done(run_dir)
     print_summary(run_dir, metrics, sel, names, planned.plan["data"] == "phantom")
+    print(wall_time_line(info.wall_s, fit.schedule), flush=True)
     return metrics
+
+
+def wall_time_line(wall_s: float, schedule: dict | None) -> str:
+    """`wall time 3:05 (training 2:40, estimated ~3 min after step 7)`: how the estimate held up."""
+    from experiments.progress import duration, minutes
+
+    line = f"  wall time {duration(wall_s)}"
+    actual = (schedule or {}).get("actual") or {}
+    estimate = (schedule or {}).get("estimate") or {}
+    if actual.get("wall_s") is not None:
+        line += f" (training {duration(actual['wall_s'])}"
+        if estimate.get("wall_s") is not None:
+            line += f", estimated {minutes(estimate['wall_s'])} after step {estimate['steps'][1]}"
+        line += ")"
+    return line

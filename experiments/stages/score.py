@@ -23,6 +23,7 @@ from datamodules.io import spacing_of, write_volume
 from datamodules.label_policy import IGNORE
 from datamodules.sources import policy_named
 from evaluation.aggregate import ROW_COLUMNS, aggregate, annotated_vector, eval_classes, unique_rows
+from evaluation.sanity import SanityLimits, check_prediction, sanity_text
 from evaluation.scoring import attach_severity, score_case
 from experiments.plan import case_from_record, read_plan
 from experiments.stages.predict import PREDICTIONS, prediction_path
@@ -47,10 +48,36 @@ def _read_prediction(path: Path) -> np.ndarray:
     return np.asarray(nib.load(str(path)).dataobj)
 
 
+def trained_classes(plan: dict) -> set[str]:
+    """The classes some training case of the plan annotates: what the model learned to predict."""
+    return {c for key in plan["roles"].get("train", ()) for c in plan["cases"][key].get("annotated") or ()}
+
+
+def lungs_predicted(plan: dict) -> bool:
+    return {"lung_left", "lung_right"} <= trained_classes(plan)
+
+
+def case_sanity(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, evaluation: dict, rec: dict,
+                lungs: bool, image: np.ndarray | None) -> str | None:
+    """The `sanity` column of one case (evaluation.sanity), printed as one warning line when it finds
+    problems; None for a plan written before `evaluation.sanity` existed (its table stays as it was)."""
+    from experiments.predict import axial_axis
+
+    if not evaluation.get("sanity"):
+        return None
+    problems = check_prediction(pred, spacing_of(affine), SanityLimits.from_config(evaluation["sanity"]), lungs,
+                                axial_axis=axial_axis(affine), hu=image, ref=ref,
+                                ref_lungs={"lung_left", "lung_right"} <= set(rec.get("annotated") or ()))
+    if problems:
+        print(f"warning: implausible prediction {rec['source']}/{rec['case_id']}: {'; '.join(problems)}", flush=True)
+    return sanity_text(problems)
+
+
 def score_case_files(rec: dict, pred: np.ndarray, evaluation: dict, hu: bool = True,
-                     references_out: Path | None = None) -> list[dict]:
+                     references_out: Path | None = None, lungs: bool = False) -> list[dict]:
     """Rows of one case: `pred` (labels in the common space, on the grid of `evaluation['space']`) against
-    the case's reference (what the plan record `rec` points at)."""
+    the case's reference (what the plan record `rec` points at), each with the case's `sanity` (`lungs`:
+    the model predicts lungs, so their volume and position are checked)."""
     classes = eval_classes(evaluation, annotated_vector(rec.get("annotated") or ()))
     space = evaluation.get("space", "original")
     if space == "original":
@@ -62,12 +89,18 @@ def score_case_files(rec: dict, pred: np.ndarray, evaluation: dict, hu: bool = T
         spacing = spacing_of(affine).tolist()
         rows = score_case(pred, ref, spacing, classes, ignore=IGNORE)
         attach_severity(rows, classes, pred, ref, spacing, hu=image if hu else None)
+        sanity = case_sanity(pred, ref, affine, evaluation, rec, lungs, image if hu else None)
     else:
         entry = Path(rec["cache"])
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         ref = np.load(entry / "label.npy")
         affine = np.asarray(meta["affine"], dtype=np.float64)
         rows = score_case(pred, ref, [float(s) for s in meta["spacing"]], classes, ignore=IGNORE)
+        # harmonized grid: the image there is windowed and normalized, not HU: no outside-air check
+        sanity = case_sanity(pred, ref, affine, evaluation, rec, lungs, None)
+    if sanity is not None:
+        for r in rows:
+            r["sanity"] = sanity
     if references_out is not None:
         write_volume(prediction_path(references_out, rec["source"], rec["case_id"]), ref, affine)
     return [{"case": rec["case_id"], "source": rec["source"], "space": space, **r} for r in rows]
@@ -87,10 +120,11 @@ def score_predictions(plan: dict, pred_dir: Path, role: str = "test", hu: bool =
         raise MissingPredictions(f"{pred_dir}: no prediction for {len(missing)} of {len(keys)} case(s) of role "
                                  f"{role!r}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     rows: list[dict] = []
+    lungs = lungs_predicted(plan)
     for key in keys:
         rec = plan["cases"][key]
         pred = _read_prediction(prediction_path(pred_dir, rec["source"], rec["case_id"]))
-        rows += score_case_files(rec, pred, plan["evaluation"], hu=hu, references_out=references_out)
+        rows += score_case_files(rec, pred, plan["evaluation"], hu=hu, references_out=references_out, lungs=lungs)
     rows = unique_rows(rows)
     return aggregate(rows, role), rows
 
