@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rundir.atomic import atomic_write_text, write_json
-from sweeps.expand import SweepError, load_sweep, wandb_spec
+from sweeps.expand import SweepError, hparams_block, load_sweep, wandb_runs_spec, wandb_spec
 
 PRESETS = {"smoke": "smoke", "demo": "demo", "full": "default"}
 BACKENDS = ("local", "wandb", "slurm")
@@ -126,7 +126,10 @@ def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
 def _run_wandb(spec: dict, sweep: Sweep) -> None:
     import wandb
 
-    config = wandb_spec(spec, sweep.sources, sweep.fixed)
+    if hparams_block(spec) is None:
+        config = wandb_spec(spec, sweep.sources, sweep.fixed)
+    else:  # drawn configurations are no grid of values: the agent runs the listed runs
+        config = wandb_runs_spec(spec, [r["overrides"] for r in sweep.runs], sweep.fixed)
     resolved = sweep.dir / "wandb_sweep.yaml"
     atomic_write_text(resolved, yaml.safe_dump(config, sort_keys=False))
     if os.environ.get("WANDB_MODE", "offline") in ("offline", "disabled"):
