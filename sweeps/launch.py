@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                  "harmonization_table.md"):
         if (sweep_dir / name).exists():
             print(f"[sweep] {sweep_dir / name}", flush=True)
+    if hparams_block(spec) is not None:
+        print(f"[sweep] choose hyperparameters and epochs per selection rule: python -m experiments.select {sweep_dir}",
+              flush=True)
     return 0
 
 

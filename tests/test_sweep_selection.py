@@ -309,3 +309,20 @@ def test_select_names_what_is_missing(tmp_path):
     (sweep / "loso" / "erm-0" / "records.jsonl").write_text("")
     with pytest.raises(sel.SelectError, match="records.jsonl: missing or empty"):
         sel.select_sweep(sweep, from_run=True, use_wandb=False)
+
+
+def test_the_hparams_sweep_plans_one_folder_per_run_with_the_drawn_values_in_its_config(tmp_path):
+    from experiments.sweep_plan import plan_sweep
+    from experiments.sweep_run import plan_run
+
+    plan = plan_sweep(load_sweep("hparams"), "smoke", tmp_path, ["experiment=smoke"])
+    runs = plan["runs"]
+    assert len({r["run_dir"] for r in runs}) == len(runs) == 6  # erm 1 x 2 trials, mixstyle 2 x 2 trials
+    drawn = [r for r in runs if r["hparams"]["id"] == 1]
+    assert {r["hparams"]["method"] for r in drawn} == {"mixstyle"} and len(drawn) == 2
+    _protocol, cfg, _plan, _dir = plan_run(drawn[0]["overrides"])
+    for key, value in drawn[0]["hparams"]["values"].items():
+        assert cfg.methods.mixstyle[key] == value
+    assert cfg.run.seed == drawn[0]["hparams"]["trial"] and list(cfg.selection.report) == ["last", "oracle"]
+    default = next(r for r in runs if r["hparams"]["method"] == "mixstyle" and r["hparams"]["id"] == 0)
+    assert not [o for o in default["overrides"] if o.startswith("methods.")]
