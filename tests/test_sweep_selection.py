@@ -326,3 +326,13 @@ def test_the_hparams_sweep_plans_one_folder_per_run_with_the_drawn_values_in_its
     assert cfg.run.seed == drawn[0]["hparams"]["trial"] and list(cfg.selection.report) == ["last", "oracle"]
     default = next(r for r in runs if r["hparams"]["method"] == "mixstyle" and r["hparams"]["id"] == 0)
     assert not [o for o in default["overrides"] if o.startswith("methods.")]
+
+
+def test_select_logs_tables_and_the_forest_plot_to_wandb_offline(tmp_path, monkeypatch):
+    import experiments.select as sel
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = fake_sweep(tmp_path)
+    summary = sel.select_sweep(sweep, rules=["training_domain"], from_run=True, n_boot=50)
+    logged = b"".join(p.read_bytes() for p in (sweep / "selection").rglob("offline-run-*/*.wandb"))
+    assert summary["wandb"] and b"selection/table_training_domain" in logged and b"selection/forest_training_domain" in logged
