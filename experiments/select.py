@@ -99,6 +99,8 @@ def rules_of(infos: dict[str, RunInfo], wanted: list[str] | None) -> tuple[str, 
         raise SelectError(f"the sweep's runs select with different rules {sorted(heads)}: one headline rule a sweep")
     head = heads.pop()
     kept = set.intersection(*[set(i.selection.get("checkpoints", {})) for i in infos.values()])
+    if not kept:
+        raise SelectError("no selection rule's checkpoint was kept by every run (run.json selection.checkpoints)")
     rules = sorted(kept, key=lambda r: (r != head, RULE_ORDER.index(r) if r in RULE_ORDER else 99))
     if wanted:
         missing = [r for r in wanted if r not in kept]
@@ -112,7 +114,9 @@ def rules_of(infos: dict[str, RunInfo], wanted: list[str] | None) -> tuple[str, 
 def checkpoint_of(choice: Choice, info: RunInfo) -> tuple[str, str]:
     """(rule name in run.json, checkpoint file) holding the chosen record's weights, found by global step."""
     run_dir = Path(choice.candidate.run)
-    for name, c in info.selection.get("checkpoints", {}).items():
+    kept = info.selection.get("checkpoints", {})
+    # the rule's own file first (it holds these weights unless the sweep-level rule differs), then any other
+    for name, c in sorted(kept.items(), key=lambda kv: kv[0] != choice.rule):
         if c.get("global_step") is not None and int(c["global_step"]) == choice.step:
             path = Path(c["path"])
             path = path if path.is_absolute() or path.exists() else run_dir / path
