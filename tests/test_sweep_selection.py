@@ -206,7 +206,9 @@ def test_the_hparams_sweep_expands_methods_configurations_and_trials(tmp_path):
 
 
 def test_no_sweep_file_targets_a_test_domain_metric():
-    for path in sorted(Path("sweeps").glob("*.yaml")):
+    from sweeps.expand import SWEEP_DIR
+
+    for path in sorted(SWEEP_DIR.glob("*.yaml")):
         spec = load_sweep(str(path))
         w = wandb_spec(spec, SOURCES, ["experiment=smoke"])
         metric = w["metric"]["name"]
