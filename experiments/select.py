@@ -56,16 +56,17 @@ def run_folders(sweep_dir: Path) -> list[Path]:
     return out
 
 
-def sweep_hparams(sweep_dir: Path) -> dict[str, dict]:
-    """Resolved run folder -> its `hparams` entry in the sweep's runs.json ({} for a plain grid)."""
+def sweep_hparams(sweep_dir: Path) -> dict[str, dict] | None:
+    """Resolved run folder -> its `hparams` entry in the sweep's runs.json ({} for a run of a plain grid);
+    None without a runs.json."""
     path = Path(sweep_dir) / "runs.json"
     if not path.is_file():
-        return {}
+        return None
     try:
         runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+        return {str(Path(r["run_dir"]).resolve()): r.get("hparams") or {} for r in runs}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise SelectError(f"{path}: not a sweep's runs.json ({e})") from None
-    return {str(Path(r["run_dir"]).resolve()): r["hparams"] for r in runs if r.get("hparams")}
 
 
 def candidates(sweep_dir: Path) -> tuple[list[Candidate], dict[str, RunInfo]]:
@@ -74,6 +75,10 @@ def candidates(sweep_dir: Path) -> tuple[list[Candidate], dict[str, RunInfo]]:
     if not folders:
         raise SelectError(f"{sweep_dir}: no finished run (run.json and done) under it")
     hp = sweep_hparams(sweep_dir)
+    if hp is not None:  # the sweep's plan decides: a finished folder of an earlier plan is no candidate
+        for d in [d for d in folders if str(d.resolve()) not in hp]:
+            print(f"[select] {d}: not a run of the sweep's runs.json, left out", flush=True)
+        folders = [d for d in folders if str(d.resolve()) in hp]
     out, infos = [], {}
     for d in folders:
         info = RunInfo.read(d / "run.json")
@@ -81,7 +86,7 @@ def candidates(sweep_dir: Path) -> tuple[list[Candidate], dict[str, RunInfo]]:
         if not records:
             raise SelectError(f"{d / 'records.jsonl'}: missing or empty: the run predates epoch records; "
                               "rerun it (run.overwrite=true) to select across the sweep")
-        h = hp.get(str(d.resolve()), {})
+        h = (hp or {}).get(str(d.resolve()), {})
         out.append(Candidate(run=str(d), method=str(info.method), holdout="+".join(info.test_sources),
                              trial=int(info.seed or 0), hparams_id=int(h.get("id", 0)),
                              hparams=dict(h.get("values", {})), records=tuple(records),

@@ -38,7 +38,9 @@ def plan_sweep(spec: dict, preset: str, runs_root: str | Path, fixed: list[str])
     else:  # the search spaces are the config's: the methods' own `search` entries
         searches = {name: OmegaConf.to_container(m["search"]) if m and m.get("search") else None
                     for name, m in base.methods.items()}
-        planned = expand_hparams(spec, sources, searches, str(base.method.name))
+        defaults = {name: {k: v for k, v in (OmegaConf.to_container(m) or {}).items() if k != "search"}
+                    for name, m in base.methods.items()}
+        planned = expand_hparams(spec, sources, searches, str(base.method.name), defaults)
     runs = []
     for overrides, hparams in planned:
         _protocol, _cfg, _plan, run_dir = plan_run(fixed + overrides)

@@ -170,9 +170,11 @@ def _draw_one(name: str, p: Mapping, rng: np.random.Generator):
     raise SweepError(f"{name}: needs value, values, or min and max (W&B sweep syntax)")
 
 
-def draw_hparams(search: Mapping | None, n_hparams: int, seed: int = 0, where: str = "search") -> list[dict]:
+def draw_hparams(search: Mapping | None, n_hparams: int, seed: int = 0, where: str = "search",
+                 defaults: Mapping | None = None) -> list[dict]:
     """Up to `n_hparams` configurations of one method: `{}` (its defaults) first, then seeded random draws
-    from `search` (arg -> W&B parameter), each distinct from those before; a space too small for
+    from `search` (arg -> W&B parameter), each distinct from those before and from `defaults` (the method's
+    own arguments: a draw that reproduces them would rerun configuration 0); a space too small for
     `n_hparams` distinct draws gives fewer (a method without a search space: its default alone). The draws
     depend on (`where`, `seed`) only: adding a method or a configuration never changes another's."""
     out: list[dict] = [{}]
@@ -180,10 +182,13 @@ def draw_hparams(search: Mapping | None, n_hparams: int, seed: int = 0, where: s
         return out
     rng = np.random.default_rng([zlib.crc32(where.encode()), seed])
     seen: list[dict] = []
+    missing = object()
     for _ in range(100 * n_hparams):
         if len(out) >= n_hparams:
             break
         draw = {k: _draw_one(f"{where}.{k}", p, rng) for k, p in search.items()}
+        if defaults is not None and all((defaults or {}).get(k, missing) == v for k, v in draw.items()):
+            continue
         if draw not in seen:
             seen.append(draw)
             out.append(draw)
@@ -191,11 +196,12 @@ def draw_hparams(search: Mapping | None, n_hparams: int, seed: int = 0, where: s
 
 
 def expand_hparams(spec: dict, sources: Sequence[str], searches: Mapping[str, Mapping | None],
-                   default_method: str) -> list[tuple[list[str], dict]]:
+                   default_method: str, defaults: Mapping[str, Mapping] | None = None) -> list[tuple[list[str], dict]]:
     """Every run of a hyperparameter search: the grid's overrides, then the configuration's
     `methods.<method>.<arg>=value` overrides, then `run.seed=<trial>`; each with
     `{"id", "method", "values", "trial"}` (values: what configuration `id` changes; {} for the default).
-    `searches`: method -> its search space (`methods.<name>.search` of the config)."""
+    `searches`: method -> its search space (`methods.<name>.search` of the config); `defaults`: method -> its
+    arguments (draws equal to them are skipped)."""
     block = hparams_block(spec, spec.get("_path", "sweep"))
     if block is None:
         raise SweepError("not a hyperparameter search (no covid_dg.hparams block)")
@@ -205,7 +211,7 @@ def expand_hparams(spec: dict, sources: Sequence[str], searches: Mapping[str, Ma
         if method not in searches:
             raise SweepError(f"method.name={method}: no such entry of `methods` in the config")
         for h, values in enumerate(draw_hparams(searches[method], block["n_hparams"], block["seed"],
-                                                f"methods.{method}.search")):
+                                                f"methods.{method}.search", (defaults or {}).get(method, {}))):
             extra = [f"methods.{method}.{k}={_format(v)}" for k, v in values.items()]
             for t in range(block["n_trials"]):
                 out.append(([*overrides, *extra, f"run.seed={t}"],

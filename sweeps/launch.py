@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(
         {k: v for k, v in spec.items() if not k.startswith("_")}, sort_keys=False))
+    # the plan, before anything runs: which runs the sweep holds (a hyperparameter search's configurations
+    # among them), for experiments.select and for agents joining from elsewhere; rewritten with states at the end
+    write_json(sweep_dir / "runs.json", {"sweep": spec["name"], "preset": args.preset, "backend": args.backend,
+                                         "runs": runs, "wall_s": None})
     n_done = sum(r["done"] for r in runs)
     print(f"[sweep] {spec['name']} ({args.preset}) in {sweep_dir}: {len(runs)} runs, {n_done} finished (skipped), "
           f"{sum(r['started'] and not r['done'] for r in runs)} to resume, "

@@ -170,6 +170,8 @@ def test_draws_start_from_the_default_are_distinct_and_seeded():
     assert a != draw_hparams(search, 5, seed=1, where="methods.mixstyle.search")
     assert draw_hparams(search, 3, seed=0, where="methods.mixstyle.search") == a[:3]  # more draws keep the first
     assert len(draw_hparams({"p": {"values": [0.1, 0.2]}}, 10)) == 3  # a small space gives fewer
+    # a draw equal to the method's own arguments would rerun configuration 0: skipped
+    assert draw_hparams({"p": {"values": [0.1, 0.2]}}, 10, defaults={"p": 0.2, "q": 1}) == [{}, {"p": 0.1}]
     assert draw_hparams(None, 4) == [{}]
     ranged = draw_hparams({"lr": {"min": 1e-4, "max": 1e-2, "distribution": "log_uniform_values"},
                            "k": {"min": 1, "max": 3}, "w": {"min": 0.0, "max": 1.0}}, 20)
@@ -186,6 +188,8 @@ def test_the_hparams_sweep_expands_methods_configurations_and_trials(tmp_path):
     runs = expand_hparams(spec, SOURCES, searches, "erm")
     block = spec["covid_dg"]["hparams"]
     assert len(runs) == len(spec["parameters"]["data.holdout"]["values"]) * (1 + block["n_hparams"]) * block["n_trials"]
+    with_defaults = expand_hparams(spec, SOURCES, searches, "erm", {"mixstyle": {"p": 0.5, "layers": 2}})
+    assert all(h["values"] != {"p": 0.5, "layers": 2} for _, h in with_defaults)
     erm = [h for o, h in runs if h["method"] == "erm"]
     assert {(h["id"], h["trial"]) for h in erm} == {(0, t) for t in range(block["n_trials"])}
     mix = [(o, h) for o, h in runs if h["method"] == "mixstyle" and h["id"] == 1]
@@ -308,6 +312,9 @@ def test_select_names_what_is_missing(tmp_path):
     sweep = fake_sweep(tmp_path)
     with pytest.raises(sel.SelectError, match="not every run kept"):
         sel.select_sweep(sweep, rules=["loso"], from_run=True, use_wandb=False)
+    stray = fake_run(sweep, "stray", "erm", ERM, lambda s: {"c1": 1.0}, 0)  # an earlier plan's run
+    assert stray["run_dir"] not in (sweep / "runs.json").read_text()
+    assert sel.select_sweep(sweep, rules=["training_domain"], from_run=True, use_wandb=False)["tested"] == 4  # erm-0 and stray would clash
     (sweep / "loso" / "erm-0" / "records.jsonl").write_text("")
     with pytest.raises(sel.SelectError, match="records.jsonl: missing or empty"):
         sel.select_sweep(sweep, from_run=True, use_wandb=False)
