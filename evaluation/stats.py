@@ -94,3 +94,50 @@ def bland_altman(ref: Iterable, pred: Iterable) -> dict:
     bias, sd = mean_std(p[ok] - r[ok])
     return {"bias": bias, "sd": sd, "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd,
             "n": int(ok.sum()), "n_undefined": int((~ok).sum())}
+
+
+def mean_se(values: Iterable) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the finite values: SE = sample std (ddof=1) / sqrt(n), NaN for n < 2.
+    DomainBed's tables print the same (their std uses ddof=0, a little smaller for few trials)."""
+    a, _ = finite(values)
+    mean, std = mean_std(a)
+    return mean, (std / math.sqrt(a.size) if a.size > 1 else math.nan), int(a.size)
+
+
+def wilcoxon_p(diffs: Iterable) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired differences (scipy.stats.wilcoxon: exact for small
+    samples without ties, else the normal approximation). Zero differences are dropped (Wilcoxon's own
+    convention); NaN when no non-zero difference is left (no evidence either way, and nothing to rank)."""
+    from scipy.stats import wilcoxon
+
+    d, _ = finite(diffs)
+    d = d[d != 0]
+    if d.size == 0:
+        return math.nan
+    return float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def paired_difference(strata: Sequence[tuple[Iterable, Iterable]], n_boot: int = 2000, alpha: float = 0.05,
+                      seed: int = 0) -> dict:
+    """Paired comparison of `a` against `b` over the same cases, in one or more strata (held-out sources).
+
+    Each stratum is (a, b), equally long, pair i being one case; a pair with an undefined value is left out.
+    `mean_diff` is the mean over strata of each stratum's mean difference a - b (every source weighs the same,
+    as `test/mean/<metric>`); `ci_low`/`ci_high` its percentile bootstrap interval resampling cases within each
+    stratum (`n_boot` resamples, seeded); `p` the Wilcoxon signed-rank p-value over all pairs pooled; `n` the
+    pairs used and `n_undefined` the pairs left out."""
+    diffs, undefined = [], 0
+    for a, b in strata:
+        x = np.asarray([math.nan if v is None else float(v) for v in a], dtype=np.float64)
+        y = np.asarray([math.nan if v is None else float(v) for v in b], dtype=np.float64)
+        if x.shape != y.shape:
+            raise ValueError(f"paired values must have the same length, got {x.size} and {y.size}")
+        ok = np.isfinite(x) & np.isfinite(y)
+        undefined += int((~ok).sum())
+        diffs.append(x[ok] - y[ok])
+    kept = [d for d in diffs if d.size]
+    mean = float(np.mean([d.mean() for d in kept])) if kept else math.nan
+    low, high = bootstrap_ci_strata(kept, n_boot=n_boot, alpha=alpha, seed=seed) if kept else (math.nan, math.nan)
+    pooled = np.concatenate(kept) if kept else np.zeros(0)
+    return {"mean_diff": mean, "ci_low": low, "ci_high": high, "p": wilcoxon_p(pooled),
+            "n": int(pooled.size), "n_undefined": undefined, "n_boot": n_boot}

@@ -5,7 +5,9 @@ experiments can say (the preset's sources, which the `$sources` placeholders exp
 each run's folder) it asks this program for. Request on stdin, JSON:
 `{"spec": <sweep file as loaded by sweeps.expand.load_sweep>, "preset": "smoke", "runs": "runs",
 "fixed": ["experiment=smoke", <overrides for every run>]}`. Answer on stdout, JSON: `{"dir", "fixed",
-"sources", "project", "runs": [{"overrides", "run_dir"}]}`. A config or sweep error is one line on stderr,
+"sources", "project", "runs": [{"overrides", "run_dir"}]}`; a hyperparameter search's runs also carry
+`"hparams": {"id", "method", "values", "trial"}` (sweeps.expand.expand_hparams), drawn from the config's
+`methods.<name>.search` spaces. A config or sweep error is one line on stderr,
 `error: ...`, with exit status 2.
 """
 from __future__ import annotations
@@ -14,10 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from experiments.config import load_config
 from experiments.runfolder import check_component
 from experiments.sweep_run import plan_run
-from sweeps.expand import expand
+from sweeps.expand import expand, expand_hparams, hparams_block
 
 
 def plan_sweep(spec: dict, preset: str, runs_root: str | Path, fixed: list[str]) -> dict:
@@ -29,10 +33,19 @@ def plan_sweep(spec: dict, preset: str, runs_root: str | Path, fixed: list[str])
     base = load_config([o for o in fixed if not o.startswith("protocol=")])
     sources = list(base.data.sources)
     fixed = [*fixed, f"paths.runs={sweep_dir}", f"wandb.group={sweep_dir.name}"]
+    if hparams_block(spec, spec.get("_path", "sweep")) is None:
+        planned = [(overrides, None) for overrides in expand(spec, sources)]
+    else:  # the search spaces are the config's: the methods' own `search` entries
+        searches = {name: OmegaConf.to_container(m["search"]) if m and m.get("search") else None
+                    for name, m in base.methods.items()}
+        defaults = {name: {k: v for k, v in (OmegaConf.to_container(m) or {}).items() if k != "search"}
+                    for name, m in base.methods.items()}
+        planned = expand_hparams(spec, sources, searches, str(base.method.name), defaults)
     runs = []
-    for overrides in expand(spec, sources):
+    for overrides, hparams in planned:
         _protocol, _cfg, _plan, run_dir = plan_run(fixed + overrides)
-        runs.append({"overrides": fixed + overrides, "run_dir": str(run_dir)})
+        runs.append({"overrides": fixed + overrides, "run_dir": str(run_dir),
+                     **({"hparams": hparams} if hparams is not None else {})})
     return {"dir": str(sweep_dir), "fixed": fixed, "sources": sources, "project": base.wandb.project, "runs": runs}
 
 

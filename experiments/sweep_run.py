@@ -19,7 +19,7 @@ from experiments.config import load_config
 from experiments.protocols import PROTOCOLS, Plan, run_protocol
 from experiments.runfolder import run_folder
 from rundir.cli import run_cli
-from sweeps.expand import overrides_hash
+from sweeps.expand import overrides_hash, split_run_overrides
 
 
 def split_protocol(overrides: list[str]) -> tuple[str, list[str]]:
@@ -41,7 +41,8 @@ def plan_run(overrides: list[str]) -> tuple[str, DictConfig, Plan, Path]:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     try:
-        protocol, cfg, _plan, run_dir = plan_run(list(sys.argv[1:] if argv is None else argv))
+        # a hyperparameter search under `wandb agent` passes each run's overrides as one argument
+        protocol, cfg, _plan, run_dir = plan_run(split_run_overrides(sys.argv[1:] if argv is None else argv))
     except ValueError as e:  # a config error names its key: one line in the run's log, not a traceback
         raise SystemExit(f"error: {e}") from None
     # the first line of the run's log (sweeps.launch writes one per run): which run folder this log belongs to

@@ -29,7 +29,7 @@ import yaml
 
 from rundir.atomic import atomic_write_text, write_json
 from rundir.cli import run_cli
-from sweeps.expand import SweepError, load_sweep, wandb_spec
+from sweeps.expand import SweepError, hparams_block, load_sweep, wandb_runs_spec, wandb_spec
 
 PRESETS = {"smoke": "smoke", "demo": "demo", "methods": "methods", "full": "default"}  # methods: experiment=methods (8-patch batches)
 BACKENDS = ("local", "wandb", "slurm")
@@ -170,7 +170,10 @@ def _run_local(runs: list[dict], log_dir: Path) -> list[dict]:
 def _run_wandb(spec: dict, sweep: Sweep) -> None:
     import wandb
 
-    config = wandb_spec(spec, sweep.sources, sweep.fixed)
+    if hparams_block(spec) is None:
+        config = wandb_spec(spec, sweep.sources, sweep.fixed)
+    else:  # drawn configurations are no grid of values: the agent runs the listed runs
+        config = wandb_runs_spec(spec, [r["overrides"] for r in sweep.runs], sweep.fixed)
     resolved = sweep.dir / "wandb_sweep.yaml"
     atomic_write_text(resolved, yaml.safe_dump(config, sort_keys=False))
     if os.environ.get("WANDB_MODE", "offline") in ("offline", "disabled"):
@@ -233,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "sweep.yaml", yaml.safe_dump(
         {k: v for k, v in spec.items() if not k.startswith("_")}, sort_keys=False))
+    # the plan, before anything runs: which runs the sweep holds (a hyperparameter search's configurations
+    # among them), for experiments.select and for agents joining from elsewhere; rewritten with states at the end
+    write_json(sweep_dir / "runs.json", {"sweep": spec["name"], "preset": args.preset, "backend": args.backend,
+                                         "runs": runs, "wall_s": None})
     n_done = sum(r["done"] for r in runs)
     print(f"[sweep] {spec['name']} ({args.preset}) in {sweep_dir}: {len(runs)} runs, {n_done} finished (skipped), "
           f"{sum(r['started'] and not r['done'] for r in runs)} to resume, "
@@ -266,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                  "harmonization_table.md"):
         if (sweep_dir / name).exists():
             print(f"[sweep] {sweep_dir / name}", flush=True)
+    if hparams_block(spec) is not None:
+        print(f"[sweep] choose hyperparameters and epochs per selection rule: python -m experiments.select {sweep_dir}",
+              flush=True)
     return 0
 
 
