@@ -16,7 +16,7 @@ ONLY ?=
 TORCH_PIN ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint demo smoke loso report bench clean sweep-transfer sweep-loso sweep sweep-nnunet readme-numbers
+.PHONY: help install test test-all lint demo smoke loso report select bench clean sweep-transfer sweep-loso sweep sweep-nnunet readme-numbers
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ sweep: install ## any sweep in sweeps/: make sweep SWEEP=selection (LOSO with tr
 
 sweep-nnunet: install ## nnU-Net v2 baseline on every plan of a finished sweep: make sweep-nnunet SWEEP_DIR=runs/loso-demo (needs nnU-Net, a GPU)
 	$(PY) -m sweeps.nnunet $(SWEEP_DIR) --backend $(BACKEND) $(ARGS)
+
+select: install ## DomainBed-style selection over a finished sweep: make select SWEEP_DIR=runs/hparams-smoke (docs/hparams.md)
+	$(PY) -m experiments.select $(SWEEP_DIR) $(ARGS)
 
 report: install ## tables and plots over every finished run under $(RUNS), into $(REPORT)
 	$(PY) -m experiments.report $(RUNS) --out $(REPORT)
