@@ -194,7 +194,7 @@ def check_commands(path: Path, text: str, root: Path = ROOT) -> list[str]:
                 errors.append(f"{where}: `covid-dg {sub}` but no covid-dg console script is declared")
             elif sub not in subcommands:
                 errors.append(f"{where}: covid-dg has no subcommand {sub!r} ({dispatcher.name})")
-        for key, value in re.findall(r"(?:^|[\s\"'])(experiment|preset|PRESET|SWEEP|--preset)[= ]([\w|<>.$*-]+)",
+        for key, value in re.findall(r"(?:^|[\s\"'])(experiment|preset|PRESET|SWEEP|--preset)(?:=|(?<=--preset) )([\w|<>.$*-]+)",
                                      snippet):
             for v in alternatives(value):
                 ok = {"experiment": v in experiments, "preset": v in presets,
