@@ -246,7 +246,7 @@ RUNNERS: dict[str, Callable[[np.ndarray, np.ndarray, tuple[float, ...]], dict[st
 
 def _status_kb(field: str) -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -263,7 +263,7 @@ def _peak_kb() -> int:
 def _start_rss() -> tuple[int, str]:
     """(baseline kB, method). Resets the peak-RSS mark to the current RSS where the kernel allows it."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
         rss = _status_kb("VmRSS")
         if rss is not None:
             return rss, "VmHWM reset after loading; peak minus RSS at that point"

@@ -113,7 +113,7 @@ def entry_problem(path: Path) -> tuple[str | None, dict | None]:
     if not meta_path.is_file():
         return f"{path}: no meta.json (an incomplete entry)", None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         arrays = expected_arrays(meta)
     except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
         return f"{meta_path}: unreadable ({type(exc).__name__}: {exc})", None
@@ -351,7 +351,7 @@ class CaseCache:
             np.save(tmp / "fg.npy", fg)
             # checksums of the files as written (still in the page cache: ~1 ms per 10 MB), verified at lookup
             meta["crc32"] = {name: file_crc32(tmp / name) for name in ARRAYS if (tmp / name).exists()}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
             try:
                 os.rename(tmp, final)
             except OSError:

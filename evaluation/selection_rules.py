@@ -145,7 +145,7 @@ def read_records(path: str | Path) -> list[Record]:
     out = []
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:

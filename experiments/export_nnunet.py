@@ -241,7 +241,7 @@ def export(plan_path: Path, out: Path, dataset_id: int, name: str | None = None,
     target = out / dataset
     for other in existing_datasets(out, dataset_id):
         mapping = other / MAPPING_FILE
-        same = mapping.is_file() and json.loads(mapping.read_text()).get("fingerprint") == record["fingerprint"]
+        same = mapping.is_file() and json.loads(mapping.read_text(encoding="utf-8")).get("fingerprint") == record["fingerprint"]
         if same and other == target:
             say(f"{target}: already exported from this plan (fingerprint {record['fingerprint']}); nothing written")
             _write_preprocessed_splits(preprocessed, dataset, splits, overwrite, say)
@@ -302,7 +302,7 @@ def _write_preprocessed_splits(preprocessed: Path | None, dataset: str, splits: 
     if preprocessed is None:
         return
     path = preprocessed / dataset / "splits_final.json"
-    if path.is_file() and json.loads(path.read_text()) != splits and not overwrite:
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != splits and not overwrite:
         raise ExportError(f"{path} holds other splits; pass --overwrite to replace it")
     write_json(path, splits)
     say(f"  splits_final.json: {path}")

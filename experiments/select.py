@@ -33,6 +33,7 @@ from evaluation.reporting.render import fmt, to_markdown
 from evaluation.selection_rules import read_records
 from evaluation.sweep_selection import MEAN, Candidate, Choice, cells, choose_in_sweep, paired_vs_baseline, trial_means
 from rundir.atomic import atomic_write_text, write_csv, write_json
+from rundir.cli import run_cli
 
 RULE_ORDER = ("training_domain", "loso", "last", "oracle")
 BASELINE = "erm"
@@ -376,4 +377,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "python -m experiments.select"))

@@ -352,6 +352,10 @@ class _StageHooks(Method):
     def _hook(self, _mod, _inp, out):
         if not torch.is_grad_enabled() or not _mod.training or out.shape[0] < 2:
             return None
+        # A stage reduced to one voxel per channel (SwinUNETR's deepest stage on a 32-voxel patch) has no
+        # spatial spread: its unbiased std is NaN (0/0), and a style made of one value is not a style. Left as is.
+        if out[0, 0].numel() < 2:
+            return None
         if torch.rand(()) >= self.params["p"]:
             return None
         return self.perturb(out, self.domains_of(out.shape[0]).to(out.device))

@@ -93,6 +93,19 @@ def quiet_third_party_warnings() -> None:
             logger.addFilter(_DropText(text))
 
 
+def tolerate_ascii_terminals() -> None:
+    """Our lines carry marks such as †, ± and →. On a machine without a UTF-8 locale (a bare container, a CI or
+    SLURM node: stdout encoded as ASCII) printing one would raise UnicodeEncodeError mid-run; there the mark is
+    written as an escape (\\u2020) instead. Streams already UTF-8, or not reconfigurable (captured), are left."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that does not allow it (detached, closed)
+                pass
+
+
 def split_debug(argv: list[str]) -> tuple[list[str], bool]:
     """`argv` without `--debug`, and whether it (or COVID_DG_DEBUG=1) asked for tracebacks."""
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -115,6 +128,7 @@ def run_cli(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None 
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     _debug = debug
     quiet_third_party_warnings()
+    tolerate_ascii_terminals()
     status = dict(errors or {})  # the entry point's classes first: they may subclass a default one
     for cls in USER_ERRORS:
         status.setdefault(cls, 2)

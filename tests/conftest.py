@@ -22,4 +22,4 @@ def phantom_root(tmp_path_factory):
 def manifests(phantom_root):
     import json
 
-    return {p.stem: json.loads(p.read_text()) for p in phantom_root.glob("*.json")}
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in phantom_root.glob("*.json")}

@@ -10,5 +10,5 @@ run_dir.mkdir(parents=True, exist_ok=True)
 print(f"fake run {run_dir}")
 if args.get("fail"):
     sys.exit(3)
-(run_dir / "metrics.json").write_text(json.dumps({"test/mean/dice": float(args.get("dice", 0.5))}))
-(run_dir / "done").write_text("x\n")
+(run_dir / "metrics.json").write_text(json.dumps({"test/mean/dice": float(args.get("dice", 0.5))}), encoding="utf-8")
+(run_dir / "done").write_text("x\n", encoding="utf-8")

@@ -40,7 +40,7 @@ def toy_root(tmp_path):
     good (5, 5, 10), hot (lesion at +500 HU), small_lungs (4, 4, 10), eight_bit (uint8 0..255 declared HU,
     unlabelled), thick (25 mm slices, unlabelled)."""
     spec = tmp_path / "audit_toy.yaml"
-    spec.write_text(TOY_YAML)
+    spec.write_text(TOY_YAML, encoding="utf-8")
     register_custom_source(spec)
     src = tmp_path / "data" / "audit_toy"
     for case, spacing, lesion_hu in (("good", (5, 5, 10), -500), ("hot", (5, 5, 10), 500),
@@ -127,7 +127,7 @@ def test_phantom_audit_matches_the_suite_truth_and_says_phantom(phantom_root, tm
     assert report["overrides"] == ["experiment=smoke", f"paths.cache={cache}"]
     # volumes measured on the stored masks equal those the suite wrote down when it drew them
     for source in ("covid19_20", "mosmed", "ctseg"):
-        truth = {c["case"]: c for c in json.loads((phantom_root / f"{source}.json").read_text())["cases"]}
+        truth = {c["case"]: c for c in json.loads((phantom_root / f"{source}.json").read_text(encoding="utf-8"))["cases"]}
         for case in report["sources"][source]["cases"]:
             if not case["labelled"]:
                 continue

@@ -16,7 +16,7 @@ def test_quick_bench_writes_every_key(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--workdir",
                            str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     for key in ("harmonize_s", "gzip_s", "patches_per_s", "slices_per_s", "metrics_s", "sliding_window_s"):
         assert res.get(key) is not None, key
     for lib in ("ours", "monai", "torchio"):
@@ -27,4 +27,4 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert res["ratios"]["metrics_max_abs_diff"] <= 1e-6  # our surface metrics are DeepMind's values
     assert res["loop_overhead_ms_per_step"] is not None and set(res["loop_breakdown_ms"]) >= {"loader_wait", "loss"}
     assert "gpu" in res  # null without CUDA
-    assert "| ratio | value |" in (out / "results.md").read_text()
+    assert "| ratio | value |" in (out / "results.md").read_text(encoding="utf-8")

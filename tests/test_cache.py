@@ -46,7 +46,7 @@ def test_replaced_input_file_misses(tmp_path, phantom_root):
 def test_entry_content_and_no_temp_left(tmp_path, phantom_root):
     case, pol = _case(phantom_root)
     entry = CaseCache(tmp_path).get(case, pol, HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0)))
-    meta = json.loads((entry.path / "meta.json").read_text())
+    meta = json.loads((entry.path / "meta.json").read_text(encoding="utf-8"))
     assert meta["source"] == "mosmed" and meta["case"] == case.case_id
     assert entry.image().shape == tuple(meta["shape"]) == entry.label().shape
     assert isinstance(entry.image(), np.memmap)
@@ -119,9 +119,9 @@ def test_entries_without_checksums_are_still_used(tmp_path, phantom_root):
     case, pol = _case(phantom_root)
     cfg = HarmonizerConfig(target_spacing=(6.0, 6.0, 8.0))
     entry = CaseCache(tmp_path).get(case, pol, cfg)
-    meta = json.loads((entry.path / "meta.json").read_text())
+    meta = json.loads((entry.path / "meta.json").read_text(encoding="utf-8"))
     assert set(meta.pop("crc32")) == {"image.npy", "label.npy", "fg.npy"}
-    (entry.path / "meta.json").write_text(json.dumps(meta))
+    (entry.path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     again = CaseCache(tmp_path)
     assert again.get(case, pol, cfg).path == entry.path
     assert (again.hits, again.misses, again.built, again.repaired) == (1, 0, 0, [])

@@ -60,7 +60,7 @@ def test_a_command_is_dispatched_by_module_name(tmp_path, monkeypatch, capsys):
     """`select` is written elsewhere: the dispatcher names modules, so a module that appears later works,
     and one that is missing is one line, not a traceback."""
     (tmp_path / "hcli_probe_mod.py").write_text(
-        "import sys\nprint('probe', sys.argv[1:])\nsys.exit(3)\n")
+        "import sys\nprint('probe', sys.argv[1:])\nsys.exit(3)\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.COMMANDS, "probe", ("hcli_probe_mod", "a probe"))
     monkeypatch.setitem(cli.COMMANDS, "gone", ("hcli_no_such_module_xyz", "missing"))
@@ -84,7 +84,7 @@ def test_a_command_is_dispatched_by_module_name(tmp_path, monkeypatch, capsys):
                              r"\[.*'covid19_20'"),
     (["data.sources=[covid19_20,ctsge]"], r"unknown source\(s\) \['ctsge'\]; did you mean 'ctseg'\?"),
     (["experiment=smok"], r"experiment=smok: unknown experiment preset 'smok'; did you mean 'smoke'\?; "
-                          r"available: \['demo', 'smoke'\]"),
+                          r"available: \['demo', 'methods', 'smoke'\]"),
     (["preset=seed01"], r"preset=seed01: unknown protocol preset 'seed01'; did you mean 'seed001'\?"),
     (["optimizer.lr=1"], r"unknown key optimizer \(in optimizer\.lr\); did you mean optim\?"),
 ])

@@ -73,12 +73,12 @@ def test_custom_source_problems_and_bad_specs(l3net_tree, tmp_path, capsys):
     finally:
         orphan.unlink()
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nimages: '*.nii.gz'\ncodes: {0: background, 1: tumor}\nannotated: [tumor]\n")
+    bad.write_text("name: x\nimages: '*.nii.gz'\ncodes: {0: background, 1: tumor}\nannotated: [tumor]\n", encoding="utf-8")
     with pytest.raises(CustomSourceError, match=r"bad\.yaml: codes/annotated .*unknown class 'tumor'"):
         load_spec(bad)
-    bad.write_text("name: x\nimages: '*.nii.gz'\ncodes: {0: background}\nannotated: []\nmask: m\n")
+    bad.write_text("name: x\nimages: '*.nii.gz'\ncodes: {0: background}\nannotated: []\nmask: m\n", encoding="utf-8")
     with pytest.raises(CustomSourceError, match=r"unknown keys \['mask'\]"):
         load_spec(bad)
-    bad.write_text("name: mosmed\nimages: '*.nii.gz'\ncodes: {0: background}\nannotated: []\n")
+    bad.write_text("name: mosmed\nimages: '*.nii.gz'\ncodes: {0: background}\nannotated: []\n", encoding="utf-8")
     with pytest.raises(CustomSourceError, match="already registered"):
         register_custom_source(bad)

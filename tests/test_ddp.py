@@ -39,8 +39,8 @@ def test_one_and_two_processes_give_the_identical_per_case_table(tmp_path, phant
     # the run itself (1 process, same thread count) scored the same checkpoint identically
     assert (run_dir / "per_case.csv").read_text(encoding="utf-8") == a
     import json
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text(encoding="utf-8"))
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))
     assert m2["world_size"] == 2 and m1["test/ctseg/dice"] == m2["test/ctseg/dice"]
 
 

@@ -36,7 +36,7 @@ def ctseg_run(phantom_root, tmp_path_factory):
 
 
 def _rows(path: Path) -> dict:
-    return {(r["source"] or "ctseg", r["case"], r["class"]): r for r in csv.DictReader(path.open())}
+    return {(r["source"] or "ctseg", r["case"], r["class"]): r for r in csv.DictReader(path.open(encoding="utf-8"))}
 
 
 def test_run_scores_in_original_geometry_and_saves_what_it_scored(ctseg_run, phantom_root):
@@ -57,7 +57,7 @@ def test_run_scores_in_original_geometry_and_saves_what_it_scored(ctseg_run, pha
     lesion = [r for k, r in rows.items() if k[2] == "lesion"]
     assert all(float(r["tolerance_mm"]) == 3.0 for r in lesion)
     assert all(r["ref_po"] != "" and 0 < float(r["ref_po"]) < 100 for r in lesion)
-    metrics = json.loads((ctseg_run / "metrics.json").read_text())
+    metrics = json.loads((ctseg_run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["test/ctseg/dice"] == pytest.approx(np.mean([float(r["dice"]) for r in lesion]), abs=1e-6)
     assert metrics["test/ctseg/nsd_lung"] == pytest.approx(
         np.mean([float(r["nsd"]) for k, r in rows.items() if k[2] == "lung"]), abs=1e-6)
@@ -77,7 +77,7 @@ def test_evaluate_reproduces_the_run_per_case_numbers(ctseg_run, phantom_root, t
         for c in cols:
             a, b = float(r[c]), float(eval_rows[key][c])
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=2e-6), (key, c, a, b)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     lesion = [float(r["dice"]) for k, r in run_rows.items() if k[2] == "lesion"]
     assert summary["classes"]["lesion"]["dice"]["mean"] == pytest.approx(np.mean(lesion), abs=1e-6)
     assert summary["classes"]["lesion"]["severity_agreement"]["po"]["n"] == 7
@@ -94,7 +94,7 @@ def test_evaluate_reports_missing_cases_and_geometry_mismatch(ctseg_run, tmp_pat
     err = capsys.readouterr().err
     assert "5 reference case(s) without a prediction" in err and "--allow-missing" in err
     assert evaluate_main(args + ["--allow-missing"]) == 0
-    assert len({r["case"] for r in csv.DictReader((tmp_path / "o" / "per_case.csv").open())}) == 2
+    assert len({r["case"] for r in csv.DictReader((tmp_path / "o" / "per_case.csv").open(encoding="utf-8"))}) == 2
     # a prediction on another grid is an error naming the file, never resampled silently
     data, affine = read_volume(src[0])
     shifted = affine.copy()
@@ -107,7 +107,7 @@ def test_evaluate_reports_missing_cases_and_geometry_mismatch(ctseg_run, tmp_pat
 
 def test_predict_matches_the_run_for_8bit_flipped_las_and_dicom_inputs(ctseg_run, phantom_root, tmp_path):
 
-    ckpt = Path(json.loads((ctseg_run / "run.json").read_text())["best_checkpoint"])
+    ckpt = Path(json.loads((ctseg_run / "run.json").read_text(encoding="utf-8"))["best_checkpoint"])
     image_path = phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases" / f"{EIGHT_BIT_FLIPPED}.nii.gz"
     saved, saved_affine = read_volume(ctseg_run / "predictions" / "ctseg" / f"{EIGHT_BIT_FLIPPED}.nii.gz")
 
@@ -117,7 +117,7 @@ def test_predict_matches_the_run_for_8bit_flipped_las_and_dicom_inputs(ctseg_run
     assert np.array_equal(lesion, (saved == 3).astype(np.uint8))  # the same pipeline as the run's test step
     # trained on covid19_20 + mosmed, neither annotates lungs: no lung output, and no PO claimed
     assert not (tmp_path / "ras" / f"{EIGHT_BIT_FLIPPED}_lung.nii.gz").exists()
-    sev = json.loads((tmp_path / "ras" / f"{EIGHT_BIT_FLIPPED}_severity.json").read_text())
+    sev = json.loads((tmp_path / "ras" / f"{EIGHT_BIT_FLIPPED}_severity.json").read_text(encoding="utf-8"))
     assert sev["lungs_predicted"] is False and "po" not in sev
     assert sev["sanity"] == "ok"  # issue 19: no lungs predicted, none in a bare input: nothing implausible to find
     assert sev["decoding"] == {"encoding": "uint8_window", "window": [-1250.0, 250.0], "image_flips": ["A-P", "S-I"]}
@@ -158,8 +158,8 @@ def test_report_tables_match_the_run_folder(ctseg_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.report", str(ctseg_run), "--out", str(tmp_path / "rep")],
                           cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.loads((ctseg_run / "metrics.json").read_text())
-    rows = list(csv.DictReader((tmp_path / "rep" / "tables" / "headline.csv").open()))
+    metrics = json.loads((ctseg_run / "metrics.json").read_text(encoding="utf-8"))
+    rows = list(csv.DictReader((tmp_path / "rep" / "tables" / "headline.csv").open(encoding="utf-8")))
     (row,) = [r for r in rows if r.get("test_source", r.get("test source")) == "ctseg"]
     value = next(float(v) for k, v in row.items() if k.startswith("dice") and "mean" in k)
     assert value == pytest.approx(metrics["test/ctseg/dice"], abs=5e-4)
@@ -181,7 +181,7 @@ def test_evaluate_lobe_scores_from_lobe_maps(ctseg_run, phantom_root, tmp_path):
     images = phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases"
     assert evaluate_main(["--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "out"),
                           "--labels", "lesion=3", "--image", str(images), "--lobes", str(lobes)]) == 0
-    rows = {r["case"]: r for r in csv.DictReader((tmp_path / "out" / "per_case.csv").open())}
+    rows = {r["case"]: r for r in csv.DictReader((tmp_path / "out" / "per_case.csv").open(encoding="utf-8"))}
     for c in cases:
         lab, _ = read_volume(lobes / f"{c}.nii.gz")
         les = read_volume(ref / f"{c}.nii.gz")[0] == 3
@@ -205,7 +205,7 @@ def test_evaluate_decodes_8bit_images_in_flat_folders_too(ctseg_run, phantom_roo
     assert evaluate_main(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "o"),
                           "--labels", "lesion=3+6+7,lung=1+2+3+6+7", "--source", "ctseg",
                           "--image", str(phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases")]) == 0
-    (flat,) = [r for r in csv.DictReader((tmp_path / "o" / "per_case.csv").open()) if r["class"] == "lesion"]
+    (flat,) = [r for r in csv.DictReader((tmp_path / "o" / "per_case.csv").open(encoding="utf-8")) if r["class"] == "lesion"]
     run = _rows(ctseg_run / "per_case.csv")[("ctseg", case, "lesion")]
     for c in SEVERITY:  # decoded as 8-bit windowed exactly like the run (raw 0..255 would give other PHO/WAL)
         assert float(flat[c]) == pytest.approx(float(run[c]), abs=2e-6), c

@@ -52,7 +52,7 @@ def test_the_check_sees_imports_inside_functions(tmp_path, monkeypatch):
     pkg = tmp_path / "fake"
     pkg.mkdir()
     (pkg / "m.py").write_text("def f():\n    from experiments.config import load_config\n"
-                              "from . import sibling\nimport experiments\n")
+                              "from . import sibling\nimport experiments\n", encoding="utf-8")
     monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
     assert offending("fake", ("experiments",)) == ["fake/m.py:2 imports experiments.config.load_config",
                                                    "fake/m.py:4 imports experiments"]

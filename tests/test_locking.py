@@ -30,7 +30,7 @@ def test_second_locker_is_told_the_pid(tmp_path):
     # the kernel released the lock of the killed holder: no stale lock file blocks anyone
     assert not is_locked(folder)
     with folder_lock(folder):
-        assert lock_path_of(folder).read_text().strip() == str(os.getpid())
+        assert lock_path_of(folder).read_text(encoding="utf-8").strip() == str(os.getpid())
 
 
 def test_waiting_locker_gets_it_when_the_holder_ends(tmp_path):

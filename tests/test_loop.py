@@ -225,9 +225,9 @@ def test_bench_says_gpu_null_without_cuda(tmp_path):
     from benchmarks import run
 
     assert run.main(["--only", "gpu", "--out", str(tmp_path / "bench"), "--workdir", str(tmp_path / "w")]) == 0
-    res = json.loads((tmp_path / "bench" / "results.json").read_text())
+    res = json.loads((tmp_path / "bench" / "results.json").read_text(encoding="utf-8"))
     assert "gpu" in res and res["gpu"] is None
-    assert "no CUDA device" in (tmp_path / "bench" / "results.md").read_text()
+    assert "no CUDA device" in (tmp_path / "bench" / "results.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow
@@ -264,7 +264,7 @@ def test_case_writer_beside_the_device_writes_what_writing_in_turn_writes(tmp_pa
 
     entry = tmp_path / "entry"
     entry.mkdir()
-    (entry / "meta.json").write_text(json.dumps({"affine": np.diag([1.5, 1.5, 5.0, 1.0]).tolist()}))
+    (entry / "meta.json").write_text(json.dumps({"affine": np.diag([1.5, 1.5, 5.0, 1.0]).tolist()}), encoding="utf-8")
     g = torch.Generator().manual_seed(0)
     cases = [(f"s{i % 2}", f"c{i}", torch.randn(1, C, 6, 5, 4, generator=g)) for i in range(5)]
     out = {}

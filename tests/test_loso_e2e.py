@@ -19,14 +19,14 @@ def _check_run_folder(run_dir: Path, phantom_root: Path, wandb: bool):
     for name in ("config.yaml", "metrics.json", "per_case.csv", "done", "checkpoints/last.ckpt"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["test/mosmed/dice"] <= 1.0
     assert 0.0 <= metrics["val/mean/dice"] <= 1.0
     assert "val/covid19_20/dice" in metrics and "val/ctseg/dice" in metrics and "val/ctseg/dice_lung" in metrics
     assert not any(k.startswith("val/mosmed") for k in metrics)  # model selection never sees the holdout
     assert metrics["data"] == "phantom"
-    rows = list(csv.DictReader((run_dir / "per_case.csv").open()))
-    written = json.loads((phantom_root / "mosmed.json").read_text())["cases"]
+    rows = list(csv.DictReader((run_dir / "per_case.csv").open(encoding="utf-8")))
+    written = json.loads((phantom_root / "mosmed.json").read_text(encoding="utf-8"))["cases"]
     assert sorted(r["case"] for r in rows) == sorted(c["case"] for c in written if c["labelled"])
     assert {r["source"] for r in rows} == {"mosmed"}
     assert all(0 <= float(r["dice"]) <= 1 for r in rows)
@@ -49,7 +49,7 @@ def test_loso_short_run_writes_the_run_folder(tmp_path, phantom_root, capsys):
     run_dirs = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     assert len(run_dirs) == 1
     _check_run_folder(run_dirs[0], phantom_root, wandb=True)
-    assert metrics["test/mosmed/dice"] == json.loads((run_dirs[0] / "metrics.json").read_text())["test/mosmed/dice"]
+    assert metrics["test/mosmed/dice"] == json.loads((run_dirs[0] / "metrics.json").read_text(encoding="utf-8"))["test/mosmed/dice"]
     # A second call finds the finished run and redoes nothing.
     mtime = (run_dirs[0] / "metrics.json").stat().st_mtime_ns
     main(args)
@@ -116,7 +116,7 @@ def test_smoke_command_from_the_issue(tmp_path):
     headline = {r["test_source"]: r for r in csv.DictReader((report / "tables" / "headline.csv").open(encoding="utf-8"))}
     for held_out in ("mosmed", "ctseg"):
         (folder,) = list((tmp_path / "runs" / "loso").glob(f"{held_out}-smoke-*"))
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         assert float(headline[held_out]["dice_mean"]) == pytest.approx(metrics[f"test/{held_out}/dice"], abs=1e-6)
         assert headline[held_out]["data"].startswith("PHANTOM DATA")
     mean_row = headline["mean"]
@@ -141,7 +141,7 @@ def check_smoke_model_predictions(run_dir: Path, phantom_root: Path, out: Path):
 
     from experiments.predict import run_predict
 
-    ckpt = Path(json.loads((run_dir / "run.json").read_text())["best_checkpoint"])
+    ckpt = Path(json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["best_checkpoint"])
     images = phantom_root / "ctseg" / "COVID-19-CT-Seg_20cases"
     for case in ("coronacases_001", "radiopaedia_7_85703_0"):
         run_predict(ckpt, images / f"{case}.nii.gz", out, source="ctseg", overlays=0)
@@ -156,7 +156,7 @@ def check_smoke_model_predictions(run_dir: Path, phantom_root: Path, out: Path):
         # ctseg annotates lungs, so this model predicts them: lung mask and PO are written
         lung = nib.load(out / f"{case}_lung.nii.gz")
         assert lung.shape == image.shape and set(np.unique(np.asanyarray(lung.dataobj))) <= {0, 1, 2}
-        severity = json.loads((out / f"{case}_severity.json").read_text())
+        severity = json.loads((out / f"{case}_severity.json").read_text(encoding="utf-8"))
         assert severity["lungs_predicted"] is True and 0 < severity["po"] < 100
 
 
@@ -177,9 +177,9 @@ def test_mixed_views_train_together(tmp_path, phantom_root):
                     "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "data.samples_per_epoch=8",
                     "wandb.mode=disabled"])
     (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
-    run = json.loads((run_dir / "run.json").read_text())
+    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["test/ctseg/dice"] <= 1.0 and "test/ctseg/dice_ggo" not in metrics
-    rows = list(csv.DictReader((run_dir / "per_case.csv").open()))
+    rows = list(csv.DictReader((run_dir / "per_case.csv").open(encoding="utf-8")))
     assert {r["class"] for r in rows} == {"lesion", "lung", "lung_left", "lung_right"}
     assert "val/medseg/dice_ggo" in metrics  # the typed source's validation case is scored per type
     assert run["train_sources"] == ["covid19_20", "medseg"]

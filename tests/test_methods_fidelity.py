@@ -127,6 +127,20 @@ def test_dsu_is_inserted_after_every_encoder_stage_by_default():
     with pytest.raises(ValueError, match=r"methods\.dsu\.layers=4, but the network has 3 encoder stages"):
         tiny_module("dsu", layers=4)
 
+def test_a_stage_of_one_voxel_per_channel_is_left_unperturbed():
+    """SwinUNETR's deepest stage on a 32-voxel patch is 1x1x1: its std over one voxel is 0/0 (NaN); the hook
+    leaves it as is instead of spreading NaN through the loss. Two voxels are perturbed."""
+    dsu = DSU(**base_args("methods", "dsu", p=1.0))
+    one = torch.randn(2, 4, 1, 1, 1)
+    assert torch.isnan(one.var((2, 3, 4))).all()  # what the statistics would be
+    with torch.enable_grad():
+        module = torch.nn.Identity().train()
+        assert dsu._hook(module, None, one) is None
+        two = torch.randn(2, 4, 2, 1, 1)
+        out = dsu._hook(module, None, two)
+    assert out is not None and torch.isfinite(out).all() and not torch.equal(out, two)
+
+
 # ---------------------------------------------------------------- RandConv consistency
 
 

@@ -57,13 +57,13 @@ def exported(plan_dir, tmp_path_factory):
 
 
 def _plan(plan_dir):
-    return json.loads((plan_dir / "plan.json").read_text())
+    return json.loads((plan_dir / "plan.json").read_text(encoding="utf-8"))
 
 
 def test_dataset_json_and_folders_are_nnunet_raw_format(plan_dir, exported):
     plan = _plan(plan_dir)
     assert exported.name == "Dataset501_mosmed-smoke-test"
-    ds = json.loads((exported / "dataset.json").read_text())
+    ds = json.loads((exported / "dataset.json").read_text(encoding="utf-8"))
     assert ds["channel_names"] == {"0": "CT"} and ds["file_ending"] == ".nii.gz"
     # covid19_20 annotates lesions only, ctseg lungs too: every class a training case annotates is learned,
     # and covid19_20's unknown lungs need the ignore label, the highest value
@@ -77,7 +77,7 @@ def test_dataset_json_and_folders_are_nnunet_raw_format(plan_dir, exported):
     assert len(images) == len(labels) == len(training)
     assert [n.replace("_0000.nii.gz", "") for n in images] == [n.replace(".nii.gz", "") for n in labels]
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+_0000\.nii\.gz", n) for n in images)
-    mapping = json.loads((exported / "covid_dg.json").read_text())
+    mapping = json.loads((exported / "covid_dg.json").read_text(encoding="utf-8"))
     assert sorted(mapping["cases"][p.name[:-len("_0000.nii.gz")]] for p in (exported / "imagesTs").iterdir()) == \
         sorted(plan["roles"]["test"])
     assert mapping["labels"] == {"0": 0, "1": CLASS_INDEX["lung_left"], "2": CLASS_INDEX["lung_right"],
@@ -89,8 +89,8 @@ def test_dataset_json_and_folders_are_nnunet_raw_format(plan_dir, exported):
 
 def test_splits_final_validates_on_the_plans_validation_patients(plan_dir, exported):
     plan = _plan(plan_dir)
-    mapping = json.loads((exported / "covid_dg.json").read_text())
-    (fold,) = json.loads((exported / "splits_final.json").read_text())
+    mapping = json.loads((exported / "covid_dg.json").read_text(encoding="utf-8"))
+    (fold,) = json.loads((exported / "splits_final.json").read_text(encoding="utf-8"))
     keys = {k: v for k, v in mapping["cases"].items()}
     assert sorted(keys[i] for i in fold["val"]) == sorted(plan["roles"]["val"])
     assert sorted(keys[i] for i in fold["train"]) == sorted(plan["roles"]["train"])
@@ -102,7 +102,7 @@ def test_splits_final_validates_on_the_plans_validation_patients(plan_dir, expor
 
 def test_labels_hold_only_declared_values_and_ignore_where_unknown(plan_dir, exported):
     plan = _plan(plan_dir)
-    mapping = json.loads((exported / "covid_dg.json").read_text())
+    mapping = json.loads((exported / "covid_dg.json").read_text(encoding="utf-8"))
     for ident, key in mapping["cases"].items():
         if key not in plan["roles"]["train"] + plan["roles"]["val"]:
             continue
@@ -136,8 +136,8 @@ def test_partial_label_rule_on_small_arrays():
 
 def test_8bit_ctseg_case_is_decoded_to_hu_and_mirrored_onto_its_masks(plan_dir, exported, phantom_root):
     plan = _plan(plan_dir)
-    mapping = json.loads((exported / "covid_dg.json").read_text())
-    manifest = {c["case"]: c for c in json.loads((phantom_root / "ctseg.json").read_text())["cases"]}
+    mapping = json.loads((exported / "covid_dg.json").read_text(encoding="utf-8"))
+    manifest = {c["case"]: c for c in json.loads((phantom_root / "ctseg.json").read_text(encoding="utf-8"))["cases"]}
     window = load_profiles()["profiles"]["ctseg"]["window_8bit"]
     checked = 0
     for ident, key in mapping["cases"].items():
@@ -193,13 +193,13 @@ def test_export_is_idempotent_and_refuses_another_dataset(plan_dir, exported, tm
         export(plan_dir, raw, 502, name="other", say=lambda *a: None)
     (other,) = raw.glob("Dataset502_*")
     assert other.name == "Dataset502_mosmed-smoke-test"
-    ds = json.loads((other / "dataset.json").read_text())
+    ds = json.loads((other / "dataset.json").read_text(encoding="utf-8"))
     assert ds["labels"] == {"background": 0, "lesion": 1}  # lesion-only: nothing unknown, no ignore
     pre = tmp_path / "pre"
     export(plan_dir, raw, 502, name="other", overwrite=True, preprocessed=pre, say=lambda *a: None)
     assert [p.name for p in raw.iterdir() if not p.name.startswith(".")] == ["Dataset502_other"]
-    assert json.loads((pre / "Dataset502_other" / "splits_final.json").read_text()) == \
-        json.loads((raw / "Dataset502_other" / "splits_final.json").read_text())
+    assert json.loads((pre / "Dataset502_other" / "splits_final.json").read_text(encoding="utf-8")) == \
+        json.loads((raw / "Dataset502_other" / "splits_final.json").read_text(encoding="utf-8"))
     with pytest.raises(ExportError, match="ggo: no training case of the plan annotates it"):
         export(plan_dir, raw, 503, classes=["ggo"], say=lambda *a: None)
     # a source that types opacities beside sources that do not: typed classes are refused, not half-learned
@@ -236,10 +236,10 @@ def test_import_maps_back_scores_and_writes_a_run_folder(plan_dir, exported, tmp
     assert run_dir.parent == tmp_path / "runs" / "loso" and re.fullmatch(r"mosmed-smoke-test-nnunet-[0-9a-f]{8}", run_dir.name)
     for name in ("plan.json", "run.json", "per_case.csv", "metrics.json", "done"):
         assert (run_dir / name).is_file(), name
-    info = json.loads((run_dir / "run.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     assert info["method"] == info["network"] == "nnunet"
     assert info["train_sources"] == ["covid19_20", "ctseg"] and info["test_sources"] == ["mosmed"]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     # a third of each lesion removed: Dice 2(2/3)/(1 + 2/3) = 0.8 per case, about
     assert 0.75 < metrics["test/mosmed/dice"] < 0.85
     # predictions back in our values on the stored grid: scoring them again gives the same numbers
@@ -295,10 +295,10 @@ def test_sweep_commands_run_export_nnunet_and_import_per_plan(tmp_path):
                          ("unfinished", "erm")):
         run = sweep / "loso" / name
         run.mkdir(parents=True)
-        (run / "plan.json").write_text("{}")
-        (run / "run.json").write_text(json.dumps({"method": method}))
+        (run / "plan.json").write_text("{}", encoding="utf-8")
+        (run / "run.json").write_text(json.dumps({"method": method}), encoding="utf-8")
         if name != "unfinished":
-            (run / "done").write_text("")
+            (run / "done").write_text("", encoding="utf-8")
     jobs = make_jobs(sweep, 510, nnunet_bin=Path("/opt/nn/bin"), python="py")
     assert [(j.run_dir.name, j.dataset) for j in jobs] == [("ctseg-def", "Dataset510_ctseg-def"),
                                                            ("mosmed-abc", "Dataset511_mosmed-abc")]
@@ -350,7 +350,7 @@ def nnunet_python() -> Path:
                 pytest.skip(f"nnU-Net venv: the package index is unreachable (pip install {' '.join(NNUNET_PINS)}): "
                             + out.strip().splitlines()[-1])
             raise AssertionError(f"pip install {' '.join(NNUNET_PINS)} failed:\n{out}")
-        ok.write_text(f"pip install {' '.join(NNUNET_PINS)}: {time.time() - t0:.0f} s\n")
+        ok.write_text(f"pip install {' '.join(NNUNET_PINS)}: {time.time() - t0:.0f} s\n", encoding="utf-8")
     return py
 
 
@@ -377,7 +377,7 @@ def test_nnunet_checks_the_export_and_scores_like_us(phantom_root, tmp_path):
     loso(["--holdout", "mosmed", "experiment=smoke", f"paths.runs={tmp_path / 'runs'}", f"paths.cache={cache}",
           "wandb.mode=disabled"])
     (run,) = [p for p in (tmp_path / "runs" / "loso").iterdir() if p.is_dir()]
-    plan = json.loads((run / "plan.json").read_text())
+    plan = json.loads((run / "plan.json").read_text(encoding="utf-8"))
     raw, pre = tmp_path / "nnUNet_raw", tmp_path / "nnUNet_preprocessed"
     ds = export(run, raw, 501, test_labels=True, say=lambda *a: None)
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(tmp_path / "res"),
@@ -394,13 +394,13 @@ def test_nnunet_checks_the_export_and_scores_like_us(phantom_root, tmp_path):
                 "plan_experiments([501])\n"
                 "preprocess([501], configurations=('3d_fullres',), num_processes=(2,))", env, tmp_path)
     pre_ds = pre / ds.name
-    plans = json.loads((pre_ds / "nnUNetPlans.json").read_text())
+    plans = json.loads((pre_ds / "nnUNetPlans.json").read_text(encoding="utf-8"))
     assert "3d_fullres" in plans["configurations"]
-    mapping = json.loads((ds / "covid_dg.json").read_text())
+    mapping = json.loads((ds / "covid_dg.json").read_text(encoding="utf-8"))
     n_train = len(plan["roles"]["train"]) + len(plan["roles"]["val"])
     assert len(list((pre_ds / "nnUNetPlans_3d_fullres").glob("*.pkl"))) == n_train
-    assert json.loads((pre_ds / "splits_final.json").read_text()) == json.loads((ds / "splits_final.json").read_text())
-    fingerprint = json.loads((pre_ds / "dataset_fingerprint.json").read_text())
+    assert json.loads((pre_ds / "splits_final.json").read_text(encoding="utf-8")) == json.loads((ds / "splits_final.json").read_text(encoding="utf-8"))
+    fingerprint = json.loads((pre_ds / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     assert len(fingerprint["spacings"]) == n_train
     # 3. nnU-Net's Dice on our run's test predictions, in nnU-Net's label values, against labelsTs
     ident = {k: i for i, k in mapping["cases"].items()}
@@ -419,14 +419,14 @@ def test_nnunet_checks_the_export_and_scores_like_us(phantom_root, tmp_path):
         out_img.set_qform(img.affine, code=1)
         out_img.set_sform(img.affine, code=1)
         nib.save(out_img, str(pred / f"{ident[key]}.nii.gz"))
-    lesion = int(json.loads((ds / "dataset.json").read_text())["labels"]["lesion"])
+    lesion = int(json.loads((ds / "dataset.json").read_text(encoding="utf-8"))["labels"]["lesion"])
     ignore = mapping["ignore"]
     _nnunet(py, "from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder\n"
                 "from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO\n"
                 f"compute_metrics_on_folder({str(ds / 'labelsTs')!r}, {str(pred)!r}, {str(tmp_path / 'nn.json')!r}, "
                 f"SimpleITKIO(), '.nii.gz', [{lesion}], ignore_label={ignore!r}, num_processes=2)", env, tmp_path)
-    theirs = json.loads((tmp_path / "nn.json").read_text())
-    ours = {r["case"]: float(r["dice"]) for r in csv.DictReader((run / "per_case.csv").open()) if r["class"] == "lesion"}
+    theirs = json.loads((tmp_path / "nn.json").read_text(encoding="utf-8"))
+    ours = {r["case"]: float(r["dice"]) for r in csv.DictReader((run / "per_case.csv").open(encoding="utf-8")) if r["class"] == "lesion"}
     by_case = {Path(c["prediction_file"]).name[:-len(".nii.gz")]: c["metrics"][str(lesion)]["Dice"]
                for c in theirs["metric_per_case"]}
     compared = []
@@ -441,14 +441,14 @@ def test_nnunet_checks_the_export_and_scores_like_us(phantom_root, tmp_path):
     assert compared
     # 4. the import of those nnU-Net-valued predictions reproduces the run's own test metrics
     imported = import_predictions(pred, run / "plan.json", tmp_path / "runs", say=lambda *a: None)
-    metrics = json.loads((imported / "metrics.json").read_text())
-    reference = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((imported / "metrics.json").read_text(encoding="utf-8"))
+    reference = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     for k, v in reference.items():  # the run logged its means through Lightning, in float32
         if k.startswith("test/"):
             assert metrics[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
 
     def table(path):
-        return {(r["case"], r["class"]): (r["dice"], r["nsd"], r["hd95"]) for r in csv.DictReader(path.open())}
+        return {(r["case"], r["class"]): (r["dice"], r["nsd"], r["hd95"]) for r in csv.DictReader(path.open(encoding="utf-8"))}
     assert table(imported / "per_case.csv") == table(run / "per_case.csv")
     from experiments.report import main as report
 

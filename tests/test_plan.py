@@ -93,18 +93,18 @@ def test_hash_follows_what_the_run_computes(dm):
 def test_written_plan_reads_back_and_bad_plans_name_file_and_key(dm, tmp_path):
     plan = make(dm)
     path = write_plan(tmp_path, plan)
-    assert read_plan(tmp_path) == json.loads(path.read_text())
+    assert read_plan(tmp_path) == json.loads(path.read_text(encoding="utf-8"))
     bad = copy.deepcopy(plan)
     bad["roles"]["test"].append(bad["roles"]["train"][0])
-    (tmp_path / "twice.json").write_text(json.dumps(bad))
+    (tmp_path / "twice.json").write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(PlanError, match=r"twice\.json.*in roles\.train and roles\.test"):
         read_plan(tmp_path / "twice.json")
     bad = copy.deepcopy(plan)
     bad["roles"]["val"].append("mosmed/nope")
-    (tmp_path / "ghost.json").write_text(json.dumps(bad))
+    (tmp_path / "ghost.json").write_text(json.dumps(bad), encoding="utf-8")
     with pytest.raises(PlanError, match=r"ghost\.json: roles\.val lists 'mosmed/nope'"):
         read_plan(tmp_path / "ghost.json")
-    (tmp_path / "cut.json").write_text(path.read_text()[:100])
+    (tmp_path / "cut.json").write_text(path.read_text(encoding="utf-8")[:100], encoding="utf-8")
     with pytest.raises(PlanError, match=r"cut\.json: not valid JSON"):
         read_plan(tmp_path / "cut.json")
     with pytest.raises(PlanError, match=r"no plan file"):

@@ -29,19 +29,19 @@ METRICS = {"test/mosmed/dice": 0.36519, "test/mosmed/nsd": 0.3603, "test/mosmed/
 def fake_repo(tmp_path):
     root = tmp_path / "repo"
     (root / "docs").mkdir(parents=True)
-    (root / "README.md").write_text(DOC)
-    (root / "docs" / "results.md").write_text(DOC.replace("# Title", "# Results"))
-    (root / "docs" / "other.md").write_text("# No blocks\n")
+    (root / "README.md").write_text(DOC, encoding="utf-8")
+    (root / "docs" / "results.md").write_text(DOC.replace("# Title", "# Results"), encoding="utf-8")
+    (root / "docs" / "other.md").write_text("# No blocks\n", encoding="utf-8")
     runs = tmp_path / "runs"
     run = runs / "loso" / "mosmed-demo-abcdef12"
     run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps(METRICS))
-    (run / "done").write_text("")
+    (run / "metrics.json").write_text(json.dumps(METRICS), encoding="utf-8")
+    (run / "done").write_text("", encoding="utf-8")
     (runs / "loso" / "mosmed-demo-unfinished").mkdir()   # no `done`: ignored
     sweep = runs / "transfer-smoke"
     sweep.mkdir()
     (sweep / "transfer_matrix.md").write_text("**PHANTOM DATA**\n\n# Transfer matrix\n\nRows: ...\n\n"
-                                              "| train \\ test | a |\n|---|---|\n| a | 0.5 |\n\n![x](x.png)\n")
+                                              "| train \\ test | a |\n|---|---|\n| a | 0.5 |\n\n![x](x.png)\n", encoding="utf-8")
     return root, runs
 
 
@@ -64,7 +64,7 @@ def test_tables_from_fake_results(tmp_path):
     row = rn.JOBS["demo"].table(runs, 93.4)
     assert row.splitlines()[2] == "| `make demo` | 93 s | 0.365 | 0.360 | 138 mm | 0.660 |"
     assert rn.JOBS["transfer-smoke"].table(runs, None) == "| train \\ test | a |\n|---|---|\n| a | 0.5 |\n"
-    (runs / "loso" / "mosmed-demo-abcdef12" / "metrics.json").write_text(json.dumps({**METRICS, "data": "real"}))
+    (runs / "loso" / "mosmed-demo-abcdef12" / "metrics.json").write_text(json.dumps({**METRICS, "data": "real"}), encoding="utf-8")
     with pytest.raises(RuntimeError, match="not phantom"):
         rn.JOBS["demo"].table(runs, 1.0)
 
@@ -72,19 +72,19 @@ def test_tables_from_fake_results(tmp_path):
 def test_main_rewrites_readme_and_docs_with_a_stamp(tmp_path, capsys):
     root, runs = fake_repo(tmp_path)
     assert rn.main(["--only", "demo,transfer-smoke", "--dry-run", "--root", str(root)]) == 0
-    assert (root / "README.md").read_text() == DOC  # dry run: nothing written
+    assert (root / "README.md").read_text(encoding="utf-8") == DOC  # dry run: nothing written
     assert "rewrites: README.md, docs/results.md" in capsys.readouterr().out
 
     assert rn.main(["--only", "demo,transfer-smoke", "--reuse", str(runs), "--root", str(root)]) == 0
     for f in ("README.md", "docs/results.md"):
-        text = (root / f).read_text()
+        text = (root / f).read_text(encoding="utf-8")
         assert "| `make demo` | n/a | 0.365 | 0.360 | 138 mm | 0.660 |" in text
         assert "| a | 0.5 |" in text and "| untouched |" not in text
         stamp = next(line for line in text.splitlines() if line.startswith("*PHANTOM DATA. `make demo`"))
         for lib in ("Python 3.", "torch ", "MONAI ", "pytorch-lightning ", "NumPy "):
             assert lib in stamp
         assert "wall time not measured" in stamp
-    assert (root / "docs" / "other.md").read_text() == "# No blocks\n"
+    assert (root / "docs" / "other.md").read_text(encoding="utf-8") == "# No blocks\n"
 
 
 def test_unknown_job_is_refused():
@@ -97,7 +97,7 @@ def test_unknown_job_is_refused():
 def test_reuse_with_a_measured_wall_time(tmp_path):
     root, runs = fake_repo(tmp_path)
     assert rn.main(["--only", "demo", "--reuse", str(runs), "--wall", "91.2", "--root", str(root)]) == 0
-    text = (root / "README.md").read_text()
+    text = (root / "README.md").read_text(encoding="utf-8")
     assert "| `make demo` | 91 s | 0.365 |" in text and ": 91 s wall;" in text
 
 

@@ -70,17 +70,17 @@ def write_run(root: Path, *, holdout: str | None = None, train=None, test=None, 
     info = {"kind": kind, "name": name, "data": data, "experiment": experiment, "seed": seed,
             "config_hash": f"h{seed}", "train_sources": train, "test_sources": test, "eval_space": "harmonized",
             "best_checkpoint": str(d / "checkpoints" / "best.ckpt"), "wall_s": 1.0, **(run_json_extra or {})}
-    (d / "run.json").write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
-    (d / "metrics.json").write_text(json.dumps({**(metrics or {}), "data": data}))
-    with (d / "per_case.csv").open("w", newline="") as f:
+    (d / "run.json").write_text(json.dumps({k: v for k, v in info.items() if v is not None}), encoding="utf-8")
+    (d / "metrics.json").write_text(json.dumps({**(metrics or {}), "data": data}), encoding="utf-8")
+    with (d / "per_case.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, COLUMNS, restval="")
         w.writeheader()
         for source, case, cls, values in rows:
             w.writerow({"split": "test", "source": source, "case": case, "class": cls, "tolerance_mm": 3.0,
                         "space": "harmonized", **values})
-    (d / "val_per_case.csv").write_text("split,source,case,class,dice\nval,covid19_20,v1,lesion,0.9\n")
+    (d / "val_per_case.csv").write_text("split,source,case,class,dice\nval,covid19_20,v1,lesion,0.9\n", encoding="utf-8")
     if done:
-        (d / "done").write_text("2024-01-01T00:00:00\n")
+        (d / "done").write_text("2024-01-01T00:00:00\n", encoding="utf-8")
     return d
 
 
@@ -121,7 +121,7 @@ def _row(result_rows, config, source="mosmed", cls="lesion"):
 
 
 def _csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -311,10 +311,10 @@ def test_no_finished_run_and_corrupt_tables_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="no finished run"):
         main([str(tmp_path / "a"), "--out", str(tmp_path / "out")])
     d = write_run(tmp_path / "b", holdout="mosmed", rows=[("mosmed", "m1", "lesion", _lesion(0.5))])
-    (d / "per_case.csv").write_text("split,source,case,class,dice\ntest,mosmed,m1,lesion,0.5\ntest,mosmed,m2\n")
+    (d / "per_case.csv").write_text("split,source,case,class,dice\ntest,mosmed,m1,lesion,0.5\ntest,mosmed,m2\n", encoding="utf-8")
     with pytest.raises(SystemExit, match=r"per_case\.csv, line 3"):
         main([str(d), "--out", str(tmp_path / "out")])
-    (d / "per_case.csv").write_text("split,source,case,class,dice\ntest,mosmed,m1,lesion,zero point five\n")
+    (d / "per_case.csv").write_text("split,source,case,class,dice\ntest,mosmed,m1,lesion,zero point five\n", encoding="utf-8")
     with pytest.raises(ReportError, match=r"per_case\.csv.*'dice'"):
         collect_runs([d])
     (d / "per_case.csv").write_bytes(b"\xff\xfe\x00garbage")
@@ -344,10 +344,10 @@ def test_transfer_matrix_and_mean_over_test_sources(tmp_path):
 
 def test_older_runs_fall_back_to_config_yaml_and_legacy_columns(tmp_path):
     d = write_run(tmp_path, holdout="ctseg", run_json_extra={"seed": None, "experiment": None}, rows=[])
-    (d / "config.yaml").write_text("experiment: demo\nrun:\n  seed: 3\n")
+    (d / "config.yaml").write_text("experiment: demo\nrun:\n  seed: 3\n", encoding="utf-8")
     # the per-case table of older runs: no class column, lung Dice in `dice_lung`
     (d / "per_case.csv").write_text("case,source,dice,dice_lung,pred_ml,ref_ml,split\n"
-                                    "c1,ctseg,0.5,0.9,1.0,2.0,test\nc2,ctseg,0.25,0.8,1.0,2.0,test\n")
+                                    "c1,ctseg,0.5,0.9,1.0,2.0,test\nc2,ctseg,0.25,0.8,1.0,2.0,test\n", encoding="utf-8")
     (run,) = collect_runs([tmp_path])
     assert (run.seed, run.experiment) == (3, "demo")
     tables = build_tables([run], n_boot=20)

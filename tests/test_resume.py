@@ -348,10 +348,10 @@ def test_killing_the_sweep_launcher_stops_its_run_first(tmp_path, sig):
         assert time.time() < deadline and launcher.poll() is None
         time.sleep(0.05)
     time.sleep(0.2)
-    child = int((tmp_path / "pid").read_text())
+    child = int((tmp_path / "pid").read_text(encoding="utf-8"))
     launcher.send_signal(sig)
     assert launcher.wait(timeout=30) == 128 + sig
-    assert (tmp_path / "stopped").read_text() == "yes"  # the run got the signal and ended before the launcher
+    assert (tmp_path / "stopped").read_text(encoding="utf-8") == "yes"  # the run got the signal and ended before the launcher
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
 

@@ -17,7 +17,7 @@ def test_loso_selection_validates_on_a_whole_training_source_and_reports_oracle_
             "selection.method=loso", "selection.val_source=ctseg", "selection.report=[last,oracle]"]
     loso_main(args)
     (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
-    info = json.loads((run_dir / "run.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     roles = {(r["role"], r["source"]): r["cases"] for r in info["split"]}
     # ctseg validates whole and never trains; covid19_20 trains whole; mosmed tests
     assert ("train", "ctseg") not in roles and roles[("val", "ctseg")] == 7
@@ -29,7 +29,7 @@ def test_loso_selection_validates_on_a_whole_training_source_and_reports_oracle_
     from pathlib import Path
     assert all(Path(c["path"]).exists() for c in sel["checkpoints"].values())
     for rule in ("last", "oracle"):
-        rows = list(csv.DictReader((run_dir / "selection" / rule / "per_case.csv").open()))
+        rows = list(csv.DictReader((run_dir / "selection" / rule / "per_case.csv").open(encoding="utf-8")))
         assert {r["source"] for r in rows} == {"mosmed"} and len({r["case"] for r in rows}) == 6
     # the oracle picked its epoch by the test Dice it saw: no other epoch's checkpoint scores higher there
     assert sel["checkpoints"]["oracle"]["score"] >= 0.0
@@ -49,9 +49,9 @@ def test_same_seed_same_split_and_metrics_on_cpu(tmp_path, phantom_root):
     for name in ("a", "b"):
         loso_main(["--holdout", "ctseg", *SHORT, f"paths.runs={tmp_path / name}", f"paths.cache={cache}"])
     (a,), (b,) = [[p for p in (tmp_path / n / "loso").iterdir() if p.is_dir()] for n in ("a", "b")]
-    assert (a / "per_case.csv").read_text() == (b / "per_case.csv").read_text()
-    assert (a / "val_per_case.csv").read_text() == (b / "val_per_case.csv").read_text()
-    ia, ib = json.loads((a / "run.json").read_text()), json.loads((b / "run.json").read_text())
+    assert (a / "per_case.csv").read_text(encoding="utf-8") == (b / "per_case.csv").read_text(encoding="utf-8")
+    assert (a / "val_per_case.csv").read_text(encoding="utf-8") == (b / "val_per_case.csv").read_text(encoding="utf-8")
+    ia, ib = json.loads((a / "run.json").read_text(encoding="utf-8")), json.loads((b / "run.json").read_text(encoding="utf-8"))
     assert ia["split"] == ib["split"] and ia["config_hash"] == ib["config_hash"]
 
 
@@ -103,6 +103,6 @@ def test_validation_never_shifts_the_training_patches(tmp_path, phantom_root):
     for name, extra in (("plain", []), ("oracle", ["selection.report=[last,oracle]"])):
         loso_main(["--holdout", "mosmed", *SHORT, f"paths.runs={tmp_path / name}", f"paths.cache={cache}", *extra])
     (a,), (b,) = [[p for p in (tmp_path / n / "loso").iterdir() if p.is_dir()] for n in ("plain", "oracle")]
-    ta = json.loads((a / "run.json").read_text())["selection"]["test"]["last"]
-    tb = json.loads((b / "run.json").read_text())["selection"]["test"]["last"]
+    ta = json.loads((a / "run.json").read_text(encoding="utf-8"))["selection"]["test"]["last"]
+    tb = json.loads((b / "run.json").read_text(encoding="utf-8"))["selection"]["test"]["last"]
     assert ta == tb

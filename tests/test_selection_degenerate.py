@@ -44,7 +44,7 @@ def test_epoch_numbers_are_one_based_at_the_boundary():
 def _run_select(tmp_path, records, names=("training_domain", "last")):
     from experiments.stages.test import select_and_test
 
-    with (tmp_path / "records.jsonl").open("w") as fh:
+    with (tmp_path / "records.jsonl").open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     best, last = tmp_path / "best-epoch002.ckpt", tmp_path / "last.ckpt"
     torch.save({"epoch": 1, "global_step": 20}, best)  # Lightning's 0-based epoch 1 = [epoch 2/N]
@@ -102,22 +102,22 @@ def test_reports_and_the_transfer_matrix_mark_degenerate_cells(tmp_path, monkeyp
 
     _transfer_runs(tmp_path, "mosmed")
     tables = report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--bootstrap", "50"])
-    summary = (tmp_path / "out" / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     (matrix,) = tables["matrices"]
     by_row = {r["train"]: r for r in matrix["rows"]}
     assert by_row["mosmed"]["cells"]["ctseg"]["n_degenerate"] == 1 and by_row["ctseg"]["cells"]["mosmed"]["n_degenerate"] == 0
     assert "| 0.400† |" in summary and "| 0.400 |" in summary and "† model selection degenerate" in summary
     assert any("model selection degenerate" in n and "transfer/mosmed" in n for n in tables["notes"])
     rows = {r["train"]: r for r in csv.DictReader((tmp_path / "out" / "tables" /
-                                                   "matrix_transfer_smoke_harmonized.csv").open())}
+                                                   "matrix_transfer_smoke_harmonized.csv").open(encoding="utf-8"))}
     assert rows["mosmed"]["ctseg_n_degenerate"] == "1" and rows["ctseg"]["mosmed_n_degenerate"] == "0"
     # the sweep's transfer matrix (md and csv) carries the same marks
     monkeypatch.setenv("WANDB_MODE", "disabled")
     summarize_sweep(tmp_path, "transfer_matrix", n_boot=50)
-    md = (tmp_path / "transfer_matrix.md").read_text()
+    md = (tmp_path / "transfer_matrix.md").read_text(encoding="utf-8")
     assert "| mosmed | 0.400† | n/a |" in md and "| ctseg | n/a | 0.400 |" in md
     assert "† model selection degenerate" in md
-    rows = {r["train"]: r for r in csv.DictReader((tmp_path / "transfer_matrix.csv").open())}
+    rows = {r["train"]: r for r in csv.DictReader((tmp_path / "transfer_matrix.csv").open(encoding="utf-8"))}
     assert rows["mosmed"]["ctseg_n_degenerate"] == "1" and rows["ctseg"]["mosmed_n_degenerate"] == "0"
 
 
@@ -125,11 +125,11 @@ def test_report_lists_every_skipped_run_with_its_reason(tmp_path, capsys):
     write_run(tmp_path, kind="transfer", train=["mosmed"], test=["ctseg"], rows=[("ctseg", "c1", "lesion", _lesion(0.4))])
     killed = tmp_path / "transfer" / "killed-smoke-abc"  # killed in training: marker, config, records only
     (killed / "checkpoints").mkdir(parents=True)
-    (killed / ".covid-dg-run").write_text("")
-    (killed / "config.yaml").write_text("experiment: smoke\n")
-    (killed / "records.jsonl").write_text(json.dumps(rec(4, 0.2)) + "\n")
+    (killed / ".covid-dg-run").write_text("", encoding="utf-8")
+    (killed / "config.yaml").write_text("experiment: smoke\n", encoding="utf-8")
+    (killed / "records.jsonl").write_text(json.dumps(rec(4, 0.2)) + "\n", encoding="utf-8")
     (killed / "wandb" / "run-1" / "files").mkdir(parents=True)
-    (killed / "wandb" / "run-1" / "files" / "config.yaml").write_text("a: 1\n")  # not a run folder
+    (killed / "wandb" / "run-1" / "files" / "config.yaml").write_text("a: 1\n", encoding="utf-8")  # not a run folder
     no_done = write_run(tmp_path, kind="transfer", train=["ctseg"], test=["mosmed"], done=False,
                         rows=[("mosmed", "m1", "lesion", _lesion(0.4))])
     no_metrics = write_run(tmp_path, kind="transfer", train=["covid19_20"], test=["mosmed"],
@@ -143,6 +143,6 @@ def test_report_lists_every_skipped_run_with_its_reason(tmp_path, capsys):
                        no_metrics.name: "marked done but missing metrics.json"}
     for name, reason in reasons.items():  # a printed line each
         assert sum(name in line and reason in line for line in err.splitlines()) == 1
-    summary = (tmp_path / "out" / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "## Skipped runs" in summary and "3 run folder(s) found but not reported" in summary
     assert all(reason in summary for reason in reasons.values()) and "run-1" not in summary

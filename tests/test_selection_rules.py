@@ -103,12 +103,12 @@ def test_truncation_keeps_the_epochs_a_resumed_run_does_not_redo(tmp_path):
     assert truncate_records(path, 3) == 0 and not path.exists()
     for e in range(1, 6):  # epochs are numbered from 1, as printed
         append_record(path, rec(e, 0.1 * e))
-    with open(path, "a") as fh:
+    with open(path, "a", encoding="utf-8") as fh:
         fh.write('{"epoch": 6, "step": 6')  # a write cut short by a kill
     assert [r["epoch"] for r in read_records(path)] == [1, 2, 3, 4, 5]
     assert truncate_records(path, 3) == 3  # resumed from a checkpoint with 3 finished epochs: 1, 2, 3 stay
     assert [r["epoch"] for r in read_records(tmp_path)] == [1, 2, 3]
-    assert path.read_text().endswith("}\n")
+    assert path.read_text(encoding="utf-8").endswith("}\n")
     append_record(path, rec(4, 0.7))
     assert [r["epoch"] for r in read_records(path)] == [1, 2, 3, 4]
     assert truncate_records(path, 0) == 0 and read_records(path) == []  # a fresh start
@@ -126,13 +126,13 @@ def test_a_run_records_every_validated_epoch_and_the_rules_pick_its_checkpoints(
                "selection.report=[last,oracle]"])
     (run_dir,) = [p for p in (tmp_path / "loso").iterdir() if p.is_dir()]
     records = read_records(run_dir)
-    lines = (run_dir / "records.jsonl").read_text().splitlines()
+    lines = (run_dir / "records.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(records) == 3 and [r["epoch"] for r in records] == [1, 2, 3]  # 1-based, as printed
     # the val and oracle keys are those the run logged in that epoch, with the logged values (the CSV logger
     # writes the step index, global_step - 1, and Lightning's 0-based epoch; a row at epoch 3 is the test stage's
     # validation of the choice)
     logged = {}
-    for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open()):
+    for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open(encoding="utf-8")):
         if row.get("val/mean/selection_dice"):
             logged[int(row["epoch"]), int(row["step"]) + 1] = {k: float(v) for k, v in row.items()
                                                                if k.startswith(("val/", "oracle/")) and v != ""}
@@ -144,7 +144,7 @@ def test_a_run_records_every_validated_epoch_and_the_rules_pick_its_checkpoints(
         assert any(k.startswith("oracle/mosmed/") for k in mine) and not any(k.startswith("test/") for k in r)
         assert r["step"] > 0 and all((run_dir / c).name.endswith(".ckpt") for c in r["checkpoints"])
     # the rules over the file choose the steps the run tested
-    sel = json.loads((run_dir / "run.json").read_text())["selection"]["checkpoints"]
+    sel = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["selection"]["checkpoints"]
     for name in ("training_domain", "last", "oracle"):
         chosen = choose(name, records)
         assert chosen["step"] == sel[name]["global_step"], (name, records, sel)

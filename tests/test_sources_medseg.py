@@ -20,7 +20,7 @@ def medseg(phantom_root):
 
 @pytest.fixture(scope="module")
 def rows(phantom_root):
-    return {r["case"]: r for r in json.loads((phantom_root / "medseg.json").read_text())["cases"]}
+    return {r["case"]: r for r in json.loads((phantom_root / "medseg.json").read_text(encoding="utf-8"))["cases"]}
 
 
 def test_discover_returns_exactly_the_rp_volumes(medseg, rows):

@@ -87,9 +87,9 @@ def test_msd_missing_label_and_orphan_label_are_problems(tmp_path, phantom_root)
 def test_msd_dataset_json_with_other_labels_is_reported(tmp_path, phantom_root):
     shutil.copytree(phantom_root / "msd_lung", tmp_path / "download" / "msd_lung")   # nested one level deeper
     path = tmp_path / "download" / "msd_lung" / "Task06_Lung" / "dataset.json"
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     meta["labels"] = {"0": "background", "1": "cancer", "2": "effusion"}
-    path.write_text(json.dumps(meta))
+    path.write_text(json.dumps(meta), encoding="utf-8")
     adapter = SOURCES["msd_lung"](tmp_path / "download")
     cases = adapter.discover()
     assert [c.case_id for c in cases] == ["lung_002"] and not cases[0].labelled   # only imagesTs left

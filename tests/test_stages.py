@@ -36,20 +36,20 @@ def test_score_reproduces_the_runs_metrics_exactly(run, tmp_path, capsys):
     from experiments.score import score_predictions
 
     run_dir, _, _ = run
-    written = json.loads((run_dir / "metrics.json").read_text())
+    written = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert score_main([str(run_dir), "--out", str(tmp_path)]) == 0
     assert "reproduced exactly" in capsys.readouterr().out
-    again = json.loads((tmp_path / "metrics.json").read_text())
+    again = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert again == written  # every key, floats bit for bit
     assert all(type(again[k]) is type(written[k]) for k in written)
-    assert (tmp_path / "per_case.csv").read_text() == (run_dir / "per_case.csv").read_text()
+    assert (tmp_path / "per_case.csv").read_text(encoding="utf-8") == (run_dir / "per_case.csv").read_text(encoding="utf-8")
     # the API the nnU-Net import calls: the test keys of metrics.json, and the rows
     metrics, rows = score_predictions(read_plan(run_dir), run_dir / "predictions")
     assert metrics == {k: v for k, v in written.items() if k.startswith("test/")}
     assert {r["case"] for r in rows} == {k.split("/", 1)[1] for k in read_plan(run_dir)["roles"]["test"]}
     # the other selection rule (last) is re-scored from its own predictions, or the headline's
-    assert (tmp_path / "selection" / "last" / "per_case.csv").read_text() == \
-        (run_dir / "selection" / "last" / "per_case.csv").read_text()
+    assert (tmp_path / "selection" / "last" / "per_case.csv").read_text(encoding="utf-8") == \
+        (run_dir / "selection" / "last" / "per_case.csv").read_text(encoding="utf-8")
 
 
 def test_predictions_have_the_stored_images_shape_and_affine(run):
@@ -68,7 +68,7 @@ def test_predictions_have_the_stored_images_shape_and_affine(run):
 
 def test_run_json_is_one_typed_record_and_old_files_load(run):
     run_dir, _, _ = run
-    raw = json.loads((run_dir / "run.json").read_text())
+    raw = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     info = RunInfo.from_json(raw)
     assert info.to_json() == raw and info.plan_hash == read_plan(run_dir)["hash"]
     old = RunInfo.from_json({"kind": "loso", "seed": 0, "old_key": 1})  # a run.json of an older version
@@ -157,7 +157,7 @@ def test_per_case_rows_carry_the_cases_sanity(run):
     import csv
 
     run_dir, _, _ = run
-    with (run_dir / "per_case.csv").open(newline="") as f:
+    with (run_dir / "per_case.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(r["sanity"] for r in rows)
     by_case = {}

@@ -73,7 +73,7 @@ def test_killed_sweep_resumes_the_interrupted_run_with_the_same_wandb_id(tmp_pat
     sweep_file = tmp_path / "one.yaml"
     sweep_file.write_text(yaml.safe_dump({"name": "one", "method": "grid", "parameters": {
         "protocol": {"value": "loso"}, "data.holdout": {"value": "mosmed"}}, "covid_dg": {"report": "loso_table"}},
-        sort_keys=False))
+        sort_keys=False), encoding="utf-8")
     args = [str(sweep_file), "--preset", "smoke", "--runs", str(tmp_path / "runs"), f"paths.cache={cache}",
             "trainer.max_epochs=8", "trainer.check_val_every_n_epoch=4", "data.samples_per_epoch=8"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
@@ -112,7 +112,7 @@ def test_slurm_backend_submits_through_submitit(tmp_path, phantom_root):
     cache = phantom_root.parents[1]
     sweep_file = tmp_path / "one.yaml"
     sweep_file.write_text(yaml.safe_dump({"name": "one", "method": "grid", "parameters": {
-        "protocol": {"value": "loso"}, "data.holdout": {"value": "mosmed"}}}, sort_keys=False))
+        "protocol": {"value": "loso"}, "data.holdout": {"value": "mosmed"}}}, sort_keys=False), encoding="utf-8")
     args = [str(sweep_file), "--preset", "smoke", "--runs", str(tmp_path / "runs"), "--backend", "slurm",
             "--slurm-cluster", "local", "--slurm", "timeout_min=20", f"paths.cache={cache}", *SHORT,
             "wandb.mode=disabled"]

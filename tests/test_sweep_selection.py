@@ -204,7 +204,7 @@ def test_the_hparams_sweep_expands_methods_configurations_and_trials(tmp_path):
     assert split_run_overrides([*fixed, f"sweep.overrides={values[2]}"]) == fixed + runs[2][0]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**{k: v for k, v in spec.items() if not k.startswith("_")},
-                                   "covid_dg": {"hparams": {"n_hparams": 0}}}))
+                                   "covid_dg": {"hparams": {"n_hparams": 0}}}), encoding="utf-8")
     with pytest.raises(SweepError, match="n_hparams must be an integer >= 1"):
         load_sweep(str(bad))
 
@@ -227,7 +227,7 @@ def fake_run(root: Path, name, method, records, test_of_step, seed=0, holdout="m
     checkpoint files, and the per-case test scores of each rule's checkpoint (test_of_step(step) -> {case: dice})."""
     d = root / "loso" / name
     (d / "checkpoints").mkdir(parents=True)
-    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     ckpts = {}
     for rule in ("training_domain", "last", "oracle"):
         r = choose(rule, records)
@@ -236,7 +236,7 @@ def fake_run(root: Path, name, method, records, test_of_step, seed=0, holdout="m
         ckpts[rule] = {"path": str(path), "epoch": r["epoch"], "global_step": r["step"], "score": None}
         out = d if rule == "training_domain" else d / "selection" / rule
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "per_case.csv", "w", newline="") as fh:
+        with open(out / "per_case.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["split", "source", "case", "class", "dice"])
             for case, v in test_of_step(r["step"]).items():
@@ -244,8 +244,8 @@ def fake_run(root: Path, name, method, records, test_of_step, seed=0, holdout="m
                 w.writerow(["test", holdout, case, "lung", 0.99])
     (d / "run.json").write_text(json.dumps({
         "kind": "loso", "name": name, "data": "phantom", "method": method, "seed": seed, "test_sources": [holdout],
-        "selection": {"method": "training_domain", "checkpoints": ckpts}}))
-    (d / "done").write_text("")
+        "selection": {"method": "training_domain", "checkpoints": ckpts}}), encoding="utf-8")
+    (d / "done").write_text("", encoding="utf-8")
     return {"run_dir": str(d), "overrides": [], "hparams": {"id": h, "method": method, "values": {"p": 0.3} if h else {},
                                                             "trial": seed}}
 
@@ -260,7 +260,7 @@ def fake_sweep(root: Path, test_shift=0.0) -> Path:
         runs.append(fake_run(sweep, f"mix1-{t}", "mixstyle", MIX1,
                              lambda s, t=t: {"c1": 0.4 + 0.1 * t, "c2": 0.6 + 0.1 * t} if s == 8 else {"c1": 0.0, "c2": 0.0},
                              t, h=1))
-    (sweep / "runs.json").write_text(json.dumps({"runs": runs}))
+    (sweep / "runs.json").write_text(json.dumps({"runs": runs}), encoding="utf-8")
     return sweep
 
 
@@ -276,29 +276,29 @@ def test_select_writes_per_rule_tables_paired_statistics_and_a_forest_plot(tmp_p
     assert summary["rules"] == ["training_domain", "last", "oracle"] and summary["headline"] == "training_domain"
     assert order.index("read") > max(i for i, x in enumerate(order) if x == "choose")  # test scores after every choice
     out = sweep / "selection"
-    rows = {r["method"]: r for r in csv.DictReader(open(out / "table_training_domain.csv"))}
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "table_training_domain.csv", encoding="utf-8"))}
     # mixstyle chose configuration 1 epoch 0 in both trials: trial means 0.5 and 0.6 -> 0.55 ± 0.05
     assert float(rows["mixstyle"]["mosmed"]) == pytest.approx(0.55) and float(rows["mixstyle"]["mosmed_se"]) == pytest.approx(0.05)
     assert float(rows["erm"]["mosmed"]) == pytest.approx(0.4) and float(rows["erm"]["mean"]) == pytest.approx(0.4)
-    paired = list(csv.DictReader(open(out / "paired_training_domain.csv")))
+    paired = list(csv.DictReader(open(out / "paired_training_domain.csv", encoding="utf-8")))
     # per case over trials: c1 0.45 - 0.3, c2 0.65 - 0.5 -> +0.15
     assert [(p["method"], p["holdout"]) for p in paired] == [("mixstyle", "mosmed")]
     assert float(paired[0]["mean_diff"]) == pytest.approx(0.15) and paired[0]["n"] == "2"
     # last chose configuration 0 (its final epoch validates at 0.5 against 0.4): the 0.9 cases
-    last = {r["method"]: r for r in csv.DictReader(open(out / "table_last.csv"))}
+    last = {r["method"]: r for r in csv.DictReader(open(out / "table_last.csv", encoding="utf-8"))}
     assert float(last["mixstyle"]["mosmed"]) == pytest.approx(0.9)
-    info = json.loads((out / "selection.json").read_text())
+    info = json.loads((out / "selection.json").read_text(encoding="utf-8"))
     assert info["data"] == "phantom" and info["n_boot"] == 200
     chosen = {(c["method"], c["trial"]): (c["hparams_id"], c["epoch"]) for c in info["results"]["oracle"]["choices"]}
     assert chosen == {("erm", 0): (0, 1), ("erm", 1): (0, 1), ("mixstyle", 0): (1, 1), ("mixstyle", 1): (1, 1)}
-    md = (out / "selection.md").read_text()
+    md = (out / "selection.md").read_text(encoding="utf-8")
     assert md.startswith("**PHANTOM DATA") and "ORACLE" in md and md.index("## training_domain") < md.index("## oracle")
     assert (out / "forest_training_domain.png").stat().st_size > 1000
 
     # test-domain scores changed: the honest choices stay, only the numbers move
     again = fake_sweep(tmp_path / "other", test_shift=0.2)
     sel.select_sweep(again, from_run=True, n_boot=50, use_wandb=False)
-    other = json.loads((again / "selection" / "selection.json").read_text())
+    other = json.loads((again / "selection" / "selection.json").read_text(encoding="utf-8"))
     for rule in ("training_domain", "last"):
         strip = [{k: v for k, v in c.items() if k not in ("run", "checkpoint")} for c in info["results"][rule]["choices"]]
         assert strip == [{k: v for k, v in c.items() if k not in ("run", "checkpoint")}
@@ -313,9 +313,9 @@ def test_select_names_what_is_missing(tmp_path):
     with pytest.raises(sel.SelectError, match="not every run kept"):
         sel.select_sweep(sweep, rules=["loso"], from_run=True, use_wandb=False)
     stray = fake_run(sweep, "stray", "erm", ERM, lambda s: {"c1": 1.0}, 0)  # an earlier plan's run
-    assert stray["run_dir"] not in (sweep / "runs.json").read_text()
+    assert stray["run_dir"] not in (sweep / "runs.json").read_text(encoding="utf-8")
     assert sel.select_sweep(sweep, rules=["training_domain"], from_run=True, use_wandb=False)["tested"] == 4  # erm-0 and stray would clash
-    (sweep / "loso" / "erm-0" / "records.jsonl").write_text("")
+    (sweep / "loso" / "erm-0" / "records.jsonl").write_text("", encoding="utf-8")
     with pytest.raises(sel.SelectError, match="records.jsonl: missing or empty"):
         sel.select_sweep(sweep, from_run=True, use_wandb=False)
 

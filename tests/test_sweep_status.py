@@ -9,8 +9,8 @@ def run(tmp_path, name, done=False, **extra):
     run_dir = tmp_path / "runs" / name
     if done:
         run_dir.mkdir(parents=True)
-        (run_dir / "done").write_text("x\n")
-        (run_dir / "metrics.json").write_text(json.dumps({"test/mean/dice": 0.125}))
+        (run_dir / "done").write_text("x\n", encoding="utf-8")
+        (run_dir / "metrics.json").write_text(json.dumps({"test/mean/dice": 0.125}), encoding="utf-8")
     overrides = [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in extra.items())]
     return {"run_dir": str(run_dir), "overrides": overrides, "done": done, "started": done}
 
@@ -28,7 +28,7 @@ def test_local_backend_prints_status_metric_log_and_eta(tmp_path, monkeypatch, c
     assert out[3].startswith("[sweep] 2 run(s) left, ETA 0:0") and "per finished run" in out[3]
     assert out[5].startswith("[sweep] 2/3 FAILED (exit 3) after") and out[5].endswith(f"log {tmp_path / 'logs' / 'c.log'}")
     assert out[-1].startswith("[sweep] 3/3 done in") and out[-1].endswith("test/mean/dice=0.5000")
-    assert "fake run" in (tmp_path / "logs" / "c.log").read_text()
+    assert "fake run" in (tmp_path / "logs" / "c.log").read_text(encoding="utf-8")
     assert runs[1]["wall_s"] >= 0 and runs[3]["done"] and not runs[2]["done"]
 
 
@@ -40,5 +40,5 @@ def test_eta_is_the_mean_of_finished_runs_times_the_runs_left():
 
 def test_key_metric_reads_a_finished_runs_metrics(tmp_path):
     assert launch.key_metric(tmp_path) == ""
-    (tmp_path / "metrics.json").write_text(json.dumps({"test/mean/selection_dice": 0.25, "val/mean/dice": 0.9}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"test/mean/selection_dice": 0.25, "val/mean/dice": 0.9}), encoding="utf-8")
     assert launch.key_metric(tmp_path) == "test/mean/selection_dice=0.2500"

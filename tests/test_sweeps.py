@@ -21,7 +21,7 @@ def test_grid_is_the_product_of_every_values_list(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({"method": "grid", "parameters": {
         "protocol": {"value": "loso"}, "data.holdout": {"values": ["$sources"]}, "run.seed": {"values": [0, 1]},
-        "selection.report": {"value": ["last", "oracle"]}}}, sort_keys=False))
+        "selection.report": {"value": ["last", "oracle"]}}}, sort_keys=False), encoding="utf-8")
     runs = expand(load_sweep(str(path)), ["a", "b"])
     assert len(runs) == 4
     assert runs[0] == ["protocol=loso", "data.holdout=a", "run.seed=0", "selection.report=[last,oracle]"]
@@ -32,13 +32,13 @@ def test_bad_sweep_files_are_named(tmp_path):
     with pytest.raises(SweepError, match="no sweep 'nope'"):
         load_sweep("nope")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("method: bayes\nparameters: {lr: {min: 0.1, max: 1}}\n")
+    bad.write_text("method: bayes\nparameters: {lr: {min: 0.1, max: 1}}\n", encoding="utf-8")
     with pytest.raises(SweepError, match="grids only"):
         load_sweep(str(bad))
-    bad.write_text("parameters: {lr: {min: 0.1, max: 1}}\n")
+    bad.write_text("parameters: {lr: {min: 0.1, max: 1}}\n", encoding="utf-8")
     with pytest.raises(SweepError, match="exactly one of value / values"):
         load_sweep(str(bad))
-    bad.write_text("command: [${env}]\nparameters: {}\n")
+    bad.write_text("command: [${env}]\nparameters: {}\n", encoding="utf-8")
     with pytest.raises(SweepError, match="not valid YAML"):
         load_sweep(str(bad))
 
@@ -62,7 +62,7 @@ def test_runs_land_in_stable_folders_named_by_label_and_hash(tmp_path):
     # a finished run is seen as finished
     from pathlib import Path
     Path(runs[1]["run_dir"]).mkdir(parents=True)
-    (Path(runs[1]["run_dir"]) / "done").write_text("x")
+    (Path(runs[1]["run_dir"]) / "done").write_text("x", encoding="utf-8")
     assert [r["done"] for r in sweep_runs(spec, "smoke", tmp_path, []).runs] == [False, True, False]
     _protocol, cfg, plan, run_dir = plan_run(runs[0]["overrides"])
     assert cfg.experiment == "smoke" and cfg.wandb.group == "loso-smoke" and plan.split == {"holdout": "covid19_20"}

@@ -37,7 +37,7 @@ def test_a_bad_choice_in_a_yaml_file_names_the_file_and_key(tmp_path):
     from experiments import config
 
     bad = tmp_path / "preset.yaml"
-    bad.write_text("evaluation:\n  space: harmonised\n")
+    bad.write_text("evaluation:\n  space: harmonised\n", encoding="utf-8")
     cfg = OmegaConf.structured(config.Config)
     with pytest.raises(ValueError, match=re.escape(f"{bad}: evaluation.space='harmonised': must be one of "
                                                    "['original', 'harmonized']")):

@@ -66,7 +66,7 @@ def _single_run(runs: Path, kind: str, prefix: str) -> Path:
 def loso_row(shown: str, experiment: str, holdout: str = "mosmed") -> Callable[[Path, float | None], str]:
     def table(runs: Path, wall: float | None) -> str:
         run = _single_run(runs, "loso", f"{holdout}-{experiment}")
-        m = json.loads((run / "metrics.json").read_text())
+        m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         if m.get("data") != "phantom":
             raise RuntimeError(f"{run}: not phantom data ({m.get('data')!r}); the documented numbers are phantom")
         t = f"test/{holdout}"
@@ -79,7 +79,7 @@ def loso_printout(experiment: str, holdout: str = "mosmed") -> Callable[[Path], 
     """The end of what the run prints: its folder and the held-out metrics (as in the README)."""
     def render(runs: Path) -> str:
         run = _single_run(runs, "loso", f"{holdout}-{experiment}")
-        m = json.loads((run / "metrics.json").read_text())
+        m = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         shown = Path("runs") / "loso" / run.name
         keys = [f"test/{holdout}/dice", f"test/{holdout}/hd95", f"test/{holdout}/nsd", "val/mean/dice"]
         body = "\n".join(f"  {k} = {m[k]:.4f}" for k in keys)
@@ -90,7 +90,7 @@ def loso_printout(experiment: str, holdout: str = "mosmed") -> Callable[[Path], 
 def sweep_table(sweep: str, headline: str) -> Callable[[Path, float | None], str]:
     def table(runs: Path, wall: float | None) -> str:
         path = runs / f"{sweep}-smoke" / f"{headline}.md"
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
         rows = []
         for line in lines:
             if line.startswith("|"):

@@ -198,7 +198,7 @@ def plan_nsclc(profile, size_name, size, seed, out: Path):
                                   "effusion": pid in profile["effusion_patients"],
                                   "decoys": [d[0] for d in decoys]}), files, rng))
     manifest.mkdir(parents=True, exist_ok=True)
-    with (manifest / "metadata.csv").open("w", newline="") as f:
+    with (manifest / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, NSCLC_METADATA_COLUMNS)
         w.writeheader()
         w.writerows(meta_rows)
@@ -251,7 +251,7 @@ def plan_covid19_ar(profile, size_name, size, seed, out: Path):
                          "COVID_TEST_POSITIVE": "Y", "TEST_NAME": "SARS-COV-2 PCR", "ICU_Admit": "Y" if p == 0 else "N",
                          "NUM_ICU_admits": 1 if p == 0 else 0, "MORTALITY": "N"})
     out.mkdir(parents=True, exist_ok=True)
-    with (out / profile["clinical_file"]).open("w", newline="") as f:
+    with (out / profile["clinical_file"]).open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, CLINICAL_COLUMNS)
         w.writeheader()
         w.writerows(clinical)

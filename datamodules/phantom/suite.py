@@ -321,7 +321,7 @@ def plan_msd_lung(profile, size_name, size, seed, out: Path):
         "modality": {"0": "CT"}, "labels": {"0": "background", "1": "cancer"},
         "numTraining": len(train), "numTest": len(test),
         "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in train],
-        "test": [f"./imagesTs/{c}.nii.gz" for c in test]}, indent=4))
+        "test": [f"./imagesTs/{c}.nii.gz" for c in test]}, indent=4), encoding="utf-8")
     return plans
 
 
@@ -386,7 +386,7 @@ def write_source(root: Path, source: str, size_name: str, seed: int) -> dict:
     manifest = {"phantom": True, "source": source, "size": size_name, "seed": seed, "cases": rows}
     mpath = root / f"{source}.json"
     mtmp = mpath.with_name(f".{mpath.name}.tmp")
-    mtmp.write_text(json.dumps(manifest, indent=1))
+    mtmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     os.replace(mtmp, mpath)
     return manifest
 

@@ -69,7 +69,7 @@ class MSDLung(SourceAdapter):
             log.warning("%s: %s missing; assuming labels %s", self.name, path, self.EXPECTED_LABELS)
             return True
         try:
-            declared = {int(k): str(v) for k, v in json.loads(path.read_text())["labels"].items()}
+            declared = {int(k): str(v) for k, v in json.loads(path.read_text(encoding="utf-8"))["labels"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             self.problem(path, f"unreadable labels in dataset.json ({err!r}); labelled cases left out")
             return False

@@ -117,16 +117,16 @@ def case_corrupt_meta_json(tmp):
 @bad_input("cache", match=ACCEPTED)
 def case_meta_json_not_an_object(tmp):
     case, policy, cfg, entry, clean = _built(tmp)
-    (entry.path / "meta.json").write_text("[]")
+    (entry.path / "meta.json").write_text("[]", encoding="utf-8")
     _again(tmp, case, policy, cfg, clean, str(entry.path / "meta.json"))
 
 
 @bad_input("cache", match=ACCEPTED)
 def case_meta_shape_disagrees_with_arrays(tmp):
     case, policy, cfg, entry, clean = _built(tmp)
-    meta = json.loads((entry.path / "meta.json").read_text())
+    meta = json.loads((entry.path / "meta.json").read_text(encoding="utf-8"))
     meta["shape"] = [s + 1 for s in meta["shape"]]
-    (entry.path / "meta.json").write_text(json.dumps(meta))
+    (entry.path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     _again(tmp, case, policy, cfg, clean, str(entry.path / "image.npy"))
 
 
@@ -153,9 +153,9 @@ def case_flipped_byte_in_image(tmp):
 def case_zeroed_label_in_entry_without_checksums(tmp):
     """An entry written before checksums existed: its recorded voxel counts still tell."""
     case, policy, cfg, entry, clean = _built(tmp)
-    meta = json.loads((entry.path / "meta.json").read_text())
+    meta = json.loads((entry.path / "meta.json").read_text(encoding="utf-8"))
     meta.pop("crc32", None)
-    (entry.path / "meta.json").write_text(json.dumps(meta))
+    (entry.path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     np.save(entry.path / "label.npy", np.zeros_like(clean["label.npy"]))
     _again(tmp, case, policy, cfg, clean, str(entry.path / "label.npy"))
 
@@ -219,5 +219,5 @@ def case_two_builders_of_one_entry(tmp):
 @bad_input("cache", match=r"cache|Not a directory|File exists", names=("{tmp}/cache",))
 def case_cache_root_is_a_file(tmp):
     case, policy, cfg = _setup(tmp)
-    (tmp / "cache").write_text("not a folder")
+    (tmp / "cache").write_text("not a folder", encoding="utf-8")
     _cache(tmp).get(case, policy, cfg)

@@ -112,7 +112,7 @@ def case_custom_source_named_in_the_config_accepted(tmp):
     from experiments.config import load_config
 
     spec = tmp / "mine.yaml"
-    spec.write_text("name: mine\nimages: 'images/*.nii.gz'\ncodes: {0: background, 1: lesion}\nannotated: [lesion]\n")
+    spec.write_text("name: mine\nimages: 'images/*.nii.gz'\ncodes: {0: background, 1: lesion}\nannotated: [lesion]\n", encoding="utf-8")
     cfg = load_config([f"data.custom_sources=[{spec}]", "data.sources=[mosmed,mine]", "data.policies.mine=custom"])
     assert list(cfg.data.sources) == ["mosmed", "mine"]
 

@@ -74,7 +74,7 @@ def case_name_too_long(tmp):
 def case_name_is_a_symlink_out_of_paths_runs(tmp):
     outside = tmp / "elsewhere"
     outside.mkdir()
-    (outside / "keep.txt").write_text("mine")
+    (outside / "keep.txt").write_text("mine", encoding="utf-8")
     (tmp / "runs" / "loso").mkdir(parents=True)
     (tmp / "runs" / "loso" / "link").symlink_to(outside)
     _survives(outside / "keep.txt", lambda: _run(tmp, "run.name=link", "run.overwrite=true"))
@@ -85,7 +85,7 @@ def case_name_is_a_symlink_out_of_paths_runs(tmp):
 def case_overwrite_of_a_folder_that_is_not_a_run(tmp):
     folder = tmp / "runs" / "loso" / "mine"
     folder.mkdir(parents=True)
-    (folder / "notes.txt").write_text("not a run")
+    (folder / "notes.txt").write_text("not a run", encoding="utf-8")
     _survives(folder / "notes.txt", lambda: _run(tmp, "run.name=mine", "run.overwrite=true"))
 
 
@@ -209,7 +209,7 @@ def case_crafted_checkpoint_given_to_predict(tmp):
 
 @bad_input("run", match=r"exit 2: error: .*unreadable or truncated checkpoint", names=("{tmp}/model.ckpt",))
 def case_text_file_given_to_predict_as_checkpoint(tmp):
-    (tmp / "model.ckpt").write_text("these are not weights\n")
+    (tmp / "model.ckpt").write_text("these are not weights\n", encoding="utf-8")
     cli("experiments.predict", "--ckpt", str(tmp / "model.ckpt"), "--input", str(tmp), "--out", str(tmp / "out"))
 
 

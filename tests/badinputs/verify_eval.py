@@ -95,7 +95,7 @@ def case_verify_missing_mask(tmp):
     (base / "dataset_registry.csv").write_text(
         "study_id,category,study_file,mask_file\n"
         "study_0255,CT-1,/studies/CT-1/study_0255.nii.gz,/masks/study_0255_mask.nii.gz\n"
-        "study_0256,CT-1,/studies/CT-1/study_0256.nii.gz,/masks/study_0256_mask.nii.gz\n")
+        "study_0256,CT-1,/studies/CT-1/study_0256.nii.gz,/masks/study_0256_mask.nii.gz\n", encoding="utf-8")
     verify(root)
 
 
@@ -143,7 +143,7 @@ def case_verify_root_missing(tmp):
 
 @bad_input("cli", match=r"(?s)^exit 2: .*not a folder", names=("{tmp}/root.txt",))
 def case_verify_root_is_a_file(tmp):
-    (tmp / "root.txt").write_text("x")
+    (tmp / "root.txt").write_text("x", encoding="utf-8")
     verify(tmp / "root.txt")
 
 
@@ -175,7 +175,7 @@ def pair(tmp, pred, ref=None, name="case1.nii.gz", affine=None):
 def case_evaluate_clean(tmp):
     pair(tmp, lesion())
     evaluate(tmp)
-    summary = json.loads((tmp / "out" / "summary.json").read_text())
+    summary = json.loads((tmp / "out" / "summary.json").read_text(encoding="utf-8"))
     assert summary["classes"]["lesion"]["dice"]["mean"] == 1.0
 
 
@@ -194,7 +194,7 @@ def case_evaluate_unknown_labels_allowed_and_recorded(tmp):
     p[0:3, 0:3, 0:3] = 9
     pair(tmp, p)
     evaluate(tmp, "--allow-unknown-labels")
-    summary = json.loads((tmp / "out" / "summary.json").read_text())
+    summary = json.loads((tmp / "out" / "summary.json").read_text(encoding="utf-8"))
     assert summary["unknown_labels"] == {"case1": [9]}, summary.get("unknown_labels")
 
 

@@ -124,7 +124,7 @@ def case_wrong_magic_gzip(tmp):
 @bad_input("volume", match=r"corrupt or truncated|not a NIfTI", names=("{tmp}/ct.nii",))
 def case_html_saved_as_nifti(tmp):
     """A login page saved under the file's name (registration-only downloads)."""
-    (tmp / "ct.nii").write_text("<!DOCTYPE html><html><body>Please sign in</body></html>\n" * 20)
+    (tmp / "ct.nii").write_text("<!DOCTYPE html><html><body>Please sign in</body></html>\n" * 20, encoding="utf-8")
     read(tmp / "ct.nii")
 
 
