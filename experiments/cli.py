@@ -18,6 +18,7 @@ import runpy
 import sys
 import warnings
 
+import rundir.cli
 from rundir.cli import did_you_mean, split_debug
 
 PROG = "covid-dg"
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     saved = sys.argv
     sys.argv = [f"{PROG} {command}", *args, *(["--debug"] if debug else [])]
+    rundir.cli.dispatched_as = f"{PROG} {command}"
     try:
         with warnings.catch_warnings():
             # runpy's note that the module was imported before (a test, or `covid-dg` run in-process)
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         sys.argv = saved
+        rundir.cli.dispatched_as = None
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import rundir.cli
 from datamodules.alignment import AlignmentConfig
 from datamodules.choices import AugmentWhere, Normalize, OnError, Sampling
 from experiments.choices import EvalSpace, SelectionMethod, WandbMode
@@ -296,7 +297,8 @@ def cli_config(parser, overrides: list[str]) -> DictConfig:
     except ValueError as e:
         if debugging():
             raise
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        # the command as typed: `covid-dg loso` when the console script dispatched it
+        parser.exit(2, f"{rundir.cli.dispatched_as or parser.prog}: error: {e}\n")
 
 
 def selected_args(cfg: DictConfig, group: str, name: str) -> dict[str, Any]:

@@ -50,6 +50,17 @@ def test_a_command_runs_its_module_with_its_arguments(capsys):
     assert "mosmed" in out and "mixstyle" in out
 
 
+def test_a_commands_errors_name_it_as_typed(capsys):
+    """`covid-dg loso` with a bad holdout says `covid-dg loso: error:`, not `python -m experiments.loso`, and the
+    name does not stick to a later `python -m` style call."""
+    assert cli.main(["loso", "--holdout", "mosmd", "experiment=smoke"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("covid-dg loso: error: ") and "did you mean 'mosmed'?" in err[-1], err
+    assert rcli.dispatched_as is None
+    assert rcli.run_cli(lambda argv: (_ for _ in ()).throw(ValueError("bad")), "prog", []) == 2
+    assert capsys.readouterr().err.startswith("prog: error: bad")
+
+
 def test_unknown_command_suggests_the_closest(capsys):
     assert cli.main(["lsoo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
