@@ -67,6 +67,12 @@ def test_tables_from_fake_results(tmp_path):
     (runs / "loso" / "mosmed-demo-abcdef12" / "metrics.json").write_text(json.dumps({**METRICS, "data": "real"}), encoding="utf-8")
     with pytest.raises(RuntimeError, match="not phantom"):
         rn.JOBS["demo"].table(runs, 1.0)
+    # the methods job reads the sweep of its own preset (methods-methods), not the smoke sweep's folder
+    (runs / "methods-methods").mkdir()
+    (runs / "methods-methods" / "methods_table.md").write_text("# Methods\n\n| held-out | erm |\n|---|---|\n| mosmed | 0.2 |\n",
+                                                               encoding="utf-8")
+    assert rn.JOBS["methods"].table(runs, None) == "| held-out | erm |\n|---|---|\n| mosmed | 0.2 |\n"
+    assert rn.JOBS["methods"].argv(runs)[3:6] == ["methods", "--preset", "methods"]
 
 
 def test_main_rewrites_readme_and_docs_with_a_stamp(tmp_path, capsys):

@@ -14,11 +14,11 @@ def test_epilog_lists_every_scale_with_steps_and_measured_or_estimated_time(tmp_
     text = scale_help.preset_epilog()
     lines = text.splitlines()
     rows = {line.split()[0]: line for line in lines[1:] if line.startswith("  ") and "epochs x" in line}
-    # smallest first: methods (64 steps), smoke (256), demo (384), default (12500)
-    assert list(rows) == ["methods", "smoke", "demo", "default"]
+    # smallest first: smoke (256 steps), demo (384), methods (512), default (12500)
+    assert list(rows) == ["smoke", "demo", "methods", "default"]
     assert rows["smoke"] == "  smoke    16 epochs x 16 steps = 256 steps, patch 48x48x16: measured 2 min on 2 CPU cores, shared"
     assert rows["demo"].startswith("  demo     12 epochs x 32 steps = 384 steps") and rows["demo"].endswith("not measured")
-    assert rows["methods"].startswith("  methods  8 epochs x 8 steps = 64 steps, patch 32x32x16")
+    assert rows["methods"].startswith("  methods  64 epochs x 8 steps = 512 steps, patch 32x32x16")
     assert rows["methods"].endswith("not measured")  # absent from the times file given here
     # 100 x 125 steps x 1.5 s + 20 validations x 60 s = 19,950 s
     assert rows["default"].startswith("  default  100 epochs x 125 steps = 12500 steps, patch 128x128x32: estimated ~5.5 h")

@@ -87,9 +87,9 @@ def loso_printout(experiment: str, holdout: str = "mosmed") -> Callable[[Path], 
     return render
 
 
-def sweep_table(sweep: str, headline: str) -> Callable[[Path, float | None], str]:
+def sweep_table(sweep: str, headline: str, preset: str = "smoke") -> Callable[[Path, float | None], str]:
     def table(runs: Path, wall: float | None) -> str:
-        path = runs / f"{sweep}-smoke" / f"{headline}.md"
+        path = runs / f"{sweep}-{preset}" / f"{headline}.md"
         lines = path.read_text(encoding="utf-8").splitlines()
         rows = []
         for line in lines:
@@ -103,8 +103,8 @@ def sweep_table(sweep: str, headline: str) -> Callable[[Path, float | None], str
     return table
 
 
-def _sweep_argv(sweep: str) -> Callable[[Path], list[str]]:
-    return lambda runs: [sys.executable, "-m", "sweeps.launch", sweep, "--preset", "smoke", "--runs", str(runs),
+def _sweep_argv(sweep: str, preset: str = "smoke") -> Callable[[Path], list[str]]:
+    return lambda runs: [sys.executable, "-m", "sweeps.launch", sweep, "--preset", preset, "--runs", str(runs),
                          "--backend", "local"]
 
 
@@ -124,6 +124,9 @@ JOBS: dict[str, Job] = {j.name: j for j in [
         sweep_table("loso", "loso_table"), "LOSO table, 3 runs (1-2 min)"),
     Job("methods-smoke", "make sweep SWEEP=methods PRESET=smoke", _sweep_argv("methods"),
         sweep_table("methods", "methods_table"), "DG methods, 54 runs (about 25 min)"),
+    Job("methods", "make sweep SWEEP=methods PRESET=methods", _sweep_argv("methods", "methods"),
+        sweep_table("methods", "methods_table", "methods"),
+        "DG methods at batch 8 (experiment=methods), 54 runs (about an hour on 2 idle cores)"),
     Job("harmonization-smoke", "make sweep SWEEP=harmonization PRESET=smoke", _sweep_argv("harmonization"),
         sweep_table("harmonization", "harmonization_table"), "harmonizer ablation, 12 runs (about 5 min)"),
 ]}
