@@ -240,9 +240,13 @@ def consistency_kl(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     KL(p_i || p_mix), p_mix = clamp(mean_i p_i, 1e-7, 1) (a generalized Jensen-Shannon divergence, as in AugMix),
     p_i the softmax over channels of view i's logits [B, C, *spatial]. Summed over channels, averaged over
     samples and voxels (per voxel what their `batchmean` is per image)."""
-    probs = [torch.softmax(z.float(), 1) for z in logits]
+    # p log p from log_softmax, not F.kl_div(log_mix, softmax(z)): once a view is confident, softmax underflows
+    # to exactly 0 in float32, kl_div's gradient through its target is log(0) = -inf, and 0 x -inf made the
+    # loss NaN (RandConv runs of the methods sweep died at step 148 and 219). The value is the same.
+    log_probs = [torch.log_softmax(z.float(), 1) for z in logits]
+    probs = [lp.exp() for lp in log_probs]
     log_mix = torch.clamp(sum(probs) / len(probs), 1e-7, 1.0).log()
-    return sum(F.kl_div(log_mix, p, reduction="none").sum(1).mean() for p in probs) / len(probs)
+    return sum((p * (lp - log_mix)).sum(1).mean() for p, lp in zip(probs, log_probs)) / len(probs)
 
 
 @register_method("randconv", RandConvParams)

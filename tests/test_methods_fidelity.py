@@ -154,6 +154,22 @@ def test_consistency_kl_hand_value():
     assert consistency_kl([z2, z2, z2]).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_consistency_kl_has_finite_gradients_when_a_view_is_certain():
+    """Logits 200 apart: softmax is exactly 0 for one class in float32. Through F.kl_div's target that gave
+    NaN gradients (two RandConv runs of the methods sweep died of it); KL(p || mix) stays as before."""
+    z = [torch.tensor([[[0.0], [200.0]]]), torch.tensor([[[200.0], [0.0]]]), torch.tensor([[[1.0], [0.0]]])]
+    z = [t.requires_grad_(True) for t in z]
+    loss = consistency_kl(z)
+    loss.backward()
+    assert all(torch.isfinite(t.grad).all() for t in z)
+    # by hand: p1 = (0, 1), p2 = (1, 0), p3 = (e/(1+e), 1/(1+e)); mix = mean; KL(p||mix) summed over classes
+    e = torch.e
+    p3 = torch.tensor([e / (1 + e), 1 / (1 + e)], dtype=torch.float64)
+    mix = (torch.tensor([0.0, 1.0], dtype=torch.float64) + torch.tensor([1.0, 0.0], dtype=torch.float64) + p3) / 3
+    kl = (-torch.log(mix[1]) - torch.log(mix[0]) + (p3 * (p3.log() - mix.log())).sum()) / 3
+    assert abs(loss.item() - kl.item()) < 1e-6
+
+
 def test_randconv_consistency_is_on_by_default_and_is_the_weighted_kl_of_three_views():
     assert base_args("methods", "randconv")["consistency"] == 10.0  # their RC_mix setting
     module = tiny_module("randconv", p=1.0)
