@@ -16,12 +16,11 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import rundir.cli
 from datamodules.alignment import AlignmentConfig
 from datamodules.choices import AugmentWhere, Normalize, OnError, Sampling
 from experiments.choices import EvalSpace, SelectionMethod, WandbMode
 from experiments.config_checks import apply_overrides, check_config, merge_error, split_override
-from rundir.cli import debugging, did_you_mean
+from rundir.cli import command_name, debugging, did_you_mean
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -297,8 +296,7 @@ def cli_config(parser, overrides: list[str]) -> DictConfig:
     except ValueError as e:
         if debugging():
             raise
-        # the command as typed: `covid-dg loso` when the console script dispatched it
-        parser.exit(2, f"{rundir.cli.dispatched_as or parser.prog}: error: {e}\n")
+        parser.exit(2, f"{command_name(parser.prog)}: error: {e}\n")
 
 
 def selected_args(cfg: DictConfig, group: str, name: str) -> dict[str, Any]:

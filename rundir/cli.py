@@ -123,13 +123,19 @@ def first_line(e: BaseException) -> str:
 dispatched_as: str | None = None
 
 
+def command_name(prog: str) -> str:
+    """The name an error line starts with: the command as typed (`covid-dg loso` when the console script
+    dispatched it), else the entry point's own `prog` (`python -m experiments.loso`)."""
+    return dispatched_as or prog
+
+
 def run_cli(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None = None,
             errors: Mapping[type[BaseException], int] | None = None) -> int:
     """Call `main(argv)` the way every entry point does, returning the exit status: `main`'s own int
     return (0 for any other return), argparse's SystemExit as it is, a user error (USER_ERRORS and the
     `errors` given: class -> exit status) as one line `prog: error: ...`, unless --debug."""
     global _debug
-    prog = dispatched_as or prog  # `covid-dg loso` names itself so, not `python -m experiments.loso`
+    prog = command_name(prog)
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     _debug = debug
     quiet_third_party_warnings()

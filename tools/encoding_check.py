@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = ("datamodules", "lightning_modules", "experiments", "sweeps", "evaluation", "rundir", "benchmarks",
-           "tests", "tools", "nnunet_bridge")
+# every .py of the checkout except these (virtual environments, build output, caches, hidden folders)
+SKIP = {"build", "dist", "__pycache__", "node_modules", "wandb", "runs"}
 # modules whose `.open` is not the text-mode builtin
 NOT_TEXT_OPEN = {"os", "tarfile", "gzip", "zipfile", "Image", "h5py", "bz2", "lzma", "webbrowser", "dicom", "pydicom",
                  "shelve", "dbm", "wave", "tempfile"}
@@ -48,8 +48,10 @@ def offending_calls(tree: ast.AST) -> list[ast.Call]:
 
 
 def files() -> list[Path]:
-    out = [p for d in FOLDERS if (REPO / d).is_dir() for p in sorted((REPO / d).rglob("*.py"))]
-    return out + sorted(REPO.glob("*.py"))
+    def kept(p: Path) -> bool:
+        parts = p.relative_to(REPO).parts[:-1]
+        return not any(d.startswith(".") or d in SKIP or d.endswith(".egg-info") for d in parts)
+    return sorted(p for p in REPO.rglob("*.py") if kept(p))
 
 
 def fix(path: Path, calls: list[ast.Call]) -> None:
