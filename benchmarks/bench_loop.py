@@ -17,7 +17,7 @@ its first patches, reported apart as `epoch_start_ms`):
 - `breakdown`: where step_ms goes, from Lightning's SimpleProfiler and timers around the module's parts:
   loader_wait (next() on the loader), transfer (batch to the device), method_hooks (on_after_batch_transfer:
   augmentation on the device and the method's transform), forward (network), loss (its forward), logging
-  (self.log), step_other (the rest of training_step: leakage guard, label widening, non-finite note),
+  (self.log), step_other (the rest of training_step: leakage guard, non-finite note, and on a CPU releasing the logits),
   backward, optimizer (AdamW step, zero_grad), lightning (the rest: loops, hooks, callbacks, logger).
 
 `gpu` (`run_gpu`, only where CUDA is present): the network alone (unet, dynunet, segresnet, fp32 and bf16)
@@ -144,7 +144,8 @@ def breakdown(window: dict) -> dict:
         "logging": t.get("logging", 0.0),
         "backward": _profiled(p, "[Strategy]", "backward"),
     }
-    # the rest of training_step: the leakage guard, the label's widening, the non-finite note, head weights
+    # the rest of training_step: the leakage guard, the non-finite note, head weights, and (on a CPU) releasing
+    # the network's logits when its locals go (`logits_free_ms` measures that alone)
     step = _profiled(p, "[Strategy]", "training_step")
     parts["step_other"] = max(step - parts["forward"] - parts["loss"] - parts["logging"], 0.0)
     # optimizer_step runs the closure (training_step, zero_grad, backward) inside it: the optimizer's own
@@ -241,6 +242,23 @@ def configure_backends(cfg) -> None:
     configure(cfg)
 
 
+def free_ms(shape, repeats: int) -> float:
+    """Median ms to release a float32 tensor of `shape` whose pages were written, measured alone.
+
+    Why it is reported: on a CPU, freeing the step's logits (8 x 8 x 128 x 128 x 32 floats, 134 MB) hands the
+    pages back to the OS (glibc's malloc maps blocks that large on their own), ~12 ms a step on this machine's
+    2 cores. It falls in `step_other` (when training_step's locals go) and scales with the output, not with
+    the loop; a GPU's caching allocator keeps the block instead. Not subtracted: it is a cost a CPU run pays."""
+    times = []
+    for _ in range(repeats):
+        x = torch.empty(shape)
+        x.fill_(1.0)
+        t = time.perf_counter()
+        del x
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
 def run(workdir: Path, quick: bool = False, overrides: list[str] = (), steps: int | None = None) -> dict:
     """`loop_overhead_ms_per_step` and its breakdown on this machine's CPU (see the module docstring)."""
     workdir = Path(workdir)
@@ -253,7 +271,10 @@ def run(workdir: Path, quick: bool = False, overrides: list[str] = (), steps: in
     parts = breakdown(w)
     step_ms = 1000 * w["wall_s"] / max(w["steps"], 1)
     compute_ms = sum(parts[k] for k in COMPUTE)
+    from datamodules.label_policy import CLASSES
+    logits_shape = (int(cfg.data.batch_size), len(CLASSES), *(int(p) for p in cfg.data.patch_size))
     return {"loop_overhead_ms_per_step": round(step_ms - compute_ms, 3), "step_ms": round(step_ms, 3),
+            "logits_free_ms": round(free_ms(logits_shape, 3 if quick else 9), 3),
             "compute_ms": round(compute_ms, 3), "epoch_start_ms": round(1000 * w["epoch_start_s"], 3), "breakdown": parts, "steps": w["steps"],
             "batch_size": int(cfg.data.batch_size), "patch_size": [int(p) for p in cfg.data.patch_size],
             "num_workers": int(cfg.data.num_workers), "loss": cfg.loss.name, "threads": torch.get_num_threads(),

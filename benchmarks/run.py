@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from experiments.tracking import atomic_write_text, write_json
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 
 def _metrics(quick: bool) -> dict:
@@ -36,7 +36,7 @@ def _metrics(quick: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+    ap = argparse.ArgumentParser(prog=command_name("python -m benchmarks.run"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller case, one repeat: a few minutes on 2 cores")
     ap.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json / results.md")
@@ -118,7 +118,8 @@ def to_markdown(res: dict) -> str:
         lines += ["", f"Training loop, {lo['device']}, batch {lo['batch_size']} x {lo['patch_size']}, {lo['num_workers']} workers, "
                   f"{lo['steps']} steady steps (ms per step): step {_f(lo['step_ms'], 1)}, network + loss compute "
                   f"{_f(lo['compute_ms'], 1)}, **`loop_overhead_ms_per_step` {_f(lo['loop_overhead_ms_per_step'], 1)}**; "
-                  f"an epoch's first step {_f(lo['epoch_start_ms'], 1)}", "",
+                  f"an epoch's first step {_f(lo['epoch_start_ms'], 1)}; of step_other, releasing the step's logits "
+                  f"(CPU allocator, measured alone) {_f(lo.get('logits_free_ms'), 1)}", "",
                   "| " + " | ".join(lo["breakdown"]) + " |", "|" + "---|" * len(lo["breakdown"]),
                   "| " + " | ".join(_f(v, 1) for v in lo["breakdown"].values()) + " |"]
     if "gpu" in res:

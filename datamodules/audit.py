@@ -38,7 +38,7 @@ from datamodules.harmonize import HarmonizerConfig, align_mask, harmonize_case, 
 from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import CLASSES, IGNORE, OPACITY, LabelError, LabelPolicy
 from datamodules.sources import DataLayoutError, get_source
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 # Value histograms: 10 HU bins from just below air to dense bone; the stored values of an 8-bit export
 # (0..255) fall into the same axis, which is what makes an undecoded source visible next to HU ones.
@@ -285,7 +285,7 @@ def audit(root: Path, sources, cfg: HarmonizerConfig, policies: dict | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datamodules.audit", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=command_name("python -m datamodules.audit"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=None, help="data root, one sub-folder per source "
                     "(default: paths.data_root, else the phantom suite)")
     ap.add_argument("--out", type=Path, default=Path("reports/audit"), help="output folder (default reports/audit)")

@@ -36,7 +36,7 @@ from datamodules.io import VolumeError, read_volume, spacing_of
 from datamodules.label_policy import LabelError
 from datamodules.sources import SOURCES, DataLayoutError, get_source
 from datamodules.sources.custom import register_custom_source
-from rundir.cli import did_you_mean, run_cli
+from rundir.cli import command_name, did_you_mean, run_cli
 
 EXIT_STATUS = """exit status: 0 no problem found; 1 problems found, each naming its file (duplicate scans are
 reported, not problems); 2 could not check: unreadable root, bad arguments, or an unexpected error
@@ -234,7 +234,7 @@ def parse_flip_args(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m datamodules.verify", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog=command_name("python -m datamodules.verify"), description=__doc__.split("\n\n")[0],
                                  epilog=EXIT_STATUS)
     ap.add_argument("--root", required=True, type=Path, help="data root: one sub-folder per source")
     ap.add_argument("--sources", default=None, help="comma-separated source names (default: all registered)")

@@ -50,7 +50,7 @@ from evaluation.scoring import (
     summarize,
 )
 from experiments.tracking import write_csv, write_json
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 COLUMNS = ("source", "case", "class", *METRIC_NAMES, "surface_worst_case", "tolerance_mm")
 
@@ -207,7 +207,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, classes: list
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=command_name("python -m experiments.evaluate"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--pred", required=True, type=Path, help="folder of predicted masks (NIfTI)")
     ap.add_argument("--ref", required=True, type=Path, help="folder of reference masks (NIfTI)")
     ap.add_argument("--out", required=True, type=Path, help="output folder for per_case.csv and summary.json")

@@ -45,7 +45,7 @@ from datamodules.label_policy import CLASS_INDEX, CLASSES, CONTAINERS, IGNORE, I
 from datamodules.sources import policy_named
 from experiments.plan import PLAN_FILE, PlanError, case_from_record, plan_hash, read_plan
 from experiments.tracking import write_json
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 EXPORT_VERSION = 1
 MAPPING_FILE = "covid_dg.json"
@@ -309,7 +309,7 @@ def _write_preprocessed_splits(preprocessed: Path | None, dataset: str, splits: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.export_nnunet", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=command_name("python -m experiments.export_nnunet"), description=__doc__.split("\n\n")[0])
     ap.add_argument("plan", type=Path, help="a run folder or its plan.json")
     ap.add_argument("--out", required=True, type=Path, help="nnU-Net raw folder ($nnUNet_raw)")
     ap.add_argument("--id", required=True, type=int, dest="dataset_id", help="nnU-Net dataset id (1..999)")

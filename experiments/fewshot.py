@@ -17,14 +17,14 @@ import sys
 from experiments.config import cli_config
 from experiments.protocols import run_protocol
 from experiments.scale_help import preset_epilog
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 # task -> the COVID-19-CT-Seg mask folder (label policy) that trains and is scored
 TASKS = {"lung": "lung", "infection": "infection", "lung_infection": "lung_and_infection"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.fewshot", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.fewshot"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=preset_epilog())
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="which labels train and are scored")

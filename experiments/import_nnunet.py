@@ -34,7 +34,7 @@ from experiments.plan import PLAN_FILE, PlanError, plan_hash, read_plan
 from experiments.runfolder import mark_run_folder, remove_run_folder, run_folder
 from experiments.score import score_predictions
 from experiments.tracking import atomic_write_text, write_csv, write_json
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 METHOD = "nnunet"
 
@@ -195,7 +195,7 @@ def _nnunet_details(pred_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.import_nnunet", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=command_name("python -m experiments.import_nnunet"), description=__doc__.split("\n\n")[0])
     ap.add_argument("pred_dir", type=Path, help="nnUNetv2_predict's output folder")
     ap.add_argument("--plan", required=True, type=Path, help="the exported plan.json (or its run folder)")
     ap.add_argument("--runs", type=Path, default=Path("runs"), help="runs folder (default runs)")

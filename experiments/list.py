@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from experiments.config import CONFIG_DIR
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 
 def _first_line(obj) -> str:
@@ -115,7 +115,7 @@ def render(cat: dict[str, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.list", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.list"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="machine-readable: {kind: [{name, description, ...}]}, "
                         "with each entry's arguments and, under `choices`, every choice-valued key's values")

@@ -12,11 +12,11 @@ import sys
 from experiments.config import cli_config
 from experiments.protocols import run_protocol
 from experiments.scale_help import preset_epilog
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m experiments.loso", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.loso"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=preset_epilog())
     parser.add_argument("--holdout", required=True, help="source to hold out (e.g. mosmed)")

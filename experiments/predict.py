@@ -46,7 +46,7 @@ from evaluation import severity as severity_mod
 from evaluation.sanity import SanityLimits, check_prediction, sanity_text
 from evaluation.scoring import lesions_to_lung_sides
 from experiments.tracking import write_csv, write_json
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 WINDOW_8BIT = (-1250.0, 250.0)
 DISPLAY_WINDOW = (-1000.0, 300.0)
@@ -320,7 +320,7 @@ def _pair(text: str, what: str) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=command_name("python -m experiments.predict"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, type=Path)
     ap.add_argument("--input", required=True, type=Path, help="NIfTI file, folder of NIfTI files, or DICOM folder")
     ap.add_argument("--out", required=True, type=Path)

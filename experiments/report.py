@@ -29,11 +29,11 @@ from evaluation.reporting.render import write_report
 from evaluation.reporting.runs import collect_runs
 from evaluation.reporting.tables import build_tables
 from evaluation.reporting.wandb_log import log_wandb
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.report"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or folders above them")
     parser.add_argument("--out", required=True, help="report folder (created)")

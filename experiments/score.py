@@ -21,13 +21,13 @@ from pathlib import Path
 
 from experiments.plan import PlanError
 from experiments.stages.score import MissingPredictions, score_predictions, score_run
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 __all__ = ["score_predictions", "score_run", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.score", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.score"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run folder (with plan.json and predictions/)")
     parser.add_argument("--out", type=Path, default=None, help="where to write per_case.csv and metrics.json "

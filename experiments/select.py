@@ -33,7 +33,7 @@ from evaluation.reporting.render import fmt, to_markdown
 from evaluation.selection_rules import read_records
 from evaluation.sweep_selection import MEAN, Candidate, Choice, cells, choose_in_sweep, paired_vs_baseline, trial_means
 from rundir.atomic import atomic_write_text, write_csv, write_json
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 RULE_ORDER = ("training_domain", "loso", "last", "oracle")
 BASELINE = "erm"
@@ -354,7 +354,7 @@ def select_sweep(sweep_dir: Path, out: Path | None = None, rules: list[str] | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.select", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.select"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="a finished sweep folder (e.g. runs/hparams-smoke)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default SWEEP_DIR/selection)")

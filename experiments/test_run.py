@@ -27,11 +27,11 @@ from experiments.stages.plan import plan_of
 from experiments.stages.predict import predict_checkpoint
 from experiments.stages.score import score_predictions, write_scores
 from lightning_modules.segmentation import SegmentationModule
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m experiments.test_run", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.test_run"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a finished run folder (with run.json)")
     parser.add_argument("--out", type=Path, required=True, help="folder for per_case.csv and metrics.json")

@@ -23,7 +23,7 @@ from experiments.config import load_config
 from experiments.config_checks import apply_overrides, check_config
 from experiments.plan import PlanError, plan_hash, read_plan
 from experiments.tracking import config_hash
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 
 def plan_config(plan: dict, where: str, overrides: list[str]) -> DictConfig:
@@ -71,7 +71,7 @@ def plan_run_name(plan: dict, cfg: DictConfig, label: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.train"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, required=True, help="a plan.json, or a run folder holding one")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (not the split: edit the plan)")

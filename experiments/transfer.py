@@ -15,7 +15,7 @@ import sys
 from experiments.config import cli_config
 from experiments.protocols import run_protocol
 from experiments.scale_help import preset_epilog
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 
 
 def _names(text: str) -> str:
@@ -26,7 +26,7 @@ def _names(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m experiments.transfer", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m experiments.transfer"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=preset_epilog())
     parser.add_argument("--train", required=True, type=_names, help="training sources, comma-separated")

@@ -11,7 +11,8 @@ into background: a COVID-19-CT-Seg Lung_Mask voxel is "lung or lesion", so lesio
 inside the lungs. MONAI's DiceCELoss has no notion of per-sample annotated classes, hence our own.
 
 Every loss here reads the network only through `merged_log_probs`, and the target only through
-`prepare_target` (IGNORE voxels out, unannotated target classes an error). Per-class weights are
+`prepare_target` (IGNORE voxels out, unannotated target classes an error), or, for dice_ce (the default),
+through `target_onehot`, its equivalent for labels that stay uint8 (no int64 copy per step). Per-class weights are
 indexed by the *target* class, which is always annotated: a merged channel (background + lungs of a
 lesion-only source) is weighted as the annotated class it stands for (background).
 """
@@ -155,7 +156,7 @@ def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor, target: torc
     lung-only source a lesion voxel is lung, so lung + lesion is what the label says there.
 
     logits: [B, C, *spatial]; annotated: [B, C] bool (channel 0 = background, always True);
-    target: [B, *spatial] long or None.
+    target: [B, *spatial] integer codes (any integer dtype; IGNORE voxels move nothing) or None.
     """
     logp = torch.log_softmax(logits.float(), dim=1)
     dest = merge_destinations(annotated)
@@ -203,6 +204,39 @@ def prepare_target(target: torch.Tensor, logits: torch.Tensor, annotated: torch.
     if not torch.gather(annotated, 1, target.flatten(1)).all():
         raise ValueError("target holds a class the sample's source does not annotate")
     return target, valid
+
+
+def target_onehot(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor):
+    """(onehot [B, C, *spatial] bool, valid [B, *spatial] bool) of an integer label of any integer dtype.
+
+    Why not `prepare_target`: its gather/scatter need int64 indices, and widening the uint8 patches to int64
+    (8 bytes a voxel, ~34 MB per step at batch 8 x 128 x 128 x 32) was most of a training step's overhead
+    besides the arithmetic (docs/gpu.md). A comparison with the class indices builds the same one-hot from
+    uint8 directly; an IGNORE voxel matches no class, so its row is all False. The same errors as
+    `prepare_target`, plus a clear one for a code that is no class and not IGNORE (gather's out-of-range).
+    Both checks share one host read (one device sync on a GPU, as before).
+    """
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:] or annotated.shape != logits.shape[:2]:
+        raise ValueError(f"shapes do not match: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
+                         f"annotated {tuple(annotated.shape)}")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class codes, got {target.dtype}")
+    c = logits.shape[1]
+    spatial = (1,) * (target.dim() - 1)
+    classes = torch.arange(c, device=target.device, dtype=target.dtype).reshape(1, c, *spatial)
+    onehot = target[:, None] == classes
+    valid = target != IGNORE
+    no_class = valid & ~onehot.any(1)
+    unannotated = onehot & ~annotated.reshape(annotated.shape + spatial)
+    bad_code, bad_class = torch.stack([no_class.any(), unannotated.any()]).tolist()
+    if bad_code:
+        codes = sorted(set(target[no_class].unique().tolist()))
+        raise ValueError(f"target holds code(s) {codes}: no class of the {c} channels, and not IGNORE ({IGNORE})")
+    if bad_class:
+        raise ValueError("target holds a class the sample's source does not annotate")
+    return onehot, valid
 
 
 def group_probability(logq: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -300,12 +334,15 @@ class PartialDiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         # IGNORE voxels (policy "ignore") take part in neither term: zero weight in CE, out of the Dice sums.
-        target, valid = prepare_target(target, logits, annotated)
-        logq = merged_log_probs(logits, annotated, target)
-        w_vox = valid.float()
-        ce = masked_mean(-torch.gather(logq, 1, target[:, None])[:, 0], valid)
-        q = logq.exp() * w_vox[:, None]
-        onehot = torch.zeros_like(q).scatter_(1, target[:, None], 1.0) * w_vox[:, None]
+        # The label keeps its dtype (uint8 patches): see target_onehot.
+        hot, valid = target_onehot(target, logits, annotated)
+        if target.dim() == logits.dim():
+            target = target[:, 0]
+        logq = merged_log_probs(logits, annotated, target)  # IGNORE matches no container: nothing moved there
+        # -log q of the target class: the one-hot selects it (where, not a product: a -inf elsewhere stays out)
+        ce = -torch.where(hot, logq, 0.0).sum() / valid.sum().clamp(min=1)
+        q = logq.exp() * valid[:, None]
+        onehot = hot.to(q.dtype)  # zero at IGNORE voxels already
         dims = tuple(range(2, logits.dim()))
         inter = (q * onehot).sum(dims)            # [B, C]
         denom = (q + onehot).sum(dims)

@@ -135,7 +135,9 @@ class SegmentationModule(pl.LightningModule):
         2.5D context is complete, plus the method's own term."""
         # again at the point of use (methods and tests call this directly); a list of strings: no device sync
         check_batch_sources(batch["source"], self.test_sources)
-        label = batch["label"].long()  # patches arrive as uint8
+        # patches arrive as uint8 and stay so: dice_ce builds its one-hot from them (losses.target_onehot); the
+        # other losses widen inside prepare_target. Widening here cost most of a step's overhead (docs/gpu.md).
+        label = batch["label"]
         self.method.begin_step(batch, self)  # e.g. each sample's source, for feature hooks that pair sources
         heads = self.net.heads(batch["image"])
         m = self.net.margin

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rundir.atomic import atomic_write_text, write_json
-from rundir.cli import run_cli
+from rundir.cli import command_name, run_cli
 from sweeps.expand import SweepError, hparams_block, load_sweep, wandb_runs_spec, wandb_spec
 
 PRESETS = {"smoke": "smoke", "demo": "demo", "methods": "methods", "full": "default"}  # methods: experiment=methods (8-patch batches)
@@ -216,7 +216,7 @@ def _run_slurm(runs: list[dict], sweep_dir: Path, params: list[str], cluster: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sweeps.launch", description=__doc__,
+    parser = argparse.ArgumentParser(prog=command_name("python -m sweeps.launch"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep name in sweeps/ (transfer, loso, ...) or a YAML file")
     parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="scale preset (default smoke)")

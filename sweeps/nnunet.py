@@ -32,6 +32,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rundir.cli import command_name
+
 NAME_RE = re.compile(r"[^A-Za-z0-9_-]+")  # experiments.export_nnunet.safe_name
 
 
@@ -161,7 +163,7 @@ def run_slurm(jobs: list[Job], folder: Path, params: list[str], cluster: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sweeps.nnunet", description=__doc__,
+    ap = argparse.ArgumentParser(prog=command_name("python -m sweeps.nnunet"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", type=Path, help="a finished sweep folder (or any folder above run folders)")
     ap.add_argument("--backend", default="local", choices=("local", "slurm"))

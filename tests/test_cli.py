@@ -3,6 +3,7 @@ did-you-mean, `--debug`, the preflight checks, and the filter of third-party war
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import logging
 import re
 import sys
@@ -59,6 +60,24 @@ def test_a_commands_errors_name_it_as_typed(capsys):
     assert rcli.dispatched_as is None
     assert rcli.run_cli(lambda argv: (_ for _ in ()).throw(ValueError("bad")), "prog", []) == 2
     assert capsys.readouterr().err.startswith("prog: error: bad")
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_a_commands_usage_errors_and_help_name_it_as_typed(command, capsys, monkeypatch):
+    """argparse's own usage lines and errors (an unknown flag) say `covid-dg COMMAND`, not `python -m MODULE`."""
+    # pytest's assertion rewriter claims every module named test_*.py, experiments.test_run included, and
+    # cannot hand runpy its code: out of the way for this call, with the module it may have loaded already
+    # (runpy reuses an imported module's loader). Outside pytest there is no such hook.
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"])
+    monkeypatch.delitem(sys.modules, "experiments.test_run", raising=False)
+    if command == "bench" and importlib.util.find_spec("benchmarks") is None:
+        pytest.skip("benchmarks/ is not importable from here (an installed package without the checkout)")
+    assert cli.main([command, "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert f"usage: covid-dg {command} " in err and f"covid-dg {command}: error: " in err, err
+    assert "python -m" not in err, err
+    assert cli.main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: covid-dg {command}")
 
 
 def test_unknown_command_suggests_the_closest(capsys):

@@ -73,6 +73,69 @@ def test_device_path_visits_every_container_a_batch_can_move_into():
     assert losses._container_classes(3) == []  # no opacity channel: nothing can be nested
 
 
+def _dice_ce_by_gather(logits, target, annotated, ce_weight=1.0, dice_weight=1.0, smooth=1e-5):
+    """dice_ce written the way it was before the uint8 path: int64 target, gather for CE, scatter for the
+    one-hot. Independent of losses.target_onehot, so the two must agree."""
+    t = target.long()
+    valid = t != IGNORE
+    t = t.masked_fill(~valid, 0)
+    logq = merged_log_probs(logits, annotated, t)
+    ce = (-torch.gather(logq, 1, t[:, None])[:, 0] * valid).sum() / valid.sum().clamp(min=1)
+    w = valid.float()[:, None]
+    q = logq.exp() * w
+    onehot = torch.zeros_like(q).scatter_(1, t[:, None], 1.0) * w
+    dims = tuple(range(2, logits.dim()))
+    use = annotated.clone()
+    use[:, 0] = False
+    inter, denom = ((q * onehot).sum(dims) * use).sum(0), ((q + onehot).sum(dims) * use).sum(0)
+    dice_c = (2 * inter + smooth) / (denom + smooth)
+    dice = dice_c[use.any(0)].mean() if use.any() else torch.tensor(1.0)
+    return ce_weight * ce + dice_weight * (1 - dice)
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_dice_ce_on_uint8_labels_gives_the_int64_values_and_gradients(name):
+    """Patches arrive as uint8 and the loss takes them so (no int64 widening per step): the same loss and
+    gradients as an int64 label, and as dice_ce computed by gather/scatter on int64 (the former code)."""
+    annotated = BATCHES[name]
+    shape = (6, 5, 4)
+    target = _target(annotated, shape, seed=len(name) + 7)
+    logits0 = torch.randn((len(annotated), C, *shape), generator=torch.Generator().manual_seed(2)) * 3
+    loss = PartialDiceCELoss(**base_args("losses", "dice_ce", ce_weight=1.0, dice_weight=1.0, smooth=1e-5))
+    out = []
+    for t in (target.to(torch.uint8), target.long(), target.to(torch.uint8)[:, None]):
+        x = logits0.clone().requires_grad_(True)
+        value = loss(x, t, annotated)
+        value.backward()
+        out.append((value.detach(), x.grad))
+    x = logits0.clone().requires_grad_(True)
+    ref = _dice_ce_by_gather(x, target, annotated)
+    ref.backward()
+    for value, grad in out:
+        torch.testing.assert_close(value, out[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, out[0][1], rtol=0, atol=0)
+    torch.testing.assert_close(out[0][0], ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[0][1], x.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_dice_ce_names_a_code_that_is_no_class_and_rejects_float_labels():
+    annotated = BATCHES["every class"]
+    logits = torch.zeros(2, C, 2, 2, 1)
+    target = torch.zeros(2, 2, 2, 1, dtype=torch.uint8)
+    target[1, 0, 0, 0] = C  # one past the last channel, not IGNORE: gather used to fail with an index error
+    loss = PartialDiceCELoss(**base_args("losses", "dice_ce"))
+    with pytest.raises(ValueError, match=rf"code\(s\) \[{C}\]: no class of the {C} channels"):
+        loss(logits, target, annotated)
+    target[1, 0, 0, 0] = IGNORE  # IGNORE is not an error
+    assert torch.isfinite(loss(logits, target, annotated))
+    with pytest.raises(ValueError, match="integer class codes"):
+        loss(logits, target.float(), annotated)
+    lesion_only = BATCHES["lesion only + full"]
+    target[0, 0, 0, 0] = CLASS_INDEX["lung_left"]  # sample 0 annotates lesion only
+    with pytest.raises(ValueError, match="does not annotate"):
+        loss(logits, target, lesion_only)
+
+
 # ------------------------------------------------------------------------------ the module's loop hooks
 def _module(overlap: bool = True, test_sources=("mosmed",)):
     from lightning_modules.segmentation import SegmentationModule
@@ -105,6 +168,23 @@ def test_leakage_guard_runs_on_the_host_batch_before_any_transfer():
     assert module.on_before_batch_transfer(dict(batch, source=["ctseg", "ctseg"]), 0)["source"] == ["ctseg", "ctseg"]
     module._trainer = SimpleNamespace(training=False)  # validation batches are the held-out source's own
     module.on_before_batch_transfer(batch, 0)
+
+
+def test_training_loss_hands_the_uint8_label_to_the_loss(monkeypatch):
+    """No int64 copy of the label per step (docs/gpu.md: it was most of the loop's overhead): the loss gets
+    the patches' uint8 label as it came, and the step's loss is the one of the int64 label."""
+    module = _module(test_sources=("mosmed",))
+    g = torch.Generator().manual_seed(5)
+    annotated = _annotated(LUNGS_LESION, ("lesion",))
+    label = _target(annotated, (16, 16, 8), seed=5).to(torch.uint8)[:, None]
+    batch = {"image": torch.rand(2, 1, 16, 16, 8, generator=g), "label": label, "annotated": annotated,
+             "source": ["ctseg", "ctseg"]}
+    seen = []
+    forward = module.loss_fn.forward
+    monkeypatch.setattr(module.loss_fn, "forward", lambda h, y, a: (seen.append(y.dtype), forward(h, y, a))[1])
+    value = module.training_loss(batch)
+    assert seen == [torch.uint8]
+    torch.testing.assert_close(value, module.training_loss(dict(batch, label=label.long())), rtol=0, atol=0)
 
 
 def _volumes(n: int):
@@ -206,6 +286,8 @@ def test_loop_bench_breaks_a_real_epoch_into_its_parts(phantom_root, tmp_path):
     assert sum(b.values()) == pytest.approx(res["step_ms"], rel=0.02, abs=0.05)
     assert res["loop_overhead_ms_per_step"] == pytest.approx(
         res["step_ms"] - sum(b[k] for k in bench_loop.COMPUTE), abs=0.01)
+    # reported beside the breakdown, not subtracted from it (a cost a CPU run pays)
+    assert isinstance(res["logits_free_ms"], float) and res["logits_free_ms"] >= 0
 
 
 def test_pointwise_network_is_a_one_by_one_convolution():
