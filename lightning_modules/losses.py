@@ -187,17 +187,23 @@ def merged_log_probs(logits: torch.Tensor, annotated: torch.Tensor, target: torc
     return merged if on_host else torch.where(nothing, logp, merged)
 
 
+def _target_codes(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """target [B, *spatial] (a [B, 1, *spatial] label loses its channel), its shape checked against the logits'."""
+    if target.dim() == logits.dim():
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:] or annotated.shape != logits.shape[:2]:
+        raise ValueError(f"shapes do not match: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
+                         f"annotated {tuple(annotated.shape)}")
+    return target
+
+
 def prepare_target(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor):
     """(target [B, *spatial] long with IGNORE set to background, valid [B, *spatial] bool).
 
     Raises if a valid voxel holds a class its sample's source does not annotate: such a label would be
     scored against a merged channel that also holds other classes, silently.
     """
-    if target.dim() == logits.dim():
-        target = target[:, 0]
-    if target.shape != logits.shape[:1] + logits.shape[2:] or annotated.shape != logits.shape[:2]:
-        raise ValueError(f"shapes do not match: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
-                         f"annotated {tuple(annotated.shape)}")
+    target = _target_codes(target, logits, annotated)
     target = target.long()
     valid = target != IGNORE
     target = target.masked_fill(~valid, BACKGROUND)
@@ -207,7 +213,8 @@ def prepare_target(target: torch.Tensor, logits: torch.Tensor, annotated: torch.
 
 
 def target_onehot(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor):
-    """(onehot [B, C, *spatial] bool, valid [B, *spatial] bool) of an integer label of any integer dtype.
+    """(target [B, *spatial] in its own dtype, onehot [B, C, *spatial] bool, valid [B, *spatial] bool) of an
+    integer label of any integer dtype.
 
     Why not `prepare_target`: its gather/scatter need int64 indices, and widening the uint8 patches to int64
     (8 bytes a voxel, ~34 MB per step at batch 8 x 128 x 128 x 32) was most of a training step's overhead
@@ -216,11 +223,7 @@ def target_onehot(target: torch.Tensor, logits: torch.Tensor, annotated: torch.T
     `prepare_target`, plus a clear one for a code that is no class and not IGNORE (gather's out-of-range).
     Both checks share one host read (one device sync on a GPU, as before).
     """
-    if target.dim() == logits.dim():
-        target = target[:, 0]
-    if target.shape != logits.shape[:1] + logits.shape[2:] or annotated.shape != logits.shape[:2]:
-        raise ValueError(f"shapes do not match: logits {tuple(logits.shape)}, target {tuple(target.shape)}, "
-                         f"annotated {tuple(annotated.shape)}")
+    target = _target_codes(target, logits, annotated)
     if target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class codes, got {target.dtype}")
     c = logits.shape[1]
@@ -236,7 +239,7 @@ def target_onehot(target: torch.Tensor, logits: torch.Tensor, annotated: torch.T
         raise ValueError(f"target holds code(s) {codes}: no class of the {c} channels, and not IGNORE ({IGNORE})")
     if bad_class:
         raise ValueError("target holds a class the sample's source does not annotate")
-    return onehot, valid
+    return target, onehot, valid
 
 
 def group_probability(logq: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -335,12 +338,10 @@ class PartialDiceCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         # IGNORE voxels (policy "ignore") take part in neither term: zero weight in CE, out of the Dice sums.
         # The label keeps its dtype (uint8 patches): see target_onehot.
-        hot, valid = target_onehot(target, logits, annotated)
-        if target.dim() == logits.dim():
-            target = target[:, 0]
+        target, hot, valid = target_onehot(target, logits, annotated)
         logq = merged_log_probs(logits, annotated, target)  # IGNORE matches no container: nothing moved there
         # -log q of the target class: the one-hot selects it (where, not a product: a -inf elsewhere stays out)
-        ce = -torch.where(hot, logq, 0.0).sum() / valid.sum().clamp(min=1)
+        ce = masked_mean(-torch.where(hot, logq, 0.0).sum(1), valid)
         q = logq.exp() * valid[:, None]
         onehot = hot.to(q.dtype)  # zero at IGNORE voxels already
         dims = tuple(range(2, logits.dim()))
