@@ -12,6 +12,8 @@ BACKEND ?= local
 SWEEP ?= selection
 QUICK ?=
 ONLY ?=
+# pytest-xdist workers of `make test`: one per core of a 2-core CI machine (TEST_WORKERS=0: one process)
+TEST_WORKERS ?= 2
 # torch is pinned to the CPU wheel this workplace keeps on disk; a looser range would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
@@ -30,11 +32,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the package editable with [dev] (no-op when current)
 
-test: install ## fast test suite (CPU, a few minutes)
-	WANDB_MODE=offline $(PY) -m pytest -q
+test: install ## fast test suite (CPU, about 8 minutes on 2 cores)
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-all: install ## everything, including the slow end-to-end checks
-	WANDB_MODE=offline $(PY) -m pytest -q -m "slow or not slow"
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) -m "slow or not slow"
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check .

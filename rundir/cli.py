@@ -57,9 +57,10 @@ THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning's own call of a torch pytree API that torch deprecated (pytorch_lightning/utilities/
     # _pytree.py): Lightning's code, not ours, and nothing computed changes.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
-    # Our LightningModule overrides `on_after_batch_transfer` (the GPU-side augmentation) and the run
-    # passes a LightningDataModule too: Lightning says it uses the module's hook, which is what we want.
-    (r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a "
+    # Our LightningModule overrides `on_before_batch_transfer` (the leakage guard on the host batch) and
+    # `on_after_batch_transfer` (the GPU-side augmentation), and the run passes a LightningDataModule too:
+    # Lightning says it uses the module's hooks, which is what we want.
+    (r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but have passed in a "
      r"`LightningDataModule`", Warning),
 )
 
@@ -91,6 +92,27 @@ def quiet_third_party_warnings() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropText) and f.text == text for f in logger.filters):
             logger.addFilter(_DropText(text))
+
+
+class PlainFormatter(logging.Formatter):
+    """Log lines as a user reads them: an INFO record (Lightning's "GPU available: False, used: False") as its
+    message, a warning or error with its level and logger. logging's default format would print
+    "INFO:pytorch_lightning.utilities.rank_zero:GPU available: ...": Lightning adds its own plain handler
+    only when the root logger has none at its import, and our entry points configure the root first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {record.name}: {text}"
+
+
+def configure_logging() -> None:
+    """Root logger at WARNING, to stderr, through PlainFormatter (idempotent: an entry point's own
+    logging.basicConfig afterwards is a no-op)."""
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, PlainFormatter) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(PlainFormatter())
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def tolerate_ascii_terminals() -> None:
@@ -139,6 +161,7 @@ def run_cli(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None 
     argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     _debug = debug
     quiet_third_party_warnings()
+    configure_logging()
     tolerate_ascii_terminals()
     status = dict(errors or {})  # the entry point's classes first: they may subclass a default one
     for cls in USER_ERRORS:

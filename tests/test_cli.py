@@ -245,9 +245,12 @@ def test_third_party_warnings_are_hidden_and_ours_still_show(capsys):
             rcli.quiet_third_party_warnings()  # after the reset above, as at an entry point's start
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) "
                           "and treespec.is_leaf()` instead.", FutureWarning, stacklevel=2)
-            warnings.warn("You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a "
-                          "`LightningDataModule`. It will use the implementation from `LightningModule` instance.",
-                          UserWarning, stacklevel=2)
+            for hook in ("on_before_batch_transfer", "on_after_batch_transfer"):
+                warnings.warn(f"You have overridden `{hook}` in `LightningModule` but have passed in a "
+                              "`LightningDataModule`. It will use the implementation from `LightningModule` instance.",
+                              UserWarning, stacklevel=2)
+            warnings.warn("You have overridden `on_before_batch_transfer` in `LightningDataModule`.",
+                          UserWarning, stacklevel=2)  # not the text filtered: stays
             warnings.warn("selection is degenerate: every validation score is 0.0", UserWarning, stacklevel=2)  # ours
             pl_logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing "
                            "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger")
@@ -255,7 +258,9 @@ def test_third_party_warnings_are_hidden_and_ours_still_show(capsys):
     finally:
         pl_logger.removeHandler(keep)
         pl_logger.setLevel(old_level)
-    assert [str(w.message) for w in caught] == ["selection is degenerate: every validation score is 0.0"]
+    assert [str(w.message) for w in caught] == [
+        "You have overridden `on_before_batch_transfer` in `LightningDataModule`.",
+        "selection is degenerate: every validation score is 0.0"]
     assert handler_out == ["GPU available: False, used: False"]
 
 
@@ -327,3 +332,13 @@ def test_an_entry_points_own_error_class_keeps_its_exit_status(capsys):
 
     assert rcli.run_cli(main, "prog", [], errors={InUse: 1}) == 1
     assert "prog: error: run folder x in use by pid 1" in capsys.readouterr().err
+
+
+def test_log_lines_read_as_a_user_reads_them():
+    """INFO records print as their message (Lightning's "GPU available: ..."); warnings keep level and logger."""
+    fmt = rcli.PlainFormatter()
+    info = logging.LogRecord("pytorch_lightning.utilities.rank_zero", logging.INFO, "f", 1,
+                             "GPU available: %s, used: %s", (False, False), None)
+    warn = logging.LogRecord("datamodules.sources.msd_lung", logging.WARNING, "f", 1, "%s missing", ("dataset.json",), None)
+    assert fmt.format(info) == "GPU available: False, used: False"
+    assert fmt.format(warn) == "WARNING: datamodules.sources.msd_lung: dataset.json missing"

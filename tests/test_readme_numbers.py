@@ -121,3 +121,26 @@ def test_every_job_has_a_block_in_the_docs():
         assert rn.files_with(name), f"no <!-- numbers:{name} --> block in README.md or docs/"
     for name, _ in rn.JOBS["demo"].extra:
         assert rn.files_with(name), name
+
+
+def test_selection_table_from_the_select_csvs(tmp_path, capsys):
+    """The hparams-methods block: one row per method from experiments.select's CSVs (mean ± SE over trials,
+    the paired difference from erm, the last and oracle rules); a single trial has no SE."""
+    sel = tmp_path / "runs" / "hparams_methods-methods" / "selection"
+    sel.mkdir(parents=True)
+    head = "method,mosmed,mean,mosmed_n_trials,mosmed_se\n"
+    (sel / "table_training_domain.csv").write_text(head + "erm,0.2,0.2,2,0.01\ndsu,0.25,0.25,2,0.0304\n",
+                                                   encoding="utf-8")
+    (sel / "table_last.csv").write_text(head + "erm,0.15,0.15,1,nan\ndsu,0.1,0.1,2,0.02\n", encoding="utf-8")
+    (sel / "table_oracle.csv").write_text(head + "erm,0.3,0.3,2,0.0\ndsu,0.31,0.31,2,0.0\n", encoding="utf-8")
+    (sel / "paired_training_domain.csv").write_text(
+        "method,holdout,mean_diff,ci_low,ci_high,p,n,n_boot,n_undefined\ndsu,mosmed,0.05,-0.0123,0.1,0.3125,6,2000,0\n",
+        encoding="utf-8")
+    lines = rn.JOBS["hparams-methods"].table(tmp_path / "runs", 10.0).splitlines()
+    assert lines[2] == "| erm | 0.200 ± 0.010 | reference | 0.150 | 0.300 ± 0.000 |"
+    assert lines[3] == "| dsu | 0.250 ± 0.030 | +0.050 [\u22120.012, +0.100], p 0.31, 6 | 0.100 ± 0.020 | 0.310 ± 0.000 |"
+
+    assert rn.main(["--only", "hparams-methods", "--dry-run", "--runs", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "sweeps.launch hparams_methods --preset methods" in out
+    assert f"&& {__import__('sys').executable} -m experiments.select {tmp_path / 'runs' / 'hparams_methods-methods'}" in out

@@ -50,6 +50,7 @@ class Job:
     table: Callable[[Path, float | None], str]  # the block's table, given the runs folder and the wall time
     about: str
     extra: tuple[tuple[str, Callable[[Path], str]], ...] = ()  # further blocks (name, render) from the same runs
+    then: tuple[Callable[[Path], list[str]], ...] = ()  # commands run after argv (wall time: all of them)
 
 
 def _fmt_s(wall: float | None) -> str:
@@ -103,9 +104,55 @@ def sweep_table(sweep: str, headline: str, preset: str = "smoke") -> Callable[[P
     return table
 
 
+def _csv_rows(path: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as f:
+        return {r["method"]: r for r in csv.DictReader(f)}
+
+
+def _mean_se(row: dict[str, str] | None, holdout: str) -> str:
+    if row is None or not row.get(holdout):
+        return "n/a"
+    se = float(row.get(f"{holdout}_se") or "nan")
+    return f"{float(row[holdout]):.3f}" + ("" if se != se else f" ± {se:.3f}")  # se != se: NaN, one trial
+
+
+def _signed(x: str) -> str:
+    return f"{float(x):+.3f}".replace("-", "\u2212")  # the typographic minus, as the hand-written tables
+
+
+def selection_table(sweep: str, preset: str, holdout: str = "mosmed") -> Callable[[Path, float | None], str]:
+    """One row per method from `experiments.select`'s CSVs: held-out Dice (mean ± SE over trials) under the
+    headline rule, its paired difference from erm, and the `last` and `oracle` rules beside it."""
+    def table(runs: Path, wall: float | None) -> str:
+        sel = runs / f"{sweep}-{preset}" / "selection"
+        rules = {r: _csv_rows(sel / f"table_{r}.csv") for r in ("training_domain", "last", "oracle")}
+        paired = {m: r for m, r in _csv_rows(sel / "paired_training_domain.csv").items() if r["holdout"] == holdout}
+        out = [f"| method | held-out {holdout} Dice, training-domain selection | − erm [95% CI], Wilcoxon p, cases "
+               "| last epoch | oracle (upper bound) |", "|---|---|---|---|---|"]
+        for method, row in rules["training_domain"].items():
+            p = paired.get(method)
+            diff = "reference" if method == "erm" else "n/a" if p is None else (
+                f"{_signed(p['mean_diff'])} [{_signed(p['ci_low'])}, {_signed(p['ci_high'])}], "
+                f"p {float(p['p']):.2f}, {p['n']}")
+            out.append(f"| {method} | {_mean_se(row, holdout)} | {diff} | {_mean_se(rules['last'].get(method), holdout)} "
+                       f"| {_mean_se(rules['oracle'].get(method), holdout)} |")
+        return "\n".join(out) + "\n"
+    return table
+
+
 def _sweep_argv(sweep: str, preset: str = "smoke") -> Callable[[Path], list[str]]:
     return lambda runs: [sys.executable, "-m", "sweeps.launch", sweep, "--preset", preset, "--runs", str(runs),
                          "--backend", "local"]
+
+
+def _select_job(name: str, sweep: str, preset: str, about: str) -> Job:
+    """A hyperparameter sweep, then `experiments.select` over it (docs/hparams.md)."""
+    folder = f"{sweep}-{preset}"
+    return Job(name, f"make sweep SWEEP={sweep} PRESET={preset} && make select SWEEP_DIR=runs/{folder}",
+               _sweep_argv(sweep, preset), selection_table(sweep, preset), about,
+               then=(lambda runs: [sys.executable, "-m", "experiments.select", str(runs / folder)],))
 
 
 JOBS: dict[str, Job] = {j.name: j for j in [
@@ -127,6 +174,9 @@ JOBS: dict[str, Job] = {j.name: j for j in [
     Job("methods", "make sweep SWEEP=methods PRESET=methods", _sweep_argv("methods", "methods"),
         sweep_table("methods", "methods_table", "methods"),
         "DG methods at batch 8 (experiment=methods), 54 runs (about an hour on 2 idle cores)"),
+    _select_job("hparams-smoke", "hparams", "smoke", "erm and mixstyle, random search + selection, 6 runs (about 5 min)"),
+    _select_job("hparams-methods", "hparams_methods", "methods",
+                "every DG method at batch 8, equal random search + selection, 32 runs (about 40 min)"),
     Job("harmonization-smoke", "make sweep SWEEP=harmonization PRESET=smoke", _sweep_argv("harmonization"),
         sweep_table("harmonization", "harmonization_table"), "harmonizer ablation, 12 runs (about 5 min)"),
 ]}
@@ -222,22 +272,26 @@ def main(argv: list[str] | None = None) -> int:
             Path(tempfile.mkdtemp(prefix="readme-numbers-"))
     root = args.root.resolve()
     today, libs = dt.date.today(), versions()
-    where = f"{os.cpu_count()} CPU cores (load during the run not recorded)" if args.reuse else machine()
 
     for name in names:
         job = JOBS[name]
         targets = [str(p.relative_to(root)) for p in files_with(name, root)]
         cmd = job.argv(runs)
-        print(f"[readme-numbers] {name}: {job.about}\n  runs: {' '.join(cmd)}\n  rewrites: {', '.join(targets) or 'no block'}",
+        shown_cmds = " && ".join(" ".join(c) for c in (cmd, *(then(runs) for then in job.then)))
+        print(f"[readme-numbers] {name}: {job.about}\n  runs: {shown_cmds}\n  rewrites: {', '.join(targets) or 'no block'}",
               flush=True)
         if not targets:
             print(f"  warning: no <!-- numbers:{name} --> block in README.md or docs/", flush=True)
         if args.dry_run:
             continue
         wall = args.wall
+        # the load when this job starts (an earlier job's run has ended by then)
+        where = f"{os.cpu_count()} CPU cores (load during the run not recorded)" if args.reuse else machine()
         if not args.reuse:
             t0 = time.monotonic()
-            subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
+            env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+            for argv in (cmd, *(then(runs) for then in job.then)):
+                subprocess.run(argv, cwd=ROOT, check=True, env=env)
             wall = time.monotonic() - t0
         content = job.table(runs, wall) + "\n" + stamp(job, wall, today, where, libs)
         changed = apply(name, content, root)
