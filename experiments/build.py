@@ -16,6 +16,7 @@ from datamodules.phantom.suite import PHANTOM_SOURCES, ensure_suite
 from datamodules.sources.custom import register_custom_source
 from experiments.config import selected_args
 from experiments.config_checks import check_schedule
+from experiments.host_memory import keep_freed_memory
 from lightning_modules.methods import METHODS
 from lightning_modules.networks import build_network
 from lightning_modules.segmentation import SegmentationModule
@@ -100,11 +101,15 @@ def on_for_cuda(value: bool | None, cfg: DictConfig) -> bool:
 
 
 def configure_backends(cfg: DictConfig) -> None:
-    """Process-wide torch settings a run's config asks for: CPU threads, and cuDNN autotuning on CUDA (the
-    patch shape never changes during training, so the one-off search pays for itself in the first steps;
-    off under trainer.deterministic, whose kernels must not depend on timing)."""
+    """Process-wide settings a run's config asks for: CPU threads, glibc's malloc keeping freed host memory
+    (experiments.host_memory), and cuDNN autotuning on CUDA (the patch shape never changes during training,
+    so the one-off search pays for itself in the first steps; off under trainer.deterministic, whose kernels
+    must not depend on timing)."""
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
+    keep = cfg.trainer.keep_host_memory
+    if (not uses_cuda(cfg)) if keep is None else bool(keep):
+        keep_freed_memory()
     if uses_cuda(cfg):
         torch.backends.cudnn.benchmark = on_for_cuda(cfg.trainer.cudnn_benchmark, cfg) and not cfg.trainer.deterministic
 

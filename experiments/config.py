@@ -119,6 +119,7 @@ class TrainerConfig:
     log_every_n_steps: int = MISSING
     deterministic: bool = MISSING
     threads: int = MISSING   # torch CPU threads; 0 leaves torch's default
+    keep_host_memory: bool | None = MISSING  # glibc malloc keeps freed host memory; None: on off CUDA (host_memory)
     checkpoint_every_n_steps: int = MISSING  # last.ckpt every N steps as well as every epoch (0: epochs only)
     cudnn_benchmark: bool | None = MISSING  # cuDNN picks the fastest kernels per shape; None: on for CUDA
     progress: ProgressConfig = field(default_factory=ProgressConfig)

@@ -25,6 +25,8 @@ NOT_HASHED = ("paths.runs", "paths.cache", "run.name", "run.overwrite", "wandb.m
               # how fast, not what: pinned batches, scoring in a thread (the same rows), cuDNN's kernel choice
               # (on a GPU, like any non-deterministic run, within float rounding)
               "data.pin_memory", "evaluation.overlap_scoring", "trainer.cudnn_benchmark",
+              # where freed host memory goes (experiments.host_memory): the same float operations, bit for bit
+              "trainer.keep_host_memory",
               # warnings only (per_case.csv's sanity column): the metrics a run computes are the same
               "evaluation.sanity")
 CONFIG_HASH_LENGTH = 8
