@@ -106,13 +106,11 @@ class PlainFormatter(logging.Formatter):
 
 
 def configure_logging() -> None:
-    """Root logger at WARNING, to stderr, through PlainFormatter (idempotent: an entry point's own
-    logging.basicConfig afterwards is a no-op)."""
-    root = logging.getLogger()
-    if not any(isinstance(h.formatter, PlainFormatter) for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(PlainFormatter())
-        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    """Root logger at WARNING, to stderr, through PlainFormatter. basicConfig does nothing once the root
+    has a handler: a second call, and an entry point's own logging.basicConfig afterwards, are no-ops."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(PlainFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def tolerate_ascii_terminals() -> None:

@@ -134,7 +134,8 @@ def test_selection_table_from_the_select_csvs(tmp_path, capsys):
     (sel / "table_last.csv").write_text(head + "erm,0.15,0.15,1,nan\ndsu,0.1,0.1,2,0.02\n", encoding="utf-8")
     (sel / "table_oracle.csv").write_text(head + "erm,0.3,0.3,2,0.0\ndsu,0.31,0.31,2,0.0\n", encoding="utf-8")
     (sel / "paired_training_domain.csv").write_text(
-        "method,holdout,mean_diff,ci_low,ci_high,p,n,n_boot,n_undefined\ndsu,mosmed,0.05,-0.0123,0.1,0.3125,6,2000,0\n",
+        "method,holdout,mean_diff,ci_low,ci_high,p,n,n_boot,n_undefined\ndsu,mosmed,0.05,-0.0123,0.1,0.3125,6,2000,0\n"
+        "dsu,ctseg,0.2,0.1,0.3,0.03,10,2000,0\ndsu,mean,0.1,0.0,0.2,0.04,16,2000,0\n",  # other held-out rows after it
         encoding="utf-8")
     lines = rn.JOBS["hparams-methods"].table(tmp_path / "runs", 10.0).splitlines()
     assert lines[2] == "| erm | 0.200 ± 0.010 | reference | 0.150 | 0.300 ± 0.000 |"

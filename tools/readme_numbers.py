@@ -104,11 +104,13 @@ def sweep_table(sweep: str, headline: str, preset: str = "smoke") -> Callable[[P
     return table
 
 
-def _csv_rows(path: Path) -> dict[str, dict[str, str]]:
+def _csv_rows(path: Path, holdout: str | None = None) -> dict[str, dict[str, str]]:
+    """method -> row of one of select's CSVs; with `holdout`, only that held-out source's rows (a paired CSV
+    holds one row per method and held-out source, plus a pooled `mean` row)."""
     import csv
 
     with path.open(encoding="utf-8", newline="") as f:
-        return {r["method"]: r for r in csv.DictReader(f)}
+        return {r["method"]: r for r in csv.DictReader(f) if holdout is None or r["holdout"] == holdout}
 
 
 def _mean_se(row: dict[str, str] | None, holdout: str) -> str:
@@ -128,7 +130,7 @@ def selection_table(sweep: str, preset: str, holdout: str = "mosmed") -> Callabl
     def table(runs: Path, wall: float | None) -> str:
         sel = runs / f"{sweep}-{preset}" / "selection"
         rules = {r: _csv_rows(sel / f"table_{r}.csv") for r in ("training_domain", "last", "oracle")}
-        paired = {m: r for m, r in _csv_rows(sel / "paired_training_domain.csv").items() if r["holdout"] == holdout}
+        paired = _csv_rows(sel / "paired_training_domain.csv", holdout)
         out = [f"| method | held-out {holdout} Dice, training-domain selection | − erm [95% CI], Wilcoxon p, cases "
                "| last epoch | oracle (upper bound) |", "|---|---|---|---|---|"]
         for method, row in rules["training_domain"].items():
