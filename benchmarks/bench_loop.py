@@ -17,7 +17,8 @@ its first patches, reported apart as `epoch_start_ms`):
 - `breakdown`: where step_ms goes, from Lightning's SimpleProfiler and timers around the module's parts:
   loader_wait (next() on the loader), transfer (batch to the device), method_hooks (on_after_batch_transfer:
   augmentation on the device and the method's transform), forward (network), loss (its forward), logging
-  (self.log), step_other (the rest of training_step: leakage guard, non-finite note, and on a CPU releasing the logits),
+  (recording the step's values, and `self.log` at the steps Lightning writes: `train_logging.TrainLog`),
+  step_other (the rest of training_step: leakage guard, non-finite note, and on a CPU releasing the logits),
   backward, optimizer (AdamW step, zero_grad), lightning (the rest: loops, hooks, callbacks, logger).
 
 `gpu` (`run_gpu`, only where CUDA is present): the network alone (unet, dynunet, segresnet, fp32 and bf16)
@@ -112,7 +113,8 @@ class _EpochWindow(pl.Callback):
             self.epoch_t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.current_epoch != self.epoch:
+        # snapshots at the window's two ends only: the measurement adds nothing to the steps between
+        if trainer.current_epoch != self.epoch or 0 < batch_idx < trainer.num_training_batches - 1:
             return
         now = self._snapshot(trainer)
         if batch_idx == 0:
@@ -141,13 +143,13 @@ def breakdown(window: dict) -> dict:
         "method_hooks": _profiled(p, lm, "on_after_batch_transfer"),
         "forward": t.get("forward", 0.0),
         "loss": t.get("loss", 0.0),
-        "logging": t.get("logging", 0.0),
+        "logging": t.get("log_add", 0.0) + t.get("log_flush", 0.0),
         "backward": _profiled(p, "[Strategy]", "backward"),
     }
     # the rest of training_step: the leakage guard, the non-finite note, head weights, and (on a CPU) releasing
     # the network's logits when its locals go (`logits_free_ms` measures that alone)
     step = _profiled(p, "[Strategy]", "training_step")
-    parts["step_other"] = max(step - parts["forward"] - parts["loss"] - parts["logging"], 0.0)
+    parts["step_other"] = max(step - parts["forward"] - parts["loss"] - t.get("log_add", 0.0), 0.0)
     # optimizer_step runs the closure (training_step, zero_grad, backward) inside it: the optimizer's own
     # part (AdamW, zero_grad, gradient clipping hook) is what is left of it
     parts["optimizer"] = max(_profiled(p, lm, "optimizer_step") - step - parts["backward"], 0.0)
@@ -185,12 +187,15 @@ def network_alone_ms(net: nn.Module, shape, n_classes: int, device, repeats: int
 
 
 def _instrument(module, timers: dict, sync=None) -> None:
-    """Timers around the module's network forward, loss and self.log (attributes of this instance only)."""
+    """Timers around the module's network forward, loss and logging (attributes of this instance only):
+    `log_add` (recording a step's values, inside training_step) and `log_flush` (handing them to Lightning's
+    self.log at the steps it writes, in on_train_batch_end)."""
     net_forward = module.net.heads
     module.net.heads = _Timer(timers, "forward", net_forward, sync)
     loss_fwd = module.loss_fn.forward
     module.loss_fn.forward = _Timer(timers, "loss", loss_fwd, sync)
-    module.log = _Timer(timers, "logging", module.log)
+    module.train_log.add = _Timer(timers, "log_add", module.train_log.add)
+    module.train_log.flush = _Timer(timers, "log_flush", module.train_log.flush)
 
 
 def run_epoch(cfg, workdir: Path, steps: int, network: str | None = None, epochs: int = 2, sync=None) -> dict:

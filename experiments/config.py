@@ -99,6 +99,7 @@ class OptimConfig:
     lr: float = MISSING
     weight_decay: float = MISSING
     cosine: bool = MISSING
+    fused: bool | None = MISSING   # AdamW's fused kernel; None: where torch has one (SegmentationModule.fused_available)
 
 
 @dataclass

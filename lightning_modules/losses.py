@@ -221,8 +221,25 @@ def target_onehot(target: torch.Tensor, logits: torch.Tensor, annotated: torch.T
     besides the arithmetic (docs/gpu.md). A comparison with the class indices builds the same one-hot from
     uint8 directly; an IGNORE voxel matches no class, so its row is all False. The same errors as
     `prepare_target`, plus a clear one for a code that is no class and not IGNORE (gather's out-of-range).
-    Both checks share one host read (one device sync on a GPU, as before).
+    Both checks share one host read (one device sync on a GPU; in training, dice_ce defers it there instead:
+    `PartialDiceCELoss.defer_label_check`).
     """
+    target, onehot, valid, bad = onehot_parts(target, logits, annotated)
+    bad_code, bad_class = bad.tolist()
+    if bad_code:
+        no_class = valid & ~onehot.any(1)
+        codes = sorted(set(target[no_class].unique().tolist()))
+        raise ValueError(f"target holds code(s) {codes}: no class of the {logits.shape[1]} channels, and not "
+                         f"IGNORE ({IGNORE})")
+    if bad_class:
+        raise ValueError("target holds a class the sample's source does not annotate")
+    return target, onehot, valid
+
+
+def onehot_parts(target: torch.Tensor, logits: torch.Tensor, annotated: torch.Tensor):
+    """`target_onehot`'s arrays without its check: (target, onehot, valid, bad), bad = [a valid voxel holds a
+    code that is no class, a voxel holds a class its sample's source does not annotate] (bool [2], on the
+    labels' device, not read)."""
     target = _target_codes(target, logits, annotated)
     if target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class codes, got {target.dtype}")
@@ -233,13 +250,11 @@ def target_onehot(target: torch.Tensor, logits: torch.Tensor, annotated: torch.T
     valid = target != IGNORE
     no_class = valid & ~onehot.any(1)
     unannotated = onehot & ~annotated.reshape(annotated.shape + spatial)
-    bad_code, bad_class = torch.stack([no_class.any(), unannotated.any()]).tolist()
-    if bad_code:
-        codes = sorted(set(target[no_class].unique().tolist()))
-        raise ValueError(f"target holds code(s) {codes}: no class of the {c} channels, and not IGNORE ({IGNORE})")
-    if bad_class:
-        raise ValueError("target holds a class the sample's source does not annotate")
-    return target, onehot, valid
+    return target, onehot, valid, torch.stack([no_class.any(), unannotated.any()])
+
+
+class BadTrainingLabel(ValueError):
+    """A training label held a code that is no class, or a class its source does not annotate."""
 
 
 def group_probability(logq: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
@@ -334,11 +349,34 @@ class PartialDiceCELoss(nn.Module):
     def __init__(self, ce_weight: float, dice_weight: float, smooth: float):
         super().__init__()
         self.ce_weight, self.dice_weight, self.smooth = ce_weight, dice_weight, smooth
+        # Set by the training module: on a GPU the label check's result is kept on the device (OR-ed over the
+        # steps) and read by `check_deferred_labels` before each validation and checkpoint, instead of a host
+        # read (a sync that stalls the step) in every call. Off: every call checks at once, as standalone use
+        # expects. On a CPU every call checks at once either way (a host read costs nothing there).
+        self.defer_label_check = False
+        self._label_flags: torch.Tensor | None = None
+
+    def check_deferred_labels(self) -> None:
+        """Raise BadTrainingLabel if a deferred check found a bad label since the last call (one host read)."""
+        if self._label_flags is None:
+            return
+        flags, self._label_flags = self._label_flags, None
+        bad_code, bad_class = flags.tolist()
+        where = ("in a training batch on the device, where codes are not read in every step (a host sync); "
+                 "the same data on a CPU names them")
+        if bad_code:
+            raise BadTrainingLabel(f"target held a code that is no class and not IGNORE ({IGNORE}), {where}")
+        if bad_class:
+            raise BadTrainingLabel(f"target held a class the sample's source does not annotate, {where}")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         # IGNORE voxels (policy "ignore") take part in neither term: zero weight in CE, out of the Dice sums.
         # The label keeps its dtype (uint8 patches): see target_onehot.
-        target, hot, valid = target_onehot(target, logits, annotated)
+        if self.defer_label_check and not host_decides(logits):
+            target, hot, valid, bad = onehot_parts(target, logits, annotated)
+            self._label_flags = bad if self._label_flags is None else self._label_flags | bad
+        else:
+            target, hot, valid = target_onehot(target, logits, annotated)
         logq = merged_log_probs(logits, annotated, target)  # IGNORE matches no container: nothing moved there
         # -log q of the target class: the one-hot selects it (where, not a product: a -inf elsewhere stays out)
         ce = masked_mean(-torch.where(hot, logq, 0.0).sum(1), valid)

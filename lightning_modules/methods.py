@@ -478,8 +478,7 @@ class DANN(Method):
         # a 2D network's features are per slice: every slice carries its patch's source
         target = target.repeat_interleave(feats.shape[0] // target.shape[0])
         domain_logits = module.domain_head(grad_reverse(feats, self.reversal(module)))
-        module.log("train/domain_acc", (domain_logits.argmax(1) == target).float().mean(), on_step=False,
-                   on_epoch=True, batch_size=target.shape[0])
+        module.train_log.add("train/domain_acc", (domain_logits.argmax(1) == target).float().mean(), target.shape[0])
         return F.cross_entropy(domain_logits, target)
 
 

@@ -57,11 +57,12 @@ THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning's own call of a torch pytree API that torch deprecated (pytorch_lightning/utilities/
     # _pytree.py): Lightning's code, not ours, and nothing computed changes.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", Warning),
-    # Our LightningModule overrides `on_before_batch_transfer` (the leakage guard on the host batch) and
-    # `on_after_batch_transfer` (the GPU-side augmentation), and the run passes a LightningDataModule too:
-    # Lightning says it uses the module's hooks, which is what we want.
-    (r"You have overridden `on_(before|after)_batch_transfer` in `LightningModule` but have passed in a "
-     r"`LightningDataModule`", Warning),
+    # Our LightningModule overrides `on_before_batch_transfer` (the leakage guard on the host batch),
+    # `transfer_batch_to_device` (the patch batch's tensors moved directly) and `on_after_batch_transfer` (the
+    # GPU-side augmentation), and the run passes a LightningDataModule too: Lightning says it uses the
+    # module's hooks, which is what we want.
+    (r"You have overridden `(on_before_batch_transfer|transfer_batch_to_device|on_after_batch_transfer)` in "
+     r"`LightningModule` but have passed in a `LightningDataModule`", Warning),
 )
 
 # (logger, text) of log records to drop: Lightning advertises its `litlogger` package on every Trainer

@@ -27,6 +27,8 @@ NOT_HASHED = ("paths.runs", "paths.cache", "run.name", "run.overwrite", "wandb.m
               "data.pin_memory", "evaluation.overlap_scoring", "trainer.cudnn_benchmark",
               # where freed host memory goes (experiments.host_memory): the same float operations, bit for bit
               "trainer.keep_host_memory",
+              # AdamW's fused kernel: the same update within float rounding, like cuDNN's kernel choice
+              "optim.fused",
               # warnings only (per_case.csv's sanity column): the metrics a run computes are the same
               "evaluation.sanity")
 CONFIG_HASH_LENGTH = 8

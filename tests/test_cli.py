@@ -245,7 +245,7 @@ def test_third_party_warnings_are_hidden_and_ours_still_show(capsys):
             rcli.quiet_third_party_warnings()  # after the reset above, as at an entry point's start
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) "
                           "and treespec.is_leaf()` instead.", FutureWarning, stacklevel=2)
-            for hook in ("on_before_batch_transfer", "on_after_batch_transfer"):
+            for hook in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"):
                 warnings.warn(f"You have overridden `{hook}` in `LightningModule` but have passed in a "
                               "`LightningDataModule`. It will use the implementation from `LightningModule` instance.",
                               UserWarning, stacklevel=2)
