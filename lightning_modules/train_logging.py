@@ -51,7 +51,12 @@ def step_logged(trainer) -> bool:
 
 
 def epoch_ends(trainer, batch_idx: int) -> bool:
-    """Whether this batch is the epoch's last: the loader's last batch, the trainer stopping, or max_steps."""
+    """Whether this batch is the epoch's last: the loader's last batch, the trainer stopping, or max_steps.
+    A training loader without a length (an epoch of unknown size) is refused: its epoch mean would never be
+    logged, silently (our loaders always have one)."""
+    if trainer.num_training_batches == float("inf"):
+        raise RuntimeError("TrainLog needs a training loader with a length: the epoch's last batch decides when "
+                           "the epoch mean is logged")
     max_steps = int(trainer.max_steps if trainer.max_steps is not None else -1)
     return (batch_idx + 1 >= trainer.num_training_batches or bool(trainer.should_stop)
             or (max_steps >= 0 and trainer.global_step >= max_steps))

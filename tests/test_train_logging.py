@@ -105,6 +105,22 @@ def test_train_log_epoch_mean_is_weighted_by_batch_size():
     assert log.series["train/loss"].count == 0  # refused values leave the series as it was
 
 
+def test_epoch_end_is_the_last_batch_a_stop_or_max_steps():
+    from types import SimpleNamespace
+
+    from lightning_modules.train_logging import epoch_ends, step_logged
+
+    t = SimpleNamespace(num_training_batches=5, should_stop=False, max_steps=-1, global_step=3,
+                        log_every_n_steps=3, fast_dev_run=False)
+    assert not epoch_ends(t, 3) and epoch_ends(t, 4) and step_logged(t)
+    assert epoch_ends(SimpleNamespace(**{**vars(t), "should_stop": True}), 0)
+    assert epoch_ends(SimpleNamespace(**{**vars(t), "max_steps": 3}), 0)
+    assert not step_logged(SimpleNamespace(**{**vars(t), "global_step": 4}))
+    assert not step_logged(SimpleNamespace(**{**vars(t), "log_every_n_steps": 0}))
+    with pytest.raises(RuntimeError, match="length"):
+        epoch_ends(SimpleNamespace(**{**vars(t), "num_training_batches": float("inf")}), 0)
+
+
 def test_no_progress_bar_no_per_step_host_read(tmp_path):
     """Lightning converts progress-bar values to Python numbers (.item(): a device sync on a GPU) after every
     batch. Without a bar nothing is asked for the bar; with one, the bar shows the step and epoch loss."""
