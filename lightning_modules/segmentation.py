@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from monai.inferers import sliding_window_inference
 
 from datamodules.augment import Augmenter
@@ -142,13 +143,11 @@ class SegmentationModule(pl.LightningModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # A patch batch is a flat dict of tensors and per-sample lists of strings (source, case, meta_path):
-        # its tensors are moved directly, non-blocking where Lightning's own rule is (not to CPU or MPS).
-        # Lightning's generic walk (apply_to_collection) visits every string of every list and took ~0.2 ms
-        # a step (docs/gpu.md). Any other structure: Lightning's.
+        # Lightning's own move (its non_blocking rule included) is applied to each tensor alone. Handed the
+        # whole batch, its generic walk (apply_to_collection) visits every string of every list and took
+        # ~0.2 ms a step (docs/gpu.md). Any other structure: Lightning's, whole.
         if flat_batch(batch):
-            non_blocking = torch.device(device).type not in ("cpu", "mps")
-            return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-                    for k, v in batch.items()}
+            return {k: move_data_to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
